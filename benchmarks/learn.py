@@ -1,0 +1,494 @@
+"""Proof that a model learns: train a tiny config on synthetic data for a wall-clock budget, then
+score the trained model next to the same model before training, in one run.
+
+    python benchmarks/learn.py --config configs/tiny/alignps_synthetic.yaml \\
+        [--config configs/tiny/leaps_synthetic.yaml ...] [--minutes 15] [--threads 2] \\
+        [--data-seed 0] [--data-dir data/synthetic] [--synthetic KEY=VALUE ...] \\
+        [--set KEY=VALUE ...] [--max-iters N]
+
+For each config: the synthetic dataset in the config's format (``data.dataset``: prw, cuhk_sysu
+or crowdhuman) is generated with the generator's default size and difficulty, or taken from the
+cache folder ``--data-dir/<format>-seed<S>-<hash of the options>`` when an earlier run wrote it.
+The model is built with the config's seed and scored on the held-out test split (the test
+identities are disjoint from the training ones) before training; it is then trained with the
+config's optimizer and schedule until ``--minutes`` of training time are spent or the config's
+epochs are done, whichever comes first, and scored again. Person search configs report mAP and
+top-1 over all cameras and across cameras (PRW protocol, ``training.inference``); detector
+configs (CrowdHuman format) report MR^-2, AP and recall.
+
+The targets printed beside the search figures: mAP >= 60 %, top-1 >= 70 % (all cameras) and a
+trained mAP at least 3x the untrained one. A script, not a test: the figures depend on the
+machine (how many iterations fit in the budget) and nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+# Run as a script from anywhere: make the repository's packages importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import ConfigError, TrainConfig, load_config
+from training.data import TrainLoader, load_split
+from training.datasets import PersonSearchSplit
+from training.inference import evaluate_model, load_test_split
+from training.synthetic import FORMATS, generate, make_options
+from training.trainer import (
+    ProcessGroup,
+    build_model_checked,
+    build_optimizer,
+    lr_factor,
+    seed_everything,
+    select_device,
+)
+
+COMPLETE_MARKER = "SYNTHETIC.txt"  # written last: a folder without it is an unfinished dataset
+
+# Registry name -> (module, model class, config class). models.build_model is not wired yet;
+# this local table stands in for it.
+MODEL_CLASSES = {
+    "fcos": ("models.fcos_detector", "FCOSDetector", "FCOSDetectorConfig"),
+    "alignps": ("models.alignps", "AlignPS", "AlignPSConfig"),
+    "leaps": ("models.leaps", "Leaps", "LeapsConfig"),
+}
+
+# (metric key of training.inference, column title), in table order.
+SEARCH_METRICS = [
+    ("mAP", "mAP"),
+    ("top1", "top-1"),
+    ("cross_camera_mAP", "mAP cc"),
+    ("cross_camera_top1", "top-1 cc"),
+    ("det_ap", "det AP"),
+    ("det_recall", "det rec"),
+]
+DETECTION_METRICS = [("mr2", "MR^-2"), ("ap", "AP"), ("recall", "recall")]
+SEARCH_TARGETS = {"mAP": 0.60, "top1": 0.70}  # all-camera protocol, the one papers quote first
+MIN_MAP_RATIO = 3.0  # trained mAP over untrained mAP
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def log(line: str) -> None:
+    """Print a progress line now (a run takes minutes; the lines should not wait in a buffer)."""
+    print(line, flush=True)
+
+
+def synthetic_options(format: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The generator's options for `format` (its defaults, then `overrides`), as plain data."""
+    options = dataclasses.asdict(make_options(format, **overrides))
+    options.pop("progress")  # how it is shown does not change what is written
+    return options
+
+
+def dataset_folder(data_dir: Path, format: str, seed: int, options: dict[str, Any]) -> Path:
+    """Where the dataset of (format, seed, options) is cached: a name that changes with any
+    option, so that two datasets never share a folder."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+    return data_dir / f"{format}-seed{seed}-{digest}"
+
+
+def synthetic_dataset(
+    data_dir: Path, format: str, seed: int, overrides: dict[str, Any]
+) -> tuple[Path, bool]:
+    """The root of the synthetic dataset, generated unless a complete copy is cached; returns
+    (root, whether it was generated now).
+
+    The dataset is written to a temporary sibling folder and renamed when complete, so an
+    interrupted run leaves no half-written dataset under the cached name.
+    """
+    if format not in FORMATS:
+        raise ConfigError(
+            f"data.dataset: {format!r} has no synthetic generator; expected one of {FORMATS}"
+        )
+    options = synthetic_options(format, overrides)
+    root = dataset_folder(data_dir, format, seed, options)
+    if (root / COMPLETE_MARKER).is_file():
+        return root, False
+    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    summary = generate(format, partial, seed=seed, **options)
+    (partial / COMPLETE_MARKER).write_text(f"{summary}\noptions {json.dumps(options)}\n")
+    shutil.rmtree(root, ignore_errors=True)  # an unfinished copy from an older run, if any
+    partial.rename(root)
+    return root, True
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def build_model(model_config: dict[str, Any]) -> nn.Module:
+    """The model named by ``model_config["name"]``, built from its validated config."""
+    name = model_config.get("name")
+    if name not in MODEL_CLASSES:
+        raise ConfigError(f"model.name: unknown model {name!r}; known: {sorted(MODEL_CLASSES)}")
+    module_name, class_name, config_name = MODEL_CLASSES[name]
+    module = importlib.import_module(module_name)
+    config = getattr(module, config_name).model_validate(model_config)
+    return getattr(module, class_name)(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When training stops: after `seconds` of training, after `max_iters` iterations (None:
+    no limit) or at the end of the config's epochs, whichever comes first."""
+
+    seconds: float
+    max_iters: int | None = None
+
+
+@dataclass
+class TrainingRecord:
+    """What a budgeted training run did; losses are the per-iteration values by name."""
+
+    iterations: int = 0
+    epochs: float = 0.0
+    seconds: float = 0.0
+    stopped_by: str = "epochs"
+    losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def mean_losses(self, first: bool, window: int) -> dict[str, float]:
+        """Mean of each loss over the first (or last) `window` iterations."""
+        part = slice(0, window) if first else slice(-window, None)
+        return {name: sum(v[part]) / len(v[part]) for name, v in self.losses.items()}
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: tuple[torch.Tensor, list[dict[str, torch.Tensor]]],
+    device: torch.device,
+    clip_grad_norm: float | None,
+) -> dict[str, float]:
+    """One optimisation step as the trainer takes it (in float32, on one process); returns the
+    losses by name and their sum as ``loss``."""
+    images, targets = batch
+    images = images.to(device)
+    targets = [{key: value.to(device) for key, value in t.items()} for t in targets]
+    losses = model(images, targets)
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        values = {name: float(value.detach()) for name, value in losses.items()}
+        raise FloatingPointError(f"non-finite loss: {values}")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in losses.items()}
+
+
+def batches(loader: TrainLoader, epochs: int) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) over the config's epochs, in the trainer's order."""
+    for epoch in range(epochs):
+        for batch in loader.epoch(epoch):
+            yield epoch, batch
+
+
+def train_within_budget(
+    model: nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    budget: Budget,
+) -> TrainingRecord:
+    """Train `model` in place with the config's data, optimizer and learning rate schedule
+    (``training.trainer``'s pieces) until the budget is spent or the epochs are done."""
+    split = load_split(config.data, config.data.train_split)
+    loader = TrainLoader(split, config.data, model.preprocess, config.seed)
+    optimizer = build_optimizer(model, config)
+    iters_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, config)
+    )
+    epochs = config.schedule.epochs
+    log(
+        f"training: {len(loader.dataset)} images, {iters_per_epoch} iterations per epoch, "
+        f"{epochs} epochs planned ({epochs * iters_per_epoch} iterations)"
+    )
+    seed_everything(config.seed)  # the trainer's random streams, whatever evaluation drew
+    record = TrainingRecord()
+    model.train()
+    start = time.perf_counter()
+    for epoch, batch in batches(loader, epochs):
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget.seconds:
+            record.stopped_by = "time budget"
+            break
+        if budget.max_iters is not None and record.iterations >= budget.max_iters:
+            record.stopped_by = "max iterations"
+            break
+        losses = train_step(model, optimizer, scheduler, batch, device, config.optim.clip_grad_norm)
+        record.iterations += 1
+        for name, value in losses.items():
+            record.losses.setdefault(name, []).append(value)
+        if record.iterations % config.log_every == 0:
+            window = record.mean_losses(first=False, window=config.log_every)
+            log(
+                f"  iter {record.iterations:>5}  epoch {epoch + 1}/{epochs}  "
+                f"{elapsed / record.iterations:.2f} s/it  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {format_losses(window)}"
+            )
+    record.seconds = time.perf_counter() - start
+    record.epochs = record.iterations / iters_per_epoch
+    return record
+
+
+def format_losses(losses: dict[str, float]) -> str:
+    return "  ".join(f"{name} {value:.4f}" for name, value in losses.items())
+
+
+# --- one config ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """Everything one config's run measured."""
+
+    config_path: Path
+    dataset: str
+    data_root: Path
+    parameters: int
+    untrained: Evaluation
+    trained: Evaluation
+    training: TrainingRecord
+
+    @property
+    def is_search(self) -> bool:
+        return "mAP" in self.trained.metrics
+
+
+def evaluate_timed(
+    model: nn.Module, config: TrainConfig, device: torch.device, split: PersonSearchSplit
+) -> Evaluation:
+    """The model's metrics on `split` and how long they took to compute."""
+    start = time.perf_counter()
+    metrics = evaluate_model(model, config, device, split)
+    return Evaluation(metrics, time.perf_counter() - start)
+
+
+def run_config(config_path: Path, args: argparse.Namespace) -> ConfigResult:
+    """Generate (or reuse) the data, score the untrained model, train it, score it again."""
+    config = load_config(config_path, args.overrides)
+    log(f"\n=== {config_path} ===")
+    root, generated = synthetic_dataset(
+        args.data_dir, config.data.dataset, args.data_seed, args.synthetic
+    )
+    log(f"data: {root} ({'generated now' if generated else 'cached'})")
+    config.data.root = root
+    log("config (resolved):")
+    log(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
+
+    device = select_device(config, ProcessGroup())
+    seed_everything(config.seed)  # the same initial weights as psearch-train builds
+    model = build_model_checked(build_model, config.model).to(device)
+    log(f"model: {type(model).__name__}, {count_parameters(model):,} parameters, on {device}")
+    test_split = load_test_split(config)
+    untrained = evaluate_timed(model, config, device, test_split)
+    log(f"untrained ({untrained.seconds:.1f} s): {format_metrics(untrained.metrics)}")
+
+    budget = Budget(seconds=60 * args.minutes, max_iters=args.max_iters)
+    training = train_within_budget(model, config, device, budget)
+    window = min(config.log_every, training.iterations)
+    for first, which in ((True, "first"), (False, "last")):
+        if window:
+            losses = format_losses(training.mean_losses(first, window))
+            log(f"loss, {which} {window} iterations: {losses}")
+    log(
+        f"trained {training.iterations} iterations ({training.epochs:.2f} epochs) in "
+        f"{training.seconds:.1f} s; stopped by {training.stopped_by}"
+    )
+    trained = evaluate_timed(model, config, device, test_split)
+    log(f"trained ({trained.seconds:.1f} s): {format_metrics(trained.metrics)}")
+    parameters = count_parameters(model)
+    return ConfigResult(
+        config_path, config.data.dataset, root, parameters, untrained, trained, training
+    )
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+# --- the final table ----------------------------------------------------------------------
+
+
+def ratio(trained: float, untrained: float) -> float:
+    """trained / untrained; infinite when an untrained zero became something."""
+    if untrained > 0:
+        return trained / untrained
+    return float("inf") if trained > 0 else float("nan")
+
+
+def format_ratio(value: float) -> str:
+    return "-" if value != value else f"{value:.1f}x"  # NaN: both zero
+
+
+def metrics_table(results: Sequence[ConfigResult], columns: list[tuple[str, str]]) -> list[str]:
+    """Rows untrained / trained / ratio per config, metrics in percent."""
+    name_width = max(len(r.config_path.name) for r in results) + 2
+    header = f"{'config':<{name_width}}{'model':<11}" + "".join(f"{t:>10}" for _, t in columns)
+    lines = [header + f"{'iters':>8}{'train s':>9}"]
+    for result in results:
+        name = result.config_path.name
+        for state, evaluation in (("untrained", result.untrained), ("trained", result.trained)):
+            cells = "".join(f"{100 * evaluation.metrics[key]:>10.2f}" for key, _ in columns)
+            iters = result.training.iterations if state == "trained" else 0
+            seconds = result.training.seconds if state == "trained" else 0.0
+            lines.append(f"{name:<{name_width}}{state:<11}{cells}{iters:>8}{seconds:>9.0f}")
+        ratios = (
+            ratio(result.trained.metrics[key], result.untrained.metrics[key]) for key, _ in columns
+        )
+        cells = "".join(f"{format_ratio(value):>10}" for value in ratios)
+        lines.append(f"{name:<{name_width}}{'ratio':<11}{cells}")
+    return lines
+
+
+def search_verdicts(result: ConfigResult) -> list[str]:
+    """One line per target: the value, the target and whether it is met."""
+    trained, untrained = result.trained.metrics, result.untrained.metrics
+    lines = []
+    for key, target in SEARCH_TARGETS.items():
+        value = trained[key]
+        met = "yes" if value >= target else "NO"
+        lines.append(f"{key} {100 * value:.2f} >= {100 * target:.0f}: {met}")
+    value = ratio(trained["mAP"], untrained["mAP"])
+    met = "yes" if trained["mAP"] > 0 and value >= MIN_MAP_RATIO else "NO"
+    lines.append(f"mAP ratio {format_ratio(value)} >= {MIN_MAP_RATIO:.0f}x: {met}")
+    return [f"  {result.config_path.name}: {line}" for line in lines]
+
+
+def final_table(results: Sequence[ConfigResult]) -> list[str]:
+    lines = []
+    search = [r for r in results if r.is_search]
+    detection = [r for r in results if not r.is_search]
+    if search:
+        lines += ["person search (PRW protocol; cc = cross-camera; percent)"]
+        lines += metrics_table(search, SEARCH_METRICS)
+        targets = ", ".join(f"{k} >= {100 * v:.0f}" for k, v in SEARCH_TARGETS.items())
+        lines += [f"targets (all cameras): {targets}, mAP >= {MIN_MAP_RATIO:.0f}x untrained"]
+        for result in search:
+            lines += search_verdicts(result)
+    if detection:
+        lines += [""] * bool(search)
+        lines += ["pedestrian detection (CrowdHuman protocol; MR^-2 lower is better; percent)"]
+        lines += metrics_table(detection, DETECTION_METRICS)
+    return lines
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def parse_key_values(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` strings as a dict; values are read as YAML (``8``, ``0.5``, ``[50]``)."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--synthetic {pair!r} is not of the form option=value")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/learn.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config", type=Path, action="append", required=True, help="a YAML config; repeatable"
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=15.0, help="training time budget per config (15)"
+    )
+    parser.add_argument(
+        "--max-iters", type=int, default=None, help="also stop after this many iterations"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (0)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data/synthetic"),
+        help="where synthetic datasets are cached (data/synthetic)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        nargs="+",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="generator options other than the defaults, e.g. train_images=8 (see "
+        "training.synthetic.SyntheticOptions); they change the cached dataset's name",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of every config, e.g. --set data.workers=0",
+    )
+    args = parser.parse_args(argv)
+    if args.minutes <= 0:
+        parser.error("--minutes must be positive")
+    if args.max_iters is not None and args.max_iters < 0:
+        parser.error("--max-iters must be >= 0")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    try:
+        args.synthetic = parse_key_values(args.synthetic)
+    except ConfigError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print(f"command: python benchmarks/learn.py {shlex.join(argv)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    try:
+        results = [run_config(path, args) for path in args.config]
+    except ConfigError as error:
+        print(f"learn.py: error: {error}", file=sys.stderr)
+        return 2
+    print("\n=== final table ===")
+    print("\n".join(final_table(results)))
+    print(f"wall time {time.perf_counter() - start:.0f} s, torch threads {torch.get_num_threads()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

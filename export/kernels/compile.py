@@ -1,0 +1,168 @@
+"""Ahead-of-time compilation of the Triton kernels to PTX, for the TensorRT plugins.
+
+``triton.compile`` needs no GPU: given a target ``GPUTarget("cuda", arch, 32)`` it lowers a kernel
+to PTX (and, with the ``ptxas`` that ships in the ``triton`` wheel, to a cubin). The plugin loads
+the PTX, whose entry point takes the kernel's non-constexpr arguments in order followed by two
+pointers Triton adds (global and profile scratch: pass null when their sizes are 0), and launches
+it on 1-D blocks of ``num_warps * 32`` threads with ``shared_memory`` bytes of dynamic shared
+memory; the grids are in the kernels' modules.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from export.kernels import deform_conv, dynamic_roi_align
+
+SUPPORTED_ARCHS = (80, 90)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Triton appends these pointer parameters to every kernel it compiles.
+SCRATCH_PARAMETERS = ("global_scratch", "profile_scratch")
+
+
+@dataclass(frozen=True)
+class LaunchMetadata:
+    """What a launcher needs besides the PTX."""
+
+    entry_name: str  # the PTX ``.entry``
+    arch: int  # compute capability, e.g. 90 for sm_90
+    dtype: str  # "fp32" or "fp16": the dtype of every tensor argument
+    parameters: tuple[str, ...]  # the entry's parameters, in order
+    constexprs: dict[str, Any]  # the compile-time constants the PTX was built with
+    num_warps: int
+    threads_per_block: int
+    shared_memory: int  # bytes of dynamic shared memory per block
+    global_scratch_size: int  # bytes per program; 0 = pass a null pointer
+    profile_scratch_size: int
+
+
+@dataclass(frozen=True)
+class _KernelSpec:
+    kernel: triton.runtime.JITFunction
+    tensors: tuple[str, ...]  # pointer arguments, all of the compiled dtype
+    floats: tuple[str, ...]  # fp32 scalar arguments (the rest are i32)
+    constexprs: Callable[[str], dict[str, Any]]  # defaults, by dtype
+    num_warps: int
+
+
+_KERNELS = {
+    "dynamic_roi_align": _KernelSpec(
+        kernel=dynamic_roi_align.dynamic_roi_align_kernel,
+        tensors=("input_ptr", "rois_ptr", "offsets_ptr", "output_ptr"),
+        floats=("spatial_scale",),
+        constexprs=lambda dtype: {
+            "BLOCK_C": dynamic_roi_align.BLOCK_C,
+            "BLOCK_S": dynamic_roi_align.BLOCK_S,
+        },
+        num_warps=dynamic_roi_align.NUM_WARPS,
+    ),
+    "deform_im2col": _KernelSpec(
+        kernel=deform_conv.deform_im2col_kernel,
+        tensors=("input_ptr", "offset_ptr", "mask_ptr", "columns_ptr"),
+        floats=(),
+        constexprs=lambda dtype: {
+            "HAS_MASK": True,
+            "BLOCK_L": deform_conv.IM2COL_BLOCK_L,
+            "BLOCK_C": deform_conv.IM2COL_BLOCK_C,
+        },
+        num_warps=deform_conv.IM2COL_NUM_WARPS,
+    ),
+    "deform_gemm": _KernelSpec(
+        kernel=deform_conv.deform_gemm_kernel,
+        tensors=("weight_ptr", "columns_ptr", "bias_ptr", "output_ptr"),
+        floats=(),
+        constexprs=lambda dtype: {
+            "HAS_BIAS": True,
+            "BLOCK_M": deform_conv.GEMM_BLOCK_M,
+            "BLOCK_N": deform_conv.GEMM_BLOCK_N,
+            "BLOCK_K": deform_conv.GEMM_BLOCK_K,
+            "INPUT_PRECISION": deform_conv.gemm_input_precision(TORCH_DTYPES[dtype]),
+        },
+        num_warps=deform_conv.GEMM_NUM_WARPS,
+    ),
+}
+KERNEL_NAMES = tuple(_KERNELS)
+
+
+def compile_ptx(
+    kernel_name: str,
+    arch: int = 90,
+    dtype: str = "fp32",
+    *,
+    num_warps: int | None = None,
+    **constexprs: Any,
+) -> tuple[str, LaunchMetadata]:
+    """Compile one of :data:`KERNEL_NAMES` to PTX for ``sm_<arch>``, without a GPU.
+
+    Args:
+        kernel_name: ``"dynamic_roi_align"``, ``"deform_im2col"`` or ``"deform_gemm"``.
+        arch: 80 (Ampere) or 90 (Hopper).
+        dtype: ``"fp32"`` or ``"fp16"``, the dtype of every tensor argument (the kernels compute
+            in FP32 either way).
+        num_warps: warps per block; the kernel module's default when None.
+        **constexprs: overrides of the kernel's compile-time constants (block sizes,
+            ``HAS_MASK``, ``HAS_BIAS``, ``INPUT_PRECISION``).
+
+    Returns:
+        The PTX text and the :class:`LaunchMetadata` a launcher needs.
+    """
+    spec = _kernel_spec(kernel_name)
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"arch must be one of {SUPPORTED_ARCHS}, got {arch}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+    constants = spec.constexprs(dtype)
+    unknown = set(constexprs) - set(constants)
+    if unknown:
+        raise ValueError(
+            f"{kernel_name} has no constexpr {sorted(unknown)}; it has {sorted(constants)}"
+        )
+    constants.update(constexprs)
+    warps = spec.num_warps if num_warps is None else num_warps
+
+    source = ASTSource(spec.kernel, _signature(spec, dtype), constexprs=constants)
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        # No FMA contraction: the same FP32 steps as the PyTorch reference (and the JIT launch).
+        options={"num_warps": warps, "enable_fp_fusion": False},
+    )
+    metadata = compiled.metadata
+    runtime_arguments = tuple(name for name in spec.kernel.arg_names if name not in constants)
+    return compiled.asm["ptx"], LaunchMetadata(
+        entry_name=metadata.name,
+        arch=arch,
+        dtype=dtype,
+        parameters=runtime_arguments + SCRATCH_PARAMETERS,
+        constexprs=constants,
+        num_warps=metadata.num_warps,
+        threads_per_block=metadata.num_warps * metadata.warp_size,
+        shared_memory=metadata.shared,
+        global_scratch_size=metadata.global_scratch_size,
+        profile_scratch_size=metadata.profile_scratch_size,
+    )
+
+
+def _kernel_spec(kernel_name: str) -> _KernelSpec:
+    if kernel_name not in _KERNELS:
+        raise ValueError(f"unknown kernel {kernel_name!r}; the kernels are {KERNEL_NAMES}")
+    return _KERNELS[kernel_name]
+
+
+def _signature(spec: _KernelSpec, dtype: str) -> dict[str, str]:
+    """Triton type of every argument: ``*fp32`` / ``*fp16`` pointers, fp32 or i32 scalars."""
+    constants = spec.constexprs(dtype)
+
+    def argument_type(name: str) -> str:
+        if name in constants:
+            return "constexpr"
+        if name in spec.tensors:
+            return f"*{dtype}"
+        return "fp32" if name in spec.floats else "i32"
+
+    return {name: argument_type(name) for name in spec.kernel.arg_names}

@@ -1,0 +1,1 @@
+"""Gallery indexer: FAISS vectors + SQLite metadata, ingest pipeline (not built yet)."""

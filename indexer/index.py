@@ -1,0 +1,252 @@
+"""FAISS index types of a gallery: exact (flat), IVF-Flat, IVF-PQ, optionally searched on GPU.
+
+Every index holds unit vectors under inner product (so similarity = cosine) with FAISS ids equal
+to the person ids of the gallery's SQLite tables.
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.manifest import replace_durably
+
+INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
+
+logger = logging.getLogger(__name__)
+
+# k-means needs a few dozen points per centroid to place it; FAISS warns below 39.
+MIN_POINTS_PER_CENTROID = 39
+# FAISS's k-means subsamples to 256 points per centroid: reading more from SQLite is wasted.
+MAX_POINTS_PER_CENTROID = 256
+
+_ALLOWED_PARAMS = {
+    "flat": {"gpu"},
+    "ivf_flat": {"gpu", "nlist", "nprobe", "train_size"},
+    "ivf_pq": {"gpu", "nlist", "nprobe", "train_size", "m", "nbits", "rerank"},
+}
+
+
+class IndexTrainingError(ValueError):
+    """Too few stored embeddings to train the requested index type."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """An index type with all its parameters resolved (the form stored in manifest and SQLite).
+
+    Parameters: ``nlist`` inverted lists, ``nprobe`` lists visited per query, ``train_size``
+    vectors sampled for training, ``m`` PQ sub-quantizers of ``nbits`` bits each, ``rerank``:
+    IVF-PQ fetches ``rerank * top_k`` candidates whose similarity is then recomputed exactly from
+    the stored embeddings, ``gpu``: search on the GPU replicas of the index.
+    """
+
+    type: str = "flat"
+    params: dict[str, Any] = field(default_factory=lambda: {"gpu": False})
+
+    @property
+    def needs_training(self) -> bool:
+        return self.type != "flat"
+
+    @property
+    def min_training_vectors(self) -> int:
+        """The fewest vectors this index can be trained on (0 for flat)."""
+        return MIN_POINTS_PER_CENTROID * self._centroids_per_quantizer if self.needs_training else 0
+
+    @property
+    def _centroids_per_quantizer(self) -> int:
+        pq_centroids = 2 ** self.params["nbits"] if self.type == "ivf_pq" else 0
+        return max(self.params["nlist"], pq_centroids)
+
+    def factory_string(self) -> str:
+        """The FAISS ``index_factory`` description of this index."""
+        if self.type == "flat":
+            return "IDMap,Flat"
+        if self.type == "ivf_flat":
+            return f"IVF{self.params['nlist']},Flat"
+        return f"IVF{self.params['nlist']},PQ{self.params['m']}x{self.params['nbits']}"
+
+
+def resolve_spec(index_type: str, dim: int, num_vectors: int, **params: Any) -> IndexSpec:
+    """Validate ``params`` for ``index_type`` and fill in defaults sized for ``num_vectors``.
+
+    Defaults: ``nlist`` = 4 sqrt(n) (at least 39 vectors per list), ``nprobe`` = nlist / 16,
+    ``m`` = dim / 8 (8 dimensions per sub-quantizer), ``nbits`` = 8, ``rerank`` = 4.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
+    unknown = set(params) - _ALLOWED_PARAMS[index_type]
+    if unknown:
+        raise ValueError(
+            f"index type {index_type!r} takes no parameter(s) {sorted(unknown)}; "
+            f"it takes {sorted(_ALLOWED_PARAMS[index_type])}"
+        )
+    gpu = bool(params.pop("gpu", False))
+    if gpu and not gpu_available():
+        raise ValueError("gpu=True, but this FAISS build has no GPU support or sees no GPU")
+    resolved: dict[str, Any] = {"gpu": gpu}
+    if index_type != "flat":
+        resolved.update(_resolve_ivf_params(index_type, dim, num_vectors, params))
+    return IndexSpec(index_type, resolved)
+
+
+def _resolve_ivf_params(
+    index_type: str, dim: int, num_vectors: int, params: dict[str, Any]
+) -> dict[str, Any]:
+    default_nlist = max(1, min(round(4 * math.sqrt(num_vectors)), num_vectors // 39))
+    nlist = _positive_int(params, "nlist", default_nlist)
+    resolved = {"nlist": nlist, "nprobe": _positive_int(params, "nprobe", max(1, nlist // 16))}
+    if resolved["nprobe"] > nlist:
+        raise ValueError(f"nprobe={resolved['nprobe']} exceeds nlist={nlist}")
+    if index_type == "ivf_pq":
+        m = _positive_int(params, "m", max(1, dim // 8))
+        if dim % m:
+            raise ValueError(f"PQ needs m to divide the dimension: m={m}, dim={dim}")
+        nbits = _positive_int(params, "nbits", 8)
+        if nbits > 16:
+            raise ValueError(f"nbits={nbits}: PQ codes have at most 16 bits per sub-quantizer")
+        resolved.update(m=m, nbits=nbits, rerank=_positive_int(params, "rerank", 4))
+    centroids = max(nlist, 2 ** resolved.get("nbits", 0))
+    resolved["train_size"] = _positive_int(
+        params, "train_size", max(1, min(num_vectors, MAX_POINTS_PER_CENTROID * centroids))
+    )
+    return resolved
+
+
+def _positive_int(params: dict[str, Any], name: str, default: int) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def gpu_available() -> bool:
+    """Whether this FAISS build has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class VectorIndex:
+    """A FAISS index over person embeddings (ids = person ids), per an :class:`IndexSpec`.
+
+    Not thread-safe by itself: the gallery serialises mutations against searches.
+    With ``gpu`` in the spec, unfiltered searches run on a GPU copy of the index, made on first
+    use and dropped by every mutation; filtered searches stay on the CPU index, because FAISS's
+    GPU indexes ignore id selectors.
+    """
+
+    def __init__(self, index: faiss.Index, spec: IndexSpec) -> None:
+        self.index = index
+        self.spec = spec
+        self._use_gpu = spec.params["gpu"] and gpu_available()
+        if spec.params["gpu"] and not self._use_gpu:
+            logger.warning("index spec asks for GPU search, but FAISS sees no GPU: using CPU")
+        self._gpu_copy: faiss.Index | None = None
+
+    @classmethod
+    def new(cls, spec: IndexSpec, dim: int, training: np.ndarray | None = None) -> "VectorIndex":
+        """An empty index; IVF types are trained on ``training`` (n, dim) unit vectors."""
+        index = faiss.index_factory(dim, spec.factory_string(), faiss.METRIC_INNER_PRODUCT)
+        if spec.needs_training:
+            count = 0 if training is None else len(training)
+            if count < spec.min_training_vectors:
+                raise IndexTrainingError(
+                    f"{spec.type} with {_describe(spec.params)} needs at least "
+                    f"{spec.min_training_vectors} embeddings to train ({MIN_POINTS_PER_CENTROID} "
+                    f"per centroid), but only {count} are available; use 'flat' (exact) or "
+                    "smaller nlist/nbits"
+                )
+            index.train(np.ascontiguousarray(training, dtype=np.float32))
+        return cls(index, spec)
+
+    @classmethod
+    def read(cls, path: Path, spec: IndexSpec, dim: int) -> "VectorIndex":
+        """Load a snapshot; ValueError when the file is not an index of this spec and dim."""
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as error:
+            raise ValueError(f"cannot read FAISS index {path}: {error}") from error
+        if not _matches(index, spec, dim):
+            raise ValueError(f"FAISS index {path} is not a {spec.type} index of dimension {dim}")
+        return cls(index, spec)
+
+    def write(self, path: Path) -> None:
+        """Replace ``path`` durably with this index (temporary file, fsync, rename)."""
+        replace_durably(path, lambda temporary: faiss.write_index(self.index, str(temporary)))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add (n, dim) float32 unit vectors under int64 ``ids``."""
+        if len(ids):
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64)
+            )
+            self._gpu_copy = None
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove these ids (absent ones are ignored); returns how many vectors went."""
+        if not len(ids):
+            return 0
+        return self._remove(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64)))
+
+    def remove_above(self, last_id: int) -> int:
+        """Remove every id greater than ``last_id``; returns how many vectors went."""
+        return self._remove(faiss.IDSelectorRange(last_id + 1, np.iinfo(np.int64).max))
+
+    def _remove(self, selector: faiss.IDSelector) -> int:
+        removed = int(self.index.remove_ids(selector))
+        if removed:
+            self._gpu_copy = None
+        return removed
+
+    def search(
+        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of (q, dim) ``queries``: similarities (q, k) and ids (q, k), id -1 where
+        fewer than ``k`` vectors are selected."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if selector is None and self._use_gpu:
+            return self._gpu_index().search(queries, k)
+        return self.index.search(queries, k, params=self._search_parameters(selector))
+
+    def _search_parameters(self, selector: faiss.IDSelector | None) -> faiss.SearchParameters:
+        options = {} if selector is None else {"sel": selector}
+        if self.spec.needs_training:
+            return faiss.SearchParametersIVF(nprobe=self.spec.params["nprobe"], **options)
+        return faiss.SearchParameters(**options)
+
+    def _gpu_index(self) -> faiss.Index:
+        if self._gpu_copy is None:
+            self._gpu_copy = faiss.index_cpu_to_all_gpus(self.index)
+            if self.spec.needs_training:
+                faiss.GpuParameterSpace().set_index_parameter(
+                    self._gpu_copy, "nprobe", self.spec.params["nprobe"]
+                )
+        return self._gpu_copy
+
+    def serialized_bytes(self) -> int:
+        """Size of the index as written to disk (what it costs in memory, too)."""
+        return int(faiss.serialize_index(self.index).nbytes)
+
+
+def _matches(index: faiss.Index, spec: IndexSpec, dim: int) -> bool:
+    if index.d != dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return False
+    if spec.type == "flat":
+        return isinstance(index, faiss.IndexIDMap)
+    ivf_class = faiss.IndexIVFFlat if spec.type == "ivf_flat" else faiss.IndexIVFPQ
+    if not isinstance(index, ivf_class) or index.nlist != spec.params["nlist"]:
+        return False
+    return spec.type == "ivf_flat" or (
+        spec.params["m"] == index.pq.M and index.pq.nbits == spec.params["nbits"]
+    )
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in sorted(params.items()) if name != "gpu")

@@ -1,0 +1,238 @@
+"""AlignPS and AlignPS+ (Yan et al., "Anchor-Free Person Search", CVPR 2021).
+
+ResNet (C3-C5) -> AFA neck (models/necks/afa.py) -> one stride-8 map P3 -> the FCOS head with
+center sampling on that single level. "Re-id first" (Sec. 3.2, task alignment): P3 itself is
+the re-id embedding map; the feature at a location, L2-normalised, is the embedding of the
+person detected there, with no extra embedding layer. It is supervised at the positive locations
+of the head's assignment by the triplet-aided OIM loss (Sec. 3.3) with the focal modulation of
+Sec. 4.2; positives of unlabeled persons (pid -1) only feed OIM's circular queue.
+
+AlignPS+ is the same model with deformable 3x3 convs in res3-res5 of the backbone
+(``backbone.dcn_stages``; Table 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from models.assigners import CenterSamplingConfig
+from models.backbones import STAGE_NAMES, build_backbone
+from models.config import StrictModel
+from models.heads.fcos import FCOSHead, FCOSHeadConfig, FCOSInferenceConfig, flatten_levels
+from models.losses import OIMLoss, TripletMining
+from models.necks.afa import AFA, AFAConfig
+from models.preprocess import PreprocessConfig
+from models.types import Detections
+
+StageName = Literal["res2", "res3", "res4", "res5"]
+
+
+class AlignPSBackboneConfig(StrictModel):
+    name: Literal["resnet18", "resnet34", "resnet50"] = Field(
+        "resnet50", description="ResNet depth (models.backbones registry name)."
+    )
+    frozen_stages: int = Field(
+        1, ge=0, le=4, description="Stem + first k stages frozen (1 = stem and res2)."
+    )
+    norm: Literal["frozen_bn", "bn"] = Field("frozen_bn", description="Backbone normalisation.")
+    base_width: int = Field(64, gt=0, description="Stem channels; 64 is the standard ResNet.")
+    dcn_stages: tuple[StageName, ...] = Field(
+        (), description="Stages with deformable 3x3 convs (AlignPS+: res3, res4, res5; Table 5)."
+    )
+    dcn_modulated: bool = Field(
+        False, description="Modulated deformable convs (DCNv2) in dcn_stages."
+    )
+    pretrained: Path | None = Field(
+        None, description="Local torchvision-layout ImageNet weights; null = random init."
+    )
+
+
+def _alignps_head() -> FCOSHeadConfig:
+    # One level (P3) and no scale ranges: every person is detected at stride 8 (Sec. 3.2).
+    return FCOSHeadConfig(num_levels=1, assigner=CenterSamplingConfig(radius=1.5, size_ranges=()))
+
+
+def _alignps_inference() -> FCOSInferenceConfig:
+    # The authors' released test settings: NMS at IoU 0.5, 100 detections per image.
+    return FCOSInferenceConfig(
+        max_detections=100, score_thresh=0.05, nms_thresh=0.5, pre_nms_top_k=1000
+    )
+
+
+class AlignPSReidLossConfig(StrictModel):
+    """The triplet-aided OIM loss on the positive locations (Sec. 3.3, Sec. 4.2)."""
+
+    num_labeled: int = Field(
+        5532, gt=0, description="Labeled training identities: LUT rows (CUHK-SYSU 5532, PRW 483)."
+    )
+    queue_size: int = Field(
+        5000, ge=0, description="Circular queue of unlabeled features (CUHK-SYSU 5000, PRW 500)."
+    )
+    temperature: float = Field(0.1, gt=0, description="tau of eq. 1 (0.1 in Sec. 3.3).")
+    momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
+    focal_gamma: float = Field(
+        2.0, ge=0, description="Focal OIM exponent (Sec. 4.2, 'following [4]'); 0 = plain OIM."
+    )
+    triplet_weight: float = Field(
+        1.0, ge=0, description="Weight of the triplet term (eq. 4: 1); 0 = OIM alone (Table 4)."
+    )
+    triplet_margin: float = Field(0.3, ge=0, description="Margin M of eq. 3.")
+    triplet_mining: TripletMining = Field(
+        "all", description="all: every valid triplet (eq. 3); hardest: batch-hard per anchor."
+    )
+    weight: float = Field(1.0, ge=0, description="Weight of the re-id losses in the total.")
+
+
+class AlignPSConfig(StrictModel):
+    """AlignPS; AlignPS+ is ``backbone.dcn_stages: [res3, res4, res5]``."""
+
+    name: Literal["alignps"] = Field("alignps", description="Model registry name.")
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig, description="Input preprocessing (travels with exports)."
+    )
+    backbone: AlignPSBackboneConfig = Field(
+        default_factory=AlignPSBackboneConfig, description="ResNet backbone."
+    )
+    afa: AFAConfig = Field(default_factory=AFAConfig, description="Aligned feature aggregation.")
+    head: FCOSHeadConfig = Field(
+        default_factory=_alignps_head, description="FCOS head on the single AFA output."
+    )
+    reid_loss: AlignPSReidLossConfig = Field(
+        default_factory=AlignPSReidLossConfig, description="Re-id loss on the AFA output."
+    )
+    inference: FCOSInferenceConfig = Field(
+        default_factory=_alignps_inference, description="Top-k, thresholds and NMS at inference."
+    )
+
+    @model_validator(mode="after")
+    def _check_head_matches_afa(self) -> AlignPSConfig:
+        if self.head.in_channels != self.afa.channels:
+            raise ValueError(
+                f"head.in_channels ({self.head.in_channels}) must equal afa.channels "
+                f"({self.afa.channels}): the head reads the AFA output"
+            )
+        if self.head.num_levels != 1:
+            raise ValueError(
+                f"head.num_levels must be 1 (AFA has a single output), got {self.head.num_levels}"
+            )
+        unknown = [s for s in self.afa.in_stages if s not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"afa.in_stages {unknown} are not backbone stages {STAGE_NAMES}")
+        return self
+
+
+class AlignPS(nn.Module):
+    """AlignPS person search. ``model(images, targets)`` -> losses; ``model(images)`` ->
+    Detections whose embeddings are the L2-normalised AFA features at the detected locations."""
+
+    def __init__(self, config: AlignPSConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.preprocess = config.preprocess
+        self.embedding_dim = config.afa.channels
+        backbone = config.backbone
+        self.backbone = build_backbone(
+            backbone.name,
+            pretrained=backbone.pretrained,
+            out_stages=config.afa.in_stages,
+            frozen_stages=backbone.frozen_stages,
+            norm=backbone.norm,
+            base_width=backbone.base_width,
+            dcn_stages=backbone.dcn_stages,
+            dcn_modulated=backbone.dcn_modulated,
+        )
+        self.afa = AFA(self.backbone.out_channels, self.backbone.strides, config.afa)
+        self.strides = [self.afa.stride]
+        self.head = FCOSHead(config.head)
+        reid = config.reid_loss
+        self.reid_loss = OIMLoss(
+            self.embedding_dim,
+            reid.num_labeled,
+            reid.queue_size,
+            momentum=reid.momentum,
+            temperature=reid.temperature,
+            focal_gamma=reid.focal_gamma,
+            triplet_weight=reid.triplet_weight,
+            triplet_margin=reid.triplet_margin,
+            triplet_mining=reid.triplet_mining,
+        )
+
+    def forward(
+        self, images: Tensor, targets: Sequence[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | Detections:
+        """With targets: the weighted losses (``loss_cls``, ``loss_box``, ``loss_quality``,
+        ``loss_oim``, ``loss_triplet``). Without: fixed-size Detections in the pixels of
+        ``images`` (B, 3, H, W)."""
+        embedding_map = self.afa(self.backbone(images))  # (B, D, H / 8, W / 8)
+        outputs = self.head([embedding_map])
+        if targets is not None:
+            losses, assigned = self.head.loss(outputs, targets, self.strides)
+            features, pids = positive_embeddings(embedding_map, assigned, targets)
+            reid_losses = self.reid_loss(features, pids)
+            weight = self.config.reid_loss.weight
+            losses.update({name: weight * value for name, value in reid_losses.items()})
+            return losses
+        inference = self.config.inference
+        boxes, scores, locations = self.head.predict(
+            outputs,
+            self.strides,
+            images.shape[-2:],
+            max_detections=inference.max_detections,
+            score_thresh=inference.score_thresh,
+            nms_thresh=inference.nms_thresh,
+            pre_nms_top_k=inference.pre_nms_top_k,
+        )
+        embeddings = gather_embeddings(embedding_map, locations)
+        embeddings = torch.where((scores > 0)[..., None], embeddings, 0.0)
+        return Detections(boxes, scores, embeddings)
+
+
+def gather_embeddings(embedding_map: Tensor, locations: Tensor) -> Tensor:
+    """The L2-normalised features (B, K, D) of a map (B, D, H, W) at flattened locations
+    (B, K), indexed in row-major order as the FCOS head indexes its single level."""
+    embeddings = flatten_levels([embedding_map])  # (B, H * W, D)
+    index = locations[..., None].expand(-1, -1, embeddings.shape[-1])
+    return F.normalize(embeddings.gather(1, index).float(), dim=-1)
+
+
+def positive_embeddings(
+    embedding_map: Tensor, assigned: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """The re-id samples of a batch: the L2-normalised features (M, D) at every positive
+    location, in (image, location) order, and the pid (M,) of the GT box each is assigned to
+    (-1 for an unlabeled person).
+
+    Args:
+        embedding_map: (B, D, H, W) the AFA output.
+        assigned: per image, (H * W,) the assigned GT index of each location, -1 = negative.
+        targets: per image, ``boxes`` (n, 4) and ``pids`` (n,) long.
+    """
+    embeddings = flatten_levels([embedding_map])  # (B, N, D)
+    positive = torch.stack(list(assigned)) >= 0  # (B, N)
+    pids = torch.cat(
+        [
+            _target_pids(target, i)[image_assigned[image_assigned >= 0]]
+            for i, (target, image_assigned) in enumerate(zip(targets, assigned, strict=True))
+        ]
+    )
+    return F.normalize(embeddings[positive].float(), dim=1), pids
+
+
+def _target_pids(target: dict[str, Tensor], index: int) -> Tensor:
+    pids = target.get("pids")
+    if pids is None:
+        raise ValueError(f"targets[{index}] must have 'pids' (n,) long, -1 for unlabeled persons")
+    boxes = target["boxes"]
+    if pids.shape != (boxes.shape[0],):
+        raise ValueError(
+            f"targets[{index}]['pids'] must have shape ({boxes.shape[0]},) to match its boxes, "
+            f"got {tuple(pids.shape)}"
+        )
+    return pids.long()

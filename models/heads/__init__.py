@@ -1,0 +1,25 @@
+"""Detection heads shared by model families: the FCOS dense head (pedestrians, AlignPS)."""
+
+from models.heads.fcos import (
+    AnchorPoints,
+    FCOSHead,
+    FCOSHeadConfig,
+    FCOSInferenceConfig,
+    FCOSOutputs,
+    anchor_points,
+    centerness_targets,
+    distances_to_boxes,
+    flatten_levels,
+)
+
+__all__ = [
+    "AnchorPoints",
+    "FCOSHead",
+    "FCOSHeadConfig",
+    "FCOSInferenceConfig",
+    "FCOSOutputs",
+    "anchor_points",
+    "centerness_targets",
+    "distances_to_boxes",
+    "flatten_levels",
+]

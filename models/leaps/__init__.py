@@ -1,0 +1,7 @@
+"""LEAPS (Dong et al., ICCV 2023): Sparse R-CNN with a flexible re-id head and diverse re-id
+sample matching. ``Leaps(config)`` builds the model; ``LeapsConfig`` validates its settings."""
+
+from models.leaps.config import LeapsConfig
+from models.leaps.model import Leaps
+
+__all__ = ["Leaps", "LeapsConfig"]

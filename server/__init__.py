@@ -1,0 +1,1 @@
+"""FastAPI search service (not built yet)."""

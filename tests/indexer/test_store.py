@@ -1,0 +1,357 @@
+"""The gallery store: creating and opening, adding, removing, searching, snapshots, recovery."""
+
+import json
+import sqlite3
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from indexer.store import INDEX_FILE, MANIFEST_FILE, SQLITE_FILE, Gallery
+from indexer.types import (
+    GalleryBusy,
+    GalleryExists,
+    GalleryMismatch,
+    GalleryNotFound,
+    ImageNotFound,
+)
+
+FINGERPRINT = "model-a"  # the gallery fixture's model
+DIM = 8
+
+
+# -- create / open ---------------------------------------------------------------------------
+
+
+def test_create_writes_the_three_files_and_records_the_model(gallery, gallery_path):
+    assert {path.name for path in gallery_path.iterdir()} >= {
+        SQLITE_FILE,
+        INDEX_FILE,
+        MANIFEST_FILE,
+    }
+    manifest = json.loads((gallery_path / MANIFEST_FILE).read_text())
+    assert manifest["fingerprint"] == FINGERPRINT
+    assert (manifest["dim"], manifest["metric"], manifest["index_type"]) == (
+        8,
+        "inner_product",
+        "flat",
+    )
+    assert manifest["watermark"] == 0
+    journal = sqlite3.connect(gallery_path / SQLITE_FILE).execute("PRAGMA journal_mode").fetchone()
+    assert journal == ("wal",)
+
+
+def test_create_refuses_an_existing_gallery(gallery, gallery_path):
+    gallery.close()
+    with pytest.raises(GalleryExists, match="already exists"):
+        Gallery.create(gallery_path, FINGERPRINT, DIM)
+
+
+def test_create_refuses_ivf_because_an_empty_gallery_has_nothing_to_train_on(tmp_path):
+    with pytest.raises(ValueError, match="trained on stored embeddings"):
+        Gallery.create(tmp_path / "g", FINGERPRINT, DIM, index_type="ivf_flat")
+
+
+def test_open_with_the_same_model_works_and_another_model_is_refused_naming_both(
+    gallery, gallery_path
+):
+    gallery.close()
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert (reopened.fingerprint, reopened.dim) == (FINGERPRINT, DIM)
+    with pytest.raises(GalleryMismatch) as error:
+        Gallery.open(gallery_path, "model-b")
+    message = str(error.value)
+    assert "model-a" in message and "model-b" in message and "not comparable" in message
+
+
+def test_open_of_a_folder_without_gallery_says_so(tmp_path):
+    with pytest.raises(GalleryNotFound, match="no gallery"):
+        Gallery.open(tmp_path, FINGERPRINT)
+
+
+def test_a_gallery_is_open_once_at_a_time(gallery, gallery_path):
+    with pytest.raises(GalleryBusy, match="open elsewhere"):
+        Gallery.open(gallery_path, FINGERPRINT)
+    gallery.close()
+    Gallery.open(gallery_path, FINGERPRINT).close()  # released by close
+
+
+# -- add / duplicate / remove ----------------------------------------------------------------
+
+
+def test_add_stores_the_image_and_its_persons(gallery, image, person):
+    new = image(person(0.5), person(0.7), camera="gate", timestamp=100.0)
+    result = gallery.add_image(
+        new.data,
+        (new.boxes, new.scores, new.embeddings),
+        width=640,
+        height=480,
+        camera="gate",
+        timestamp=100.0,
+        uri="s3://bucket/frame.jpg",
+    )
+    assert result.added and result.num_persons == 2
+    stored = gallery.get_image(result.image_id)
+    assert (stored.camera, stored.timestamp, stored.uri) == ("gate", 100.0, "s3://bucket/frame.jpg")
+    assert (stored.width, stored.height) == (640, 480)
+    assert [p.box for p in stored.persons] == [(0, 0, 5, 20), (10, 0, 15, 20)]
+    assert [p.det_score for p in stored.persons] == [0.9, 0.9]
+
+
+def test_adding_the_same_bytes_twice_does_nothing_and_says_so(gallery, image, person):
+    first = gallery.add_images([image(person(0.5))])[0]
+    again = replace(image(person(0.9)), data=b"image 0")  # other detections, same bytes
+    second = gallery.add_images([again])[0]
+    assert not second.added
+    assert (second.image_id, second.sha256, second.num_persons) == (first.image_id, first.sha256, 1)
+    assert gallery.stats().num_images == 1 and gallery.stats().num_persons == 1
+
+
+def test_a_file_path_is_hashed_by_its_bytes_and_becomes_the_uri(gallery, tmp_path, person):
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(b"jpeg bytes")
+    result = gallery.add_image(path, ([[0, 0, 1, 1]], [0.8], [person(0.1)]), width=4, height=4)
+    assert gallery.get_image(result.image_id).uri == str(path)
+    duplicate = gallery.add_image(b"jpeg bytes", ([], [], []), width=4, height=4)
+    assert not duplicate.added and duplicate.image_id == result.image_id
+
+
+def test_a_batch_is_one_transaction_and_reports_duplicates_within_it(gallery, image, person):
+    first, second = image(person(0.5)), image(person(0.6), person(0.7))
+    results = gallery.add_images([first, second, first])
+    assert [r.added for r in results] == [True, True, False]
+    assert results[2].image_id == results[0].image_id
+    assert gallery.stats().num_persons == 3
+
+
+def test_a_batch_with_one_bad_image_stores_nothing(gallery, image, person):
+    good = image(person(0.5))
+    bad = replace(image(person(0.5)), width=0)
+    with pytest.raises(ValueError, match="width"):
+        gallery.add_images([good, bad])
+    assert gallery.stats().num_images == 0
+
+
+def test_an_image_without_persons_is_recorded_so_that_it_is_not_ingested_again(gallery):
+    result = gallery.add_image(b"empty scene", ([], [], []), width=10, height=10)
+    assert result.added and result.num_persons == 0
+    assert not gallery.add_image(b"empty scene", ([], [], []), width=10, height=10).added
+
+
+def test_remove_deletes_the_image_and_its_persons_from_sqlite_and_index(
+    gallery, image, person, query
+):
+    kept = gallery.add_images([image(person(0.5))])[0]
+    removed = gallery.add_images([image(person(0.9), person(0.8))])[0]
+    assert gallery.remove_image(removed.image_id) == 2
+    assert [hit.image_id for hit in gallery.search(query, 10)] == [kept.image_id]
+    stats = gallery.stats()
+    assert (stats.num_images, stats.num_persons, stats.indexed) == (1, 1, 1)
+    with pytest.raises(ImageNotFound, match=f"no image with id {removed.image_id}"):
+        gallery.get_image(removed.image_id)
+    with pytest.raises(ImageNotFound):
+        gallery.remove_image(removed.image_id)
+
+
+# -- input validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("boxes", "scores", "embeddings", "message"),
+    [
+        (np.zeros((1, 3)), [0.9], np.eye(DIM)[:1], r"boxes must have shape \(n, 4\)"),
+        (np.zeros((1, 4)), [0.9, 0.8], np.eye(DIM)[:1], r"scores must have shape \(1,\)"),
+        (np.zeros((1, 4)), [0.9], np.eye(DIM + 1)[:1], r"embeddings must have shape \(1, 8\)"),
+        ([[0, 0, np.nan, 1]], [0.9], np.eye(DIM)[:1], "boxes contain NaN or infinity"),
+        (np.zeros((1, 4)), [np.inf], np.eye(DIM)[:1], "scores contain NaN or infinity"),
+        (np.zeros((1, 4)), [0.9], np.full((1, DIM), np.nan), "embeddings contain NaN"),
+        ([[5, 0, 1, 1]], [0.9], np.eye(DIM)[:1], "x2 >= x1"),
+        # norm 2: not an L2-normalised embedding, refused rather than silently normalised
+        (np.zeros((1, 4)), [0.9], 2 * np.eye(DIM)[:1], "row 0 has L2 norm 2"),
+        # the zero vector of an unused detection slot
+        (np.zeros((1, 4)), [0.0], np.zeros((1, DIM)), "row 0 has L2 norm 0"),
+    ],
+)
+def test_bad_detections_are_refused_with_what_is_wrong(gallery, boxes, scores, embeddings, message):
+    with pytest.raises(ValueError, match=message):
+        gallery.add_image(b"x", (boxes, scores, embeddings), width=10, height=10)
+    assert gallery.stats().num_images == 0
+
+
+def test_an_embedding_off_unit_norm_by_rounding_is_renormalised(gallery, query):
+    nearly_unit = np.eye(DIM, dtype=np.float32)[:1] * 1.0004  # a half-precision engine's norm
+    gallery.add_image(b"x", ([[0, 0, 1, 1]], [0.9], nearly_unit), width=10, height=10)
+    assert gallery.search(query, 1)[0].similarity == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_query_of_the_wrong_shape_or_norm_is_refused(gallery, query):
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        gallery.search(np.ones(DIM + 1) / 3, 5)
+    with pytest.raises(ValueError, match="L2 norm 3"):
+        gallery.search(3 * query, 5)
+    with pytest.raises(ValueError, match="top_k"):
+        gallery.search(query, 0)
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scenes(gallery, image, person):
+    """Four images: (camera, timestamp, similarities of their persons to the query).
+
+    gate/100: 0.9 and 0.2;  gate/200: 0.8;  hall/150: 0.7;  no camera or time: 0.95.
+    """
+    results = gallery.add_images(
+        [
+            image(person(0.9), person(0.2, axis=2), camera="gate", timestamp=100.0),
+            image(person(0.8), camera="gate", timestamp=200.0),
+            image(person(0.7), camera="hall", timestamp=150.0),
+            image(person(0.95)),
+        ]
+    )
+    return [result.image_id for result in results]
+
+
+def ranked(hits):
+    return [(hit.image_id, round(hit.similarity, 5)) for hit in hits]
+
+
+def test_search_ranks_persons_by_cosine_similarity(gallery, scenes, query):
+    gate_100, gate_200, _, unknown = scenes
+    hits = gallery.search(query, 3)
+    assert ranked(hits) == [(unknown, 0.95), (gate_100, 0.9), (gate_200, 0.8)]
+    best = hits[1]
+    assert (best.camera, best.timestamp, best.box, best.det_score) == (
+        "gate",
+        100.0,
+        (0, 0, 5, 20),
+        0.9,
+    )
+
+
+def test_search_filtered_by_camera(gallery, scenes, query):
+    gate_100, gate_200, hall, _ = scenes
+    assert ranked(gallery.search(query, 10, cameras=["gate"])) == [
+        (gate_100, 0.9),
+        (gate_200, 0.8),
+        (gate_100, 0.2),
+    ]
+    assert ranked(gallery.search(query, 10, cameras="hall")) == [(hall, 0.7)]
+    assert gallery.search(query, 10, cameras=["roof"]) == []
+
+
+def test_search_filtered_by_time_range_inclusive_and_open_ended(gallery, scenes, query):
+    gate_100, gate_200, hall, _ = scenes
+    assert ranked(gallery.search(query, 10, time_range=(150.0, 200.0))) == [
+        (gate_200, 0.8),
+        (hall, 0.7),
+    ]
+    assert [h.image_id for h in gallery.search(query, 10, time_range=(None, 120.0))] == [
+        gate_100,
+        gate_100,
+    ]
+
+
+def test_search_excluding_images(gallery, scenes, query):
+    gate_100, gate_200, hall, unknown = scenes
+    hits = gallery.search(query, 10, exclude_images=[unknown, gate_100])
+    assert ranked(hits) == [(gate_200, 0.8), (hall, 0.7)]
+
+
+def test_search_with_combined_filters_and_a_similarity_floor(gallery, scenes, query):
+    gate_100, gate_200, hall, _ = scenes
+    hits = gallery.search(
+        query, 10, cameras=["gate", "hall"], exclude_images=[gate_200], min_similarity=0.5
+    )
+    assert ranked(hits) == [(gate_100, 0.9), (hall, 0.7)]
+
+
+# -- snapshots and recovery ------------------------------------------------------------------
+
+
+def test_persons_added_after_the_snapshot_are_replayed_on_open(
+    gallery, gallery_path, image, person, query
+):
+    before = gallery.add_images([image(person(0.5))])[0]
+    gallery.snapshot()
+    after = gallery.add_images([image(person(0.9))])[0]
+    gallery.close(snapshot=False)
+    assert json.loads((gallery_path / MANIFEST_FILE).read_text())["watermark"] == 1
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert [hit.image_id for hit in reopened.search(query, 2)] == [
+            after.image_id,
+            before.image_id,
+        ]
+        assert reopened.stats().indexed == 2
+
+
+def test_persons_removed_after_the_snapshot_stay_removed_on_open(
+    gallery, gallery_path, image, person, query
+):
+    kept = gallery.add_images([image(person(0.5))])[0]
+    removed = gallery.add_images([image(person(0.9))])[0]
+    gallery.snapshot()
+    gallery.remove_image(removed.image_id)
+    gallery.close(snapshot=False)  # the snapshot on disk still holds the removed person
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert [hit.image_id for hit in reopened.search(query, 2)] == [kept.image_id]
+        assert reopened.stats().indexed == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_a_corrupt_or_missing_snapshot_is_rebuilt_from_sqlite(
+    gallery, gallery_path, image, person, query, damage
+):
+    added = gallery.add_images([image(person(0.9)), image(person(0.5))])
+    gallery.close()
+    snapshot = gallery_path / INDEX_FILE
+    if damage == "truncate":
+        snapshot.write_bytes(snapshot.read_bytes()[:50])
+    elif damage == "garbage":
+        snapshot.write_bytes(b"not a faiss index")
+    else:
+        snapshot.unlink()
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert [hit.image_id for hit in reopened.search(query, 2)] == [r.image_id for r in added]
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert reopened.stats().watermark == 2  # the rebuilt index was saved
+
+
+def test_a_corrupt_manifest_makes_open_rebuild_the_index(
+    gallery, gallery_path, image, person, query
+):
+    added = gallery.add_images([image(person(0.9))])[0]
+    gallery.close()
+    (gallery_path / MANIFEST_FILE).write_text("{ not json")
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert reopened.search(query, 1)[0].image_id == added.image_id
+
+
+def test_a_crash_between_writing_index_and_manifest_duplicates_nothing(
+    gallery, gallery_path, image, person, query
+):
+    """The index file of a later snapshot next to the manifest of an earlier one: persons above
+    the old watermark are in the file AND replayed from SQLite, unless open drops them first."""
+    first = gallery.add_images([image(person(0.5))])[0]
+    gallery.snapshot()
+    old_manifest = (gallery_path / MANIFEST_FILE).read_text()
+    latest = gallery.add_images([image(person(0.9))])[0]
+    gallery.snapshot()
+    gallery.close()
+    (gallery_path / MANIFEST_FILE).write_text(old_manifest)
+    with Gallery.open(gallery_path, FINGERPRINT) as reopened:
+        assert reopened.stats().indexed == 2
+        assert [hit.image_id for hit in reopened.search(query, 3)] == [
+            latest.image_id,
+            first.image_id,
+        ]
+
+
+def test_stats_count_what_the_snapshot_lacks(gallery, image, person):
+    gallery.add_images([image(person(0.1), person(0.2))])
+    gallery.snapshot()
+    gallery.add_images([image(person(0.3))])
+    stats = gallery.stats()
+    assert (stats.num_images, stats.num_persons, stats.indexed) == (2, 3, 3)
+    assert (stats.watermark, stats.pending) == (2, 1)

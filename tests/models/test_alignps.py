@@ -1,0 +1,209 @@
+"""AlignPS: configs build, the re-id loss sees the positive locations, fixed-size outputs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.alignps import AlignPS, AlignPSConfig
+from models.heads.fcos import FCOSOutputs
+from models.ops.deform_conv import DeformConvPack
+from models.types import Detections
+from training.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = CONFIGS / "tiny" / "alignps_synthetic.yaml"
+PAPER_CONFIGS = [
+    "alignps_r50_cuhk.yaml",
+    "alignps_r50_prw.yaml",
+    "alignps_plus_r50_cuhk.yaml",
+    "alignps_plus_r50_prw.yaml",
+]
+
+
+def _model(path: Path = TINY, *overrides: str) -> AlignPS:
+    torch.manual_seed(0)
+    return AlignPS(AlignPSConfig.model_validate(load_config(path, overrides).model))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> AlignPS:
+    return _model()
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    # Image 0: a labeled and an unlabeled person; image 1: nobody.
+    return [
+        {
+            "boxes": torch.tensor([[10.0, 8.0, 50.0, 110.0], [70.0, 20.0, 120.0, 120.0]]),
+            "pids": torch.tensor([4, -1]),
+        },
+        {"boxes": torch.zeros(0, 4), "pids": torch.zeros(0, dtype=torch.long)},
+    ]
+
+
+def test_model_exposes_its_config_preprocessing_and_embedding_dim(tiny):
+    assert tiny.config.name == "alignps"
+    assert tiny.preprocess is tiny.config.preprocess
+    assert tiny.embedding_dim == tiny.config.afa.channels == 64
+    assert tiny.strides == [8]
+
+
+def test_shapes_through_every_module(tiny):
+    images = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        stages = tiny.backbone(images)
+        embedding_map = tiny.afa(stages)
+        outputs = tiny.head([embedding_map])
+    assert list(stages) == ["res3", "res4", "res5"]
+    assert embedding_map.shape == (2, 64, 12, 16)
+    assert isinstance(outputs, FCOSOutputs)
+    assert [t.shape for t in outputs.cls_logits] == [(2, 1, 12, 16)]
+    assert [t.shape for t in outputs.ltrb] == [(2, 4, 12, 16)]
+    assert [t.shape for t in outputs.quality] == [(2, 1, 12, 16)]
+
+
+def test_training_forward_returns_named_finite_losses_that_reach_every_module():
+    model = _model().train()
+    losses = model(torch.randn(2, 3, 128, 128), _targets())
+    assert set(losses) == {"loss_cls", "loss_box", "loss_quality", "loss_oim", "loss_triplet"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for module in ("backbone", "afa", "head"):
+        grads = [p.grad for p in getattr(model, module).parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), module
+        assert sum(g.abs().sum() for g in grads) > 0, module
+
+
+def test_reid_loss_sees_exactly_the_positive_locations_features():
+    # 128 x 128 images: a 16 x 16 stride-8 map whose locations sit at 4 + 8 k pixels.
+    # Center sampling (radius 1.5 strides = 12 px) keeps the locations strictly inside the box's
+    # centre square:
+    # - image 0, labeled pid 3, box centre (64, 64): x and y in (52, 76) -> 60, 68, i.e. rows
+    #   and columns 7 and 8;
+    # - image 1, unlabeled, box (0, 0, 32, 48), centre (16, 24): x in (4, 28) -> 12, 20
+    #   (columns 1, 2), y in (12, 36) -> 20, 28 (rows 2, 3);
+    # - image 2 has nobody.
+    model = _model().train()
+    targets = [
+        {"boxes": torch.tensor([[40.0, 20.0, 88.0, 108.0]]), "pids": torch.tensor([3])},
+        {"boxes": torch.tensor([[0.0, 0.0, 32.0, 48.0]]), "pids": torch.tensor([-1])},
+        {"boxes": torch.zeros(0, 4), "pids": torch.zeros(0, dtype=torch.long)},
+    ]
+    seen = {}
+    model.afa.register_forward_hook(lambda module, args, out: seen.update(map=out.detach()))
+    model.reid_loss.register_forward_pre_hook(
+        lambda module, args: seen.update(features=args[0].detach(), pids=args[1])
+    )
+    model(torch.randn(3, 3, 128, 128), targets)
+
+    positives = [(0, 7, 7), (0, 7, 8), (0, 8, 7), (0, 8, 8)]
+    positives += [(1, 2, 1), (1, 2, 2), (1, 3, 1), (1, 3, 2)]
+    expected = torch.stack([seen["map"][b, :, row, col] for b, row, col in positives])
+    torch.testing.assert_close(seen["features"], F.normalize(expected, dim=1))
+    assert seen["pids"].tolist() == [3] * 4 + [-1] * 4
+    # The unlabeled person's features entered the circular queue (and nothing else did).
+    torch.testing.assert_close(model.reid_loss.queue[:4], seen["features"][4:])
+    assert int(model.reid_loss.queue_ptr) == 4
+
+
+def test_inference_gives_fixed_size_sorted_detections_with_unit_embeddings():
+    # No score threshold, so that the untrained model's low scores fill the slots, and a
+    # 4 x 8 map: at most 32 of the K = 50 slots can be used.
+    model = _model(TINY, "model.inference.score_thresh=0.0").eval()
+    with torch.no_grad():
+        detections = model(torch.randn(2, 3, 32, 64))
+    assert isinstance(detections, Detections)
+    k = model.config.inference.max_detections
+    assert detections.boxes.shape == (2, k, 4)
+    assert detections.scores.shape == (2, k)
+    assert detections.embeddings.shape == (2, k, 64)
+    scores = detections.scores
+    assert (scores[:, :-1] >= scores[:, 1:]).all() and (scores >= 0).all()
+    used = scores > 0
+    assert used.any() and (~used).any()
+    norms = detections.embeddings.norm(dim=-1)
+    torch.testing.assert_close(norms[used], torch.ones_like(norms[used]))
+    assert (detections.embeddings[~used] == 0).all() and (detections.boxes[~used] == 0).all()
+
+
+def test_each_detection_embeds_the_afa_feature_at_its_location():
+    model = _model(TINY, "model.inference.score_thresh=0.0").eval()
+    images = torch.randn(1, 3, 64, 96)  # an 8 x 12 stride-8 map
+    with torch.no_grad():
+        detections = model(images)
+        embedding_map = model.afa(model.backbone(images))
+        outputs = model.head([embedding_map])
+        _, scores, locations = model.head.predict(
+            outputs, [8], images.shape[-2:], max_detections=50, pre_nms_top_k=300
+        )
+    torch.testing.assert_close(detections.scores, scores)
+    for slot in range(int((scores[0] > 0).sum())):
+        row, col = divmod(int(locations[0, slot]), 12)  # row-major flattening
+        expected = F.normalize(embedding_map[0, :, row, col], dim=0)
+        torch.testing.assert_close(detections.embeddings[0, slot], expected)
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_builds_and_runs_at_reduced_size(name):
+    model = _model(CONFIGS / name)
+    cfg = model.config
+    assert (cfg.preprocess.min_size, cfg.preprocess.max_size) == (900, 1500)
+    assert cfg.reid_loss.temperature == 0.1 and cfg.inference.nms_thresh == 0.5
+    assert (cfg.reid_loss.num_labeled, cfg.reid_loss.queue_size) == (
+        (5532, 5000) if "cuhk" in name else (483, 500)
+    )
+    images = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        losses = model.train()(images, _targets())
+        detections = model.eval()(images)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert detections.embeddings.shape == (2, 100, 256)
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS[:2])
+def test_alignps_plus_differs_by_deformable_convs_in_res3_to_res5(name):
+    def deformable_stages(path: Path) -> list[str]:
+        model = _model(path)
+        stages = ("res2", "res3", "res4", "res5")
+        return [
+            s
+            for s in stages
+            if any(isinstance(m, DeformConvPack) for m in model.backbone.stage(s).modules())
+        ]
+
+    assert deformable_stages(CONFIGS / name) == []
+    assert deformable_stages(CONFIGS / name.replace("alignps", "alignps_plus")) == [
+        "res3",
+        "res4",
+        "res5",
+    ]
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+    model = _model().train()
+    images, targets = torch.randn(2, 3, 128, 128), _targets()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    totals = []
+    for _ in range(8):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(loss.item())
+    assert totals[-1] < 0.8 * totals[0], totals
+
+
+def test_head_must_read_the_single_afa_output():
+    with pytest.raises(ValueError, match="in_channels"):
+        AlignPSConfig.model_validate({"afa": {"channels": 64}})
+    with pytest.raises(ValueError, match="num_levels"):
+        AlignPSConfig.model_validate(
+            {"head": {"num_levels": 2, "assigner": {"name": "center_sampling"}}}
+        )
+
+
+def test_targets_without_pids_are_an_error(tiny):
+    with pytest.raises(ValueError, match="pids"):
+        tiny.train()(torch.randn(1, 3, 64, 64), [{"boxes": torch.tensor([[8.0, 8, 40, 60]])}])

@@ -1,0 +1,112 @@
+"""The FCOS pedestrian detector (LLA.FCOS): configs build, losses train, fixed-size outputs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.fcos_detector import FCOSDetector, FCOSDetectorConfig
+from models.types import Detections
+from training.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _detector(path: Path, *overrides: str) -> FCOSDetector:
+    return FCOSDetector(FCOSDetectorConfig.model_validate(load_config(path, overrides).model))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> FCOSDetector:
+    torch.manual_seed(0)
+    return _detector(CONFIGS / "tiny" / "lla_fcos_synthetic.yaml")
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    # Image 0: a labeled and an unlabeled person; image 1: nobody.
+    return [
+        {
+            "boxes": torch.tensor([[10.0, 8.0, 50.0, 110.0], [70.0, 20.0, 120.0, 120.0]]),
+            "pids": torch.tensor([4, -1]),
+        },
+        {"boxes": torch.zeros(0, 4), "pids": torch.zeros(0, dtype=torch.long)},
+    ]
+
+
+def test_model_exposes_its_config_preprocessing_and_embedding_dim(tiny):
+    assert tiny.config.name == "fcos" and tiny.config.head.assigner.name == "lla"
+    assert tiny.preprocess is tiny.config.preprocess
+    assert tiny.embedding_dim == 0
+    assert tiny.strides == [8, 16, 32, 64, 128]
+
+
+def test_training_forward_returns_named_finite_losses_that_reach_every_module(tiny):
+    tiny.train()
+    tiny.zero_grad()
+    losses = tiny(torch.randn(2, 3, 128, 128), _targets())
+    assert set(losses) == {"loss_cls", "loss_box", "loss_quality"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for module in ("backbone", "fpn", "head"):
+        grads = [p.grad for p in getattr(tiny, module).parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), module
+        assert sum(g.abs().sum() for g in grads) > 0, module
+
+
+def test_inference_gives_fixed_size_sorted_detections_without_embeddings():
+    # No score threshold, so that the untrained model's low scores fill some of the K slots.
+    torch.manual_seed(0)
+    path = CONFIGS / "tiny" / "lla_fcos_synthetic.yaml"
+    model = _detector(path, "model.inference.score_thresh=0.0").eval()
+    with torch.no_grad():
+        detections = model(torch.randn(2, 3, 96, 128))
+    assert isinstance(detections, Detections)
+    k = model.config.inference.max_detections
+    assert detections.boxes.shape == (2, k, 4)
+    assert detections.scores.shape == (2, k)
+    assert detections.embeddings.shape == (2, k, 0)
+    scores = detections.scores
+    assert (scores[:, :-1] >= scores[:, 1:]).all() and (scores >= 0).all()
+    unused = scores == 0
+    assert (~unused).sum() > 0 and (detections.boxes[unused] == 0).all()
+    x, y = detections.boxes[..., 0::2], detections.boxes[..., 1::2]
+    assert (x >= 0).all() and (x <= 128).all() and (y >= 0).all() and (y <= 96).all()
+
+
+def test_paper_config_builds_and_runs_at_reduced_size():
+    torch.manual_seed(0)
+    model = _detector(CONFIGS / "lla_fcos_r50_crowdhuman.yaml")
+    cfg = model.config
+    assert (cfg.preprocess.min_size, cfg.preprocess.max_size) == (800, 1400)
+    assert (cfg.head.assigner.top_k, cfg.head.assigner.reg_weight) == (10, 1.3)
+    assert cfg.head.quality == "iou" and cfg.inference.nms_thresh == 0.6
+    images = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        losses = model.train()(images, _targets())
+        detections = model.eval()(images)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert detections.boxes.shape == (2, cfg.inference.max_detections, 4)
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = _detector(CONFIGS / "tiny" / "lla_fcos_synthetic.yaml").train()
+    images, targets = torch.randn(2, 3, 128, 128), _targets()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    totals = []
+    for _ in range(8):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(loss.item())
+    assert totals[-1] < 0.8 * totals[0], totals
+
+
+def test_head_and_fpn_must_agree():
+    with pytest.raises(ValueError, match="in_channels"):
+        FCOSDetectorConfig.model_validate({"fpn": {"channels": 64}})
+    with pytest.raises(ValueError, match="num_levels"):
+        FCOSDetectorConfig.model_validate(
+            {"fpn": {"extra_levels": 0}, "head": {"assigner": {"name": "lla"}}}
+        )

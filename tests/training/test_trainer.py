@@ -1,0 +1,397 @@
+"""The trainer end to end, on a tiny PRW dataset and a toy model that satisfies the model contract.
+
+The toy model is a small conv net: per stride-8 cell a person-centre logit, a box and an
+embedding, trained with BCE, L1 and an identity classifier. It has dropout (so resuming must
+restore the random streams) and a buffer updated in training across ranks (so checkpoints must
+carry buffers, as OIM's tables), and it can send itself SIGINT to test interruption.
+"""
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import yaml
+from pydantic import Field
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from models.config import StrictModel
+from models.preprocess import PreprocessConfig
+from models.types import Detections
+from training.checkpoint import load_state, load_weights, save_weights
+from training.cli import main
+from training.config import ConfigError, load_config
+from training.inference import evaluate_model
+from training.synthetic.writers import SceneRecord, write_prw
+from training.trainer import Trainer, train
+
+# ---------------------------------------------------------------------------------------------
+# A tiny PRW dataset: 8 training frames (4 batches of 2), 4 test frames, 2 queries.
+
+HEIGHT, WIDTH = 48, 64
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 40)]
+UNLABELED_COLOUR = (160, 160, 160)
+
+
+def frame(rng: np.random.Generator, name: str, pids: list[int]) -> SceneRecord:
+    image = np.full((HEIGHT, WIDTH, 3), 70, dtype=np.uint8)
+    boxes = []
+    for slot, pid in enumerate(pids):  # one person per half of the frame, 12 x 24 pixels
+        x = int(rng.integers(0, WIDTH // 2 - 12)) + slot * WIDTH // 2
+        y = int(rng.integers(0, HEIGHT - 24))
+        image[y : y + 24, x : x + 12] = COLOURS[pid] if pid >= 0 else UNLABELED_COLOUR
+        boxes.append([x, y, x + 12, y + 24])
+    return SceneRecord(name, image, np.array(boxes, np.float32), np.array(pids), int(name[1]))
+
+
+@pytest.fixture(scope="module")
+def prw_root(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    train_pids = [[0, 1], [1, -1], [0, 1], [-1, 0], [0, 1], [1, 0], [0, -1], [1, 1]]
+    train = [frame(rng, f"c{1 + i % 3}s1_{i:06d}", p) for i, p in enumerate(train_pids)]
+    test_pids = [[2, 3], [3, -1], [2, -1], [3, 2]]
+    test = [frame(rng, f"c{1 + i % 2}s2_{i:06d}", p) for i, p in enumerate(test_pids)]
+    queries = [(2, test[0].name, test[0].boxes[0]), (3, test[1].name, test[1].boxes[0])]
+    root = tmp_path_factory.mktemp("prw")
+    write_prw(root, train + test, [s.name for s in train], [s.name for s in test], queries)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy model.
+
+
+class ToyConfig(StrictModel):
+    num_ids: int = Field(2, description="Training identities.")
+    dim: int = Field(8, description="Embedding length.")
+    slots: int = Field(6, description="Detections per image (K).")
+
+
+class ToyPersonSearch(nn.Module):
+    stride = 8
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = ToyConfig.model_validate(config)
+        self.preprocess = PreprocessConfig(min_size=HEIGHT, max_size=WIDTH, size_divisor=16)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+        )
+        self.head = nn.Conv2d(32, 5 + self.config.dim, 1)
+        self.classifier = nn.Linear(self.config.dim, self.config.num_ids)
+        self.register_buffer("id_counts", torch.zeros(self.config.num_ids))
+        self.history: list[float] = []
+        self.interrupt_after: int | None = None
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None):
+        out = self.head(self.features(images))
+        logits, deltas, embeddings = out[:, 0], out[:, 1:5], F.normalize(out[:, 5:], dim=1)
+        if self.training:
+            return self._losses(logits, deltas, embeddings, targets)
+        return self._detect(logits, deltas, embeddings)
+
+    def _losses(self, logits, deltas, embeddings, targets):
+        heat = torch.zeros_like(logits)
+        images, cells_y, cells_x, box_targets, pids = [], [], [], [], []
+        for b, target in enumerate(targets):
+            boxes = target["boxes"]
+            centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+            cx = (centre[:, 0] / self.stride).long().clamp(0, logits.shape[2] - 1)
+            cy = (centre[:, 1] / self.stride).long().clamp(0, logits.shape[1] - 1)
+            heat[b, cy, cx] = 1.0
+            cell_centre = (torch.stack([cx, cy], 1).float() + 0.5) * self.stride
+            offsets = (centre - cell_centre) / self.stride
+            box_targets.append(torch.cat([offsets, (size / self.stride).log()], 1))
+            images.append(torch.full_like(cx, b))
+            cells_y.append(cy)
+            cells_x.append(cx)
+            pids.append(target["pids"])
+        b, cy, cx, pids = (torch.cat(v) for v in (images, cells_y, cells_x, pids))
+        box_loss = F.l1_loss(deltas[b, :, cy, cx], torch.cat(box_targets))
+        class_logits = self.classifier(embeddings[b, :, cy, cx]) * 4
+        labeled = max(1, int((pids >= 0).sum()))
+        reid = F.cross_entropy(class_logits, pids, ignore_index=-1, reduction="sum") / labeled
+        losses = {
+            "loss_centre": F.binary_cross_entropy_with_logits(logits, heat),
+            "loss_box": box_loss,
+            "loss_reid": reid,
+        }
+        self._count_identities(pids)
+        self.history.append(float(sum(losses.values()).detach()))
+        if self.interrupt_after == len(self.history):
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses
+
+    def _count_identities(self, pids: Tensor) -> None:
+        counts = torch.bincount(pids[pids >= 0], minlength=self.config.num_ids).float()
+        if dist.is_initialized():  # like OIM's tables, the same on every rank
+            dist.all_reduce(counts)
+        self.id_counts += counts
+
+    def _detect(self, logits, deltas, embeddings) -> Detections:
+        width = logits.shape[2]
+        scores, index = logits.sigmoid().flatten(1).topk(self.config.slots, dim=1)
+        cells = torch.stack([index % width, index // width], 2).float()  # (B, K, 2) x, y
+        picked = deltas.flatten(2).gather(2, index[:, None].expand(-1, 4, -1)).transpose(1, 2)
+        centre = (cells + 0.5 + picked[..., :2]) * self.stride
+        size = picked[..., 2:].exp() * self.stride
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 2)
+        dim = embeddings.shape[1]
+        vectors = embeddings.flatten(2).gather(2, index[:, None].expand(-1, dim, -1))
+        return Detections(boxes, scores, vectors.transpose(1, 2))
+
+
+def config_file(tmp_path: Path, prw_root: Path, **sections) -> Path:
+    config = {
+        "model": {"num_ids": 2},
+        "data": {
+            "dataset": "prw",
+            "root": str(prw_root),
+            "batch_size": 2,
+            "workers": 0,
+            "multiscale": {"mode": "range", "short_side": [40, 56], "long_side": [56, 72]},
+        },
+        "optim": {"name": "sgd", "lr": 0.05, "clip_grad_norm": 10.0},
+        "schedule": {"epochs": 2, "warmup_iters": 2, "milestones": [2]},
+        "eval": {"at_end": False, "det_thresh": 0.3},
+        "device": "cpu",
+        "tensorboard": False,
+        "log_every": 2,
+    }
+    for section, values in sections.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def same_weights(run_a: Path, run_b: Path) -> bool:
+    a, b = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, checkpoints, resuming.
+
+
+def test_a_short_run_reduces_the_loss(tmp_path, prw_root):
+    built: list[ToyPersonSearch] = []
+
+    def build(config):
+        built.append(ToyPersonSearch(config))
+        return built[-1]
+
+    config = load_config(config_file(tmp_path, prw_root), ["schedule.epochs=6"])
+    config.output_dir = tmp_path / "run"
+    train(config, build)
+    history = built[0].history
+    assert len(history) == 6 * 4  # 8 frames in batches of 2, 6 epochs
+    assert np.mean(history[-4:]) < 0.5 * np.mean(history[:4])
+
+
+def test_run_folder_holds_weights_with_buffers_the_resolved_config_and_the_state(
+    tmp_path, prw_root
+):
+    path = config_file(tmp_path, prw_root)
+    assert main(["--config", str(path), "--output", str(tmp_path / "run")], ToyPersonSearch) == 0
+    run = tmp_path / "run"
+    weights = load_file(run / "model.safetensors")
+    # The 8 frames hold 6 persons of identity 0 and 7 of identity 1, counted in each epoch.
+    assert weights["id_counts"].tolist() == [12.0, 14.0]
+    resolved = load_config(run / "config.yaml")
+    assert resolved.output_dir == run
+    assert resolved.model == {"num_ids": 2}
+    state = load_state(run)
+    assert (state["epoch"], state["batch"], state["iteration"]) == (2, 0, 8)
+
+
+def test_resuming_after_an_epoch_ends_where_an_uninterrupted_run_does(tmp_path, prw_root):
+    path = config_file(tmp_path, prw_root)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["--config", str(path), "--output", str(straight)], ToyPersonSearch) == 0
+    first = ["--config", str(path), "--output", str(resumed), "--set", "schedule.epochs=1"]
+    assert main(first, ToyPersonSearch) == 0
+    assert not same_weights(straight, resumed)
+    assert main(["--resume", str(resumed), "--set", "schedule.epochs=2"], ToyPersonSearch) == 0
+    assert same_weights(straight, resumed)
+
+
+def test_an_interrupted_run_saves_a_checkpoint_and_resumes_to_the_same_weights(tmp_path, prw_root):
+    path = config_file(tmp_path, prw_root)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(["--config", str(path), "--output", str(straight)], ToyPersonSearch) == 0
+
+    def interrupting(config):
+        model = ToyPersonSearch(config)
+        model.interrupt_after = 3  # SIGINT during the 3rd step of the first epoch
+        return model
+
+    status = main(["--config", str(path), "--output", str(interrupted)], interrupting)
+    assert status == 128 + signal.SIGINT
+    state = load_state(interrupted)
+    # The 3rd step finishes, then the loop saves: 3 of the epoch's 4 batches are done.
+    assert (state["epoch"], state["batch"], state["iteration"]) == (0, 3, 3)
+    assert main(["--resume", str(interrupted)], ToyPersonSearch) == 0
+    assert same_weights(straight, interrupted)
+
+
+def test_a_non_finite_loss_stops_training_with_an_error(tmp_path, prw_root):
+    class Diverging(ToyPersonSearch):
+        def _losses(self, *args):
+            losses = super()._losses(*args)
+            return {**losses, "loss_box": losses["loss_box"] * float("nan")}
+
+    config = load_config(config_file(tmp_path, prw_root))
+    config.output_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 0"):
+        train(config, Diverging)
+
+
+def test_training_ends_with_an_evaluation_written_to_the_run_folder(tmp_path, prw_root):
+    path = config_file(tmp_path, prw_root, eval={"at_end": True}, tensorboard=True)
+    assert main(["--config", str(path), "--output", str(tmp_path / "run")], ToyPersonSearch) == 0
+    run = tmp_path / "run"
+    record = yaml.safe_load((run / "metrics.json").read_text())  # JSON is YAML
+    assert (record["epoch"], record["iteration"]) == (2, 8)
+    metrics = record["metrics"]
+    assert metrics["num_queries"] == 2
+    for name in ("mAP", "top1", "cross_camera_mAP", "det_ap", "det_recall"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert (run / "predictions.npz").is_file()
+    assert any((run / "tensorboard").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed data parallel: two CPU processes over Gloo.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ddp_worker(rank: int, world_size: int, port: int, config_path: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    config.output_dir = Path(out) / "run"
+    trainer = Trainer(config, ToyPersonSearch)
+    trainer.run()
+    save_weights(trainer.model, Path(out) / f"rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_two_ddp_processes_end_with_identical_weights(tmp_path, prw_root):
+    path = config_file(tmp_path, prw_root, schedule={"epochs": 1}, eval={"at_end": True})
+    # Forked workers skip re-importing torch, as DataLoader workers do.
+    args = (2, free_port(), str(path), str(tmp_path))
+    mp.start_processes(ddp_worker, args=args, nprocs=2, start_method="fork")
+    rank0 = load_file(tmp_path / "rank0.safetensors")
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # Each rank saw half of the 8 frames; the identity counts were summed over both.
+    assert rank0["id_counts"].tolist() == [6.0, 7.0]
+    state = load_state(tmp_path / "run")
+    assert state["iteration"] == 2  # 8 frames / 2 ranks / batches of 2
+    assert len(state["rng"]) == 2  # one set of random streams per rank
+    # Both ranks evaluated half of the test images; rank 0 scored them all, exactly as one
+    # process evaluating the same weights does.
+    model = ToyPersonSearch({"num_ids": 2})
+    load_weights(model, tmp_path / "rank0.safetensors")
+    alone = evaluate_model(model, load_config(path), torch.device("cpu"))
+    assert yaml.safe_load((tmp_path / "run" / "metrics.json").read_text())["metrics"] == alone
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes a user makes: one line on stderr, exit status 2, no traceback.
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    status = main(argv, ToyPersonSearch)
+    err = capsys.readouterr().err
+    return status, err
+
+
+def test_config_typo_is_one_line_naming_the_key(tmp_path, prw_root, capsys):
+    path = config_file(tmp_path, prw_root, optim={"lrr": 0.1})
+    status, err = run_cli(["--config", str(path)], capsys)
+    assert status == 2
+    assert "unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_model_config_typo_is_reported_like_other_config_errors(tmp_path, prw_root, capsys):
+    path = config_file(tmp_path, prw_root)
+    argv = ["--config", str(path), "--output", str(tmp_path / "run"), "--set", "model.dimm=4"]
+    status, err = run_cli(argv, capsys)
+    assert status == 2
+    assert "unknown key 'model.dimm'" in err
+
+
+def test_missing_config_file_is_reported(tmp_path, capsys):
+    status, err = run_cli(["--config", str(tmp_path / "nope.yaml")], capsys)
+    assert status == 2
+    assert "config file not found" in err
+
+
+def test_wrong_data_root_is_reported_with_the_loaders_message(tmp_path, prw_root, capsys):
+    path = config_file(tmp_path, prw_root, data={"root": str(tmp_path / "not-prw")})
+    status, err = run_cli(["--config", str(path), "--output", str(tmp_path / "run")], capsys)
+    assert status == 2
+    assert "not-prw: no such folder" in err
+    assert "Traceback" not in err
+
+
+def test_starting_over_an_existing_run_is_refused(tmp_path, prw_root, capsys):
+    path = config_file(tmp_path, prw_root, schedule={"epochs": 1})
+    run = tmp_path / "run"
+    assert main(["--config", str(path), "--output", str(run)], ToyPersonSearch) == 0
+    status, err = run_cli(["--config", str(path), "--output", str(run)], capsys)
+    assert status == 2
+    assert f"pass --resume {run}" in err
+
+
+def test_resuming_a_folder_without_checkpoint_is_reported(tmp_path, prw_root, capsys):
+    path = config_file(tmp_path, prw_root)
+    status, err = run_cli(["--config", str(path), "--resume", str(tmp_path / "empty")], capsys)
+    assert status == 2
+    assert "no model.safetensors; is it a run folder?" in err
+
+
+def test_cuda_request_without_cuda_is_a_config_error(tmp_path, prw_root):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    config = load_config(config_file(tmp_path, prw_root), ["device=cuda"])
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train(config, ToyPersonSearch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision runs on CUDA only")
+def test_mixed_precision_on_cuda_trains_checkpoints_and_evaluates(tmp_path, prw_root):
+    path = config_file(tmp_path, prw_root, device="cuda", amp=True, eval={"at_end": True})
+    run = tmp_path / "run"
+    assert main(["--config", str(path), "--output", str(run)], ToyPersonSearch) == 0
+    state = load_state(run)
+    assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the checkpoint
+    assert "mAP" in yaml.safe_load((run / "metrics.json").read_text())["metrics"]

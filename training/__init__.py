@@ -1,0 +1,1 @@
+"""Training of one-step person search models: datasets, transforms, trainer and evaluation."""

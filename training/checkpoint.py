@@ -1,0 +1,153 @@
+"""The run folder: weights, resolved config and the training state needed to resume exactly.
+
+::
+
+    RUN_DIR/
+        model.safetensors   every parameter and persistent buffer (OIM tables included)
+        config.yaml         the resolved TrainConfig
+        state.pt            optimizer, scheduler, grad scaler, progress counters, RNG states
+        metrics.json        the latest evaluation (written by the trainer)
+        tensorboard/        scalars
+
+Each file is written to a temporary name and renamed, so a crash never leaves a half-written
+file. Weights and state record the iteration they belong to; loading checks that they agree,
+because a crash between the two renames would otherwise resume from mismatched halves.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from training.config import TrainConfig, dump_config
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A run folder is missing a file or its files do not belong together."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file next to `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(model: nn.Module, path: Path, iteration: int | None = None) -> None:
+    """Write every parameter and persistent buffer as safetensors.
+
+    The metadata holds the model's config as JSON (``model_config``, when the model has a
+    pydantic ``config``) and the training iteration the weights belong to.
+    """
+    model = unwrap(model)
+    metadata = {}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "model_dump_json"):
+        metadata["model_config"] = config.model_dump_json()
+    if iteration is not None:
+        metadata["iteration"] = str(iteration)
+    atomic_write(path, lambda tmp: safetensors.torch.save_model(model, str(tmp), metadata))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load weights written by save_weights; every key must match the model's."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        missing, unexpected = safetensors.torch.load_model(unwrap(model), str(path), strict=False)
+    except RuntimeError as error:  # shapes differ: torch lists every mismatch, one per line
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise CheckpointError(f"{path}: weights do not fit the model: {details}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def weights_iteration(path: Path) -> int | None:
+    """The training iteration recorded in a weights file, if any."""
+    with safe_open(str(path), framework="pt") as file:
+        value = (file.metadata() or {}).get("iteration")
+    return int(value) if value is not None else None
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random number generator a training step can touch, as plain Python
+    values (generator states as bytes): they pass through ``all_gather_object`` and load with
+    ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, keys.astype(np.uint32).tobytes(), pos, has_gauss, cached),
+        "torch": _tensor_bytes(torch.get_rng_state()),
+        "cuda": [_tensor_bytes(state) for state in cuda],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators saved by rng_state (CUDA ones only where CUDA is present)."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_bytes_tensor(cuda) for cuda in state["cuda"]])
+
+
+def _tensor_bytes(state: torch.Tensor) -> bytes:
+    return state.cpu().numpy().tobytes()
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def save_checkpoint(
+    run_dir: Path, model: nn.Module, config: TrainConfig, state: dict[str, Any]
+) -> None:
+    """Write the three files of a checkpoint; `state` must hold the global ``iteration``."""
+    atomic_write(run_dir / CONFIG_FILE, lambda tmp: dump_config(config, tmp))
+    save_weights(model, run_dir / WEIGHTS_FILE, iteration=state["iteration"])
+    atomic_write(run_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(run_dir: Path) -> dict[str, Any]:
+    """The training state of a run folder, checked against its weights file."""
+    weights, state_path = run_dir / WEIGHTS_FILE, run_dir / STATE_FILE
+    for path in (weights, state_path):
+        if not path.is_file():
+            raise CheckpointError(f"{run_dir}: no {path.name}; is it a run folder?")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if weights_iteration(weights) != state["iteration"]:
+        raise CheckpointError(
+            f"{run_dir}: {WEIGHTS_FILE} (iteration {weights_iteration(weights)}) and {STATE_FILE} "
+            f"(iteration {state['iteration']}) come from different moments of training"
+        )
+    return state

@@ -1,0 +1,25 @@
+"""Synthetic person search datasets in the on-disk formats of CUHK-SYSU, PRW and CrowdHuman.
+
+``python -m training.synthetic --format prw --out data/synthetic_prw`` writes one; from Python,
+:func:`generate` does the same and returns a :class:`Summary`.
+"""
+
+from training.synthetic.generate import (
+    FORMATS,
+    SplitSummary,
+    Summary,
+    SyntheticOptions,
+    default_options,
+    generate,
+    make_options,
+)
+
+__all__ = [
+    "FORMATS",
+    "SplitSummary",
+    "Summary",
+    "SyntheticOptions",
+    "default_options",
+    "generate",
+    "make_options",
+]

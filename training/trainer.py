@@ -1,0 +1,414 @@
+"""The training loop shared by every model family.
+
+One process trains on CPU or one GPU; ``torchrun --nproc_per_node N -m training ...`` trains
+with DistributedDataParallel (NCCL on GPUs, Gloo on CPU). Rank 0 alone logs, writes TensorBoard
+scalars and checkpoints; every rank takes part in evaluation (each embeds a share of the
+images).
+
+Per iteration: forward under autocast (CUDA with ``amp``), a sum of the model's named losses,
+backward through a GradScaler, optional gradient clipping, an optimizer step and a per-iteration
+learning rate: linear warmup, then step decay at epoch milestones.
+
+SIGINT and SIGTERM end the current iteration, save a checkpoint and raise TrainingInterrupted;
+``--resume`` continues from it with the same weights, optimizer, schedule, data order and
+random streams, so an interrupted run ends where an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import ValidationError
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.preprocess import PreprocessConfig
+from training.checkpoint import (
+    WEIGHTS_FILE,
+    load_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from training.config import ConfigError, TrainConfig, describe_validation_error
+from training.data import TrainLoader, load_split
+from training.datasets import PersonSearchSplit
+from training.inference import evaluate_model, load_test_split
+
+logger = logging.getLogger(__name__)
+
+ModelBuilder = Callable[[dict[str, Any]], nn.Module]
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.npz"
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint in `run_dir`."""
+
+    def __init__(self, signum: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved in {run_dir}")
+        self.signum = signum
+        self.run_dir = run_dir
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process stands in a (possibly single-process) distributed run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_process_group(use_cuda: bool) -> ProcessGroup:
+    """Join the process group torchrun describes in the environment (or stay alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return ProcessGroup()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return ProcessGroup(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+
+
+def select_device(config: TrainConfig, group: ProcessGroup) -> torch.device:
+    """CPU, or the CUDA device of this process (cuda:LOCAL_RANK under torchrun)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but CUDA is not available")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(group.local_rank)
+    return torch.device("cuda", group.local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model_checked(builder: ModelBuilder, model_config: dict[str, Any]) -> nn.Module:
+    """Build the model, turning the model config's validation errors into a ConfigError."""
+    try:
+        model = builder(model_config)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, schema=None, prefix="model")) from None
+    if not isinstance(getattr(model, "preprocess", None), PreprocessConfig):
+        raise TypeError(
+            f"{type(model).__name__} has no `preprocess` PreprocessConfig, which the model "
+            "contract requires (design.md)"
+        )
+    return model
+
+
+def lr_factor(iteration: int, iters_per_epoch: int, config: TrainConfig) -> float:
+    """Learning rate multiplier at a global iteration: linear warmup from warmup_factor to 1
+    over warmup_iters, times gamma for every milestone epoch already completed."""
+    schedule = config.schedule
+    epoch = iteration // iters_per_epoch
+    decay = schedule.gamma ** sum(epoch >= milestone for milestone in schedule.milestones)
+    if iteration >= schedule.warmup_iters:
+        return decay
+    progress = iteration / schedule.warmup_iters
+    return decay * (schedule.warmup_factor + (1 - schedule.warmup_factor) * progress)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the parameters that require gradients."""
+    optim = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+    return torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
+
+
+class StopSignal:
+    """Records SIGINT / SIGTERM instead of dying, so the loop can save before it exits.
+
+    A second SIGINT while the first is pending raises KeyboardInterrupt, for a user who does
+    not want to wait. Handlers are only installed from the main thread (Python's rule).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignal]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig and runs it to the end.
+
+    Args:
+        config: the resolved configuration; ``output_dir`` is the run folder.
+        build_model: ``config.model -> nn.Module`` satisfying the model contract of design.md.
+        resume: continue the run saved in ``config.output_dir``.
+    """
+
+    def __init__(self, config: TrainConfig, build_model: ModelBuilder, resume: bool = False):
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.group = init_process_group(
+            use_cuda=config.device != "cpu" and torch.cuda.is_available()
+        )
+        self.device = select_device(config, self.group)
+        self.amp = config.amp and self.device.type == "cuda"
+        resume_state = load_state(self.run_dir) if resume else None
+
+        seed_everything(config.seed)  # the same initial weights on every rank
+        split = load_split(config.data, config.data.train_split)
+        self.model = build_model_checked(build_model, config.model).to(self.device)
+        if resume_state is not None:
+            load_weights(self.model, self.run_dir / WEIGHTS_FILE)
+        self.loader = TrainLoader(
+            split,
+            config.data,
+            self.model.preprocess,
+            config.seed,
+            self.group.rank,
+            self.group.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.optimizer = build_optimizer(self.model, config)
+        iters_per_epoch = len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, iters_per_epoch, config)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        if self.group.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters,
+            )
+
+        self.epoch, self.batch, self.iteration = 0, 0, 0
+        seed_everything(config.seed + self.group.rank)  # distinct random streams per rank
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.writer = self._tensorboard() if self.group.is_main else None
+        self.test_split: PersonSearchSplit | None = None
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        """Train the remaining epochs; returns the final evaluation's metrics (or {})."""
+        metrics: dict[str, float] = {}
+        epochs = self.config.schedule.epochs
+        self.model.train()
+        try:
+            with StopSignal().installed() as stop:
+                while self.epoch < epochs:
+                    self._train_epoch(stop)
+                    self.epoch, self.batch = self.epoch + 1, 0
+                    if self.epoch % self.config.checkpoint_every == 0 or self.epoch == epochs:
+                        self.save()
+                    every = self.config.eval.every
+                    if every and self.epoch % every == 0 and self.epoch < epochs:
+                        metrics = self.evaluate()
+                if self.config.eval.at_end:
+                    metrics = self.evaluate()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return metrics
+
+    def _train_epoch(self, stop: StopSignal) -> None:
+        epochs = self.config.schedule.epochs
+        progress = tqdm(
+            total=len(self.loader),
+            initial=self.batch,
+            desc=f"epoch {self.epoch + 1}/{epochs}",
+            disable=not self.group.is_main,
+            dynamic_ncols=True,
+        )
+        window: dict[str, list[Tensor]] = {}
+        for images, targets in self.loader.epoch(self.epoch, self.batch):
+            losses, stop_now = self._step(images, targets, stop)
+            self.batch += 1
+            self.iteration += 1
+            progress.update()
+            for name, value in losses.items():
+                window.setdefault(name, []).append(value)
+            if self.iteration % self.config.log_every == 0:
+                self._log(window, progress)
+                window = {}
+            if stop_now:
+                self.save()
+                progress.close()
+                raise TrainingInterrupted(stop_now, self.run_dir)
+        progress.close()
+
+    def _step(
+        self, images: Tensor, targets: list[dict[str, Tensor]], stop: StopSignal
+    ) -> tuple[dict[str, Tensor], int]:
+        """One optimisation step; returns the detached losses (and their sum as ``loss``) and
+        the signal number every rank agreed to stop on (0 = go on)."""
+        images = images.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            losses = self.model(images, targets)
+        if not isinstance(losses, dict) or not losses:
+            raise TypeError(
+                f"in training mode the model must return a dict of losses, got {type(losses)}"
+            )
+        total = sum(losses.values())
+        finite, stop_now = self._agree(bool(torch.isfinite(total)), stop.signum or 0)
+        if not finite:
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {values}")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.config.optim.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.config.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        detached = {name: value.detach().float() for name, value in losses.items()}
+        return {"loss": total.detach().float(), **detached}, stop_now
+
+    def _agree(self, finite: bool, signum: int) -> tuple[bool, int]:
+        """Make every rank take the same decision: stop if any rank saw a non-finite loss or a
+        signal (a rank that left alone would leave the others waiting in a collective)."""
+        if not self.group.distributed:
+            return finite, signum
+        flags = torch.tensor([int(not finite), signum], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return not flags[0].item(), int(flags[1].item())
+
+    # --- logging, checkpoints, evaluation -------------------------------------------------
+
+    def _log(self, window: dict[str, list[Tensor]], progress: tqdm) -> None:
+        if not self.group.is_main:
+            return
+        means = {name: torch.stack(values).mean().item() for name, values in window.items()}
+        lr = self.optimizer.param_groups[0]["lr"]
+        progress.set_postfix({**{k: f"{v:.4f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f"train/{name}", value, self.iteration)
+            self.writer.add_scalar("train/lr", lr, self.iteration)
+
+    def save(self) -> None:
+        """Write a checkpoint of the current moment (rank 0 writes, every rank waits)."""
+        states = self._gather(rng_state())
+        if self.group.is_main:
+            state = {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "iteration": self.iteration,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": states,
+            }
+            save_checkpoint(self.run_dir, self.model, self.config, state)
+        if self.group.distributed:
+            dist.barrier()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch, self.iteration = state["epoch"], state["batch"], state["iteration"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        states = state["rng"]
+        # Each rank resumes its own streams; with another world size, rank r takes r mod saved.
+        set_rng_state(states[self.group.rank % len(states)])
+
+    def _gather(self, value: Any) -> list[Any]:
+        if not self.group.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.group.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on the test split; rank 0 logs the metrics and writes metrics.json."""
+        if self.test_split is None:  # loaded once: CUHK-SYSU's annotations take a while
+            self.test_split = load_test_split(self.config)
+        metrics = evaluate_model(
+            unwrap(self.model),
+            self.config,
+            self.device,
+            self.test_split,
+            predictions_path=self._predictions_path(),
+        )
+        if self.group.is_main:
+            logger.info("evaluation after epoch %d: %s", self.epoch, format_metrics(metrics))
+            if self.writer is not None:
+                for name, value in metrics.items():
+                    self.writer.add_scalar(f"eval/{name}", value, self.iteration)
+            record = {"epoch": self.epoch, "iteration": self.iteration, "metrics": metrics}
+            (self.run_dir / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        return metrics
+
+    def _predictions_path(self) -> Path | None:
+        return self.run_dir / PREDICTIONS_FILE if self.group.is_main else None
+
+    def _tensorboard(self) -> Any:
+        if not self.config.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "tensorboard: the tensorboard package is not installed "
+                "(pip install tensorboard, or set tensorboard=false)"
+            ) from None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``name=value`` pairs on one line."""
+    return ", ".join(f"{name}={value:.4f}" for name, value in metrics.items())
+
+
+def train(config: TrainConfig, build_model: ModelBuilder, resume: bool = False) -> dict[str, float]:
+    """Train (or resume) the run described by `config`; returns the final metrics."""
+    return Trainer(config, build_model, resume=resume).run()
