@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import shlex
@@ -45,9 +44,10 @@ from torch import nn
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models import build_model
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import TrainLoader, load_split
-from training.datasets import PersonSearchSplit
+from training.datasets import DatasetError, PersonSearchSplit
 from training.inference import evaluate_model, load_test_split
 from training.synthetic import FORMATS, generate, make_options
 from training.trainer import (
@@ -60,14 +60,6 @@ from training.trainer import (
 )
 
 COMPLETE_MARKER = "SYNTHETIC.txt"  # written last: a folder without it is an unfinished dataset
-
-# Registry name -> (module, model class, config class). models.build_model is not wired yet;
-# this local table stands in for it.
-MODEL_CLASSES = {
-    "fcos": ("models.fcos_detector", "FCOSDetector", "FCOSDetectorConfig"),
-    "alignps": ("models.alignps", "AlignPS", "AlignPSConfig"),
-    "leaps": ("models.leaps", "Leaps", "LeapsConfig"),
-}
 
 # (metric key of training.inference, column title), in table order.
 SEARCH_METRICS = [
@@ -83,17 +75,20 @@ SEARCH_TARGETS = {"mAP": 0.60, "top1": 0.70}  # all-camera protocol, the one pap
 MIN_MAP_RATIO = 3.0  # trained mAP over untrained mAP
 
 
-# --- data ---------------------------------------------------------------------------------
-
-
 def log(line: str) -> None:
     """Print a progress line now (a run takes minutes; the lines should not wait in a buffer)."""
     print(line, flush=True)
 
 
+# --- data ---------------------------------------------------------------------------------
+
+
 def synthetic_options(format: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The generator's options for `format` (its defaults, then `overrides`), as plain data."""
-    options = dataclasses.asdict(make_options(format, **overrides))
+    try:
+        options = dataclasses.asdict(make_options(format, **overrides))
+    except (TypeError, ValueError) as error:  # an unknown option, or a value out of range
+        raise ConfigError(f"--synthetic: {error}") from None
     options.pop("progress")  # how it is shown does not change what is written
     return options
 
@@ -129,24 +124,6 @@ def synthetic_dataset(
     shutil.rmtree(root, ignore_errors=True)  # an unfinished copy from an older run, if any
     partial.rename(root)
     return root, True
-
-
-# --- models -------------------------------------------------------------------------------
-
-
-def build_model(model_config: dict[str, Any]) -> nn.Module:
-    """The model named by ``model_config["name"]``, built from its validated config."""
-    name = model_config.get("name")
-    if name not in MODEL_CLASSES:
-        raise ConfigError(f"model.name: unknown model {name!r}; known: {sorted(MODEL_CLASSES)}")
-    module_name, class_name, config_name = MODEL_CLASSES[name]
-    module = importlib.import_module(module_name)
-    config = getattr(module, config_name).model_validate(model_config)
-    return getattr(module, class_name)(config)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --- training -----------------------------------------------------------------------------
@@ -236,8 +213,7 @@ def train_within_budget(
     model.train()
     start = time.perf_counter()
     for epoch, batch in batches(loader, epochs):
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget.seconds:
+        if time.perf_counter() - start >= budget.seconds:
             record.stopped_by = "time budget"
             break
         if budget.max_iters is not None and record.iterations >= budget.max_iters:
@@ -249,9 +225,10 @@ def train_within_budget(
             record.losses.setdefault(name, []).append(value)
         if record.iterations % config.log_every == 0:
             window = record.mean_losses(first=False, window=config.log_every)
+            seconds_per_iter = (time.perf_counter() - start) / record.iterations
             log(
                 f"  iter {record.iterations:>5}  epoch {epoch + 1}/{epochs}  "
-                f"{elapsed / record.iterations:.2f} s/it  "
+                f"{seconds_per_iter:.2f} s/it  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {format_losses(window)}"
             )
     record.seconds = time.perf_counter() - start
@@ -287,6 +264,10 @@ class ConfigResult:
     @property
     def is_search(self) -> bool:
         return "mAP" in self.trained.metrics
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def evaluate_timed(
@@ -356,7 +337,11 @@ def format_ratio(value: float) -> str:
 
 
 def metrics_table(results: Sequence[ConfigResult], columns: list[tuple[str, str]]) -> list[str]:
-    """Rows untrained / trained / ratio per config, metrics in percent."""
+    """Rows untrained / trained / ratio per config, metrics in percent. Columns that some
+    result lacks (CUHK-SYSU has no cross-camera protocol) are left out."""
+    columns = [
+        (key, title) for key, title in columns if all(key in r.trained.metrics for r in results)
+    ]
     name_width = max(len(r.config_path.name) for r in results) + 2
     header = f"{'config':<{name_width}}{'model':<11}" + "".join(f"{t:>10}" for _, t in columns)
     lines = [header + f"{'iters':>8}{'train s':>9}"]
@@ -378,25 +363,39 @@ def metrics_table(results: Sequence[ConfigResult], columns: list[tuple[str, str]
 def search_verdicts(result: ConfigResult) -> list[str]:
     """One line per target: the value, the target and whether it is met."""
     trained, untrained = result.trained.metrics, result.untrained.metrics
+    titles = dict(SEARCH_METRICS)
     lines = []
     for key, target in SEARCH_TARGETS.items():
-        value = trained[key]
-        met = "yes" if value >= target else "NO"
-        lines.append(f"{key} {100 * value:.2f} >= {100 * target:.0f}: {met}")
+        met = "yes" if trained[key] >= target else "NO"
+        lines.append(f"{titles[key]} {100 * trained[key]:.2f} >= {100 * target:.0f}: {met}")
     value = ratio(trained["mAP"], untrained["mAP"])
     met = "yes" if trained["mAP"] > 0 and value >= MIN_MAP_RATIO else "NO"
-    lines.append(f"mAP ratio {format_ratio(value)} >= {MIN_MAP_RATIO:.0f}x: {met}")
+    lines.append(f"mAP trained / untrained {format_ratio(value)} >= {MIN_MAP_RATIO:.0f}x: {met}")
     return [f"  {result.config_path.name}: {line}" for line in lines]
 
 
+def run_summary(result: ConfigResult) -> str:
+    training = result.training
+    return (
+        f"{result.config_path.name}: {result.dataset} data in {result.data_root}, "
+        f"{result.parameters:,} parameters, {training.iterations} iterations "
+        f"({training.epochs:.2f} epochs) in {training.seconds:.0f} s, stopped by "
+        f"{training.stopped_by}; evaluation {result.untrained.seconds:.0f} s untrained, "
+        f"{result.trained.seconds:.0f} s trained"
+    )
+
+
 def final_table(results: Sequence[ConfigResult]) -> list[str]:
-    lines = []
+    """What each run did, then the search table with its targets and the detection table
+    (each if any)."""
+    lines = [run_summary(result) for result in results] + [""]
     search = [r for r in results if r.is_search]
     detection = [r for r in results if not r.is_search]
     if search:
         lines += ["person search (PRW protocol; cc = cross-camera; percent)"]
         lines += metrics_table(search, SEARCH_METRICS)
-        targets = ", ".join(f"{k} >= {100 * v:.0f}" for k, v in SEARCH_TARGETS.items())
+        titles = dict(SEARCH_METRICS)
+        targets = ", ".join(f"{titles[k]} >= {100 * v:.0f}" for k, v in SEARCH_TARGETS.items())
         lines += [f"targets (all cameras): {targets}, mAP >= {MIN_MAP_RATIO:.0f}x untrained"]
         for result in search:
             lines += search_verdicts(result)
@@ -481,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     try:
         results = [run_config(path, args) for path in args.config]
-    except ConfigError as error:
+    except (ConfigError, DatasetError) as error:
         print(f"learn.py: error: {error}", file=sys.stderr)
         return 2
     print("\n=== final table ===")

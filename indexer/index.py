@@ -68,7 +68,8 @@ class IndexSpec:
             return "IDMap,Flat"
         if self.type == "ivf_flat":
             return f"IVF{self.params['nlist']},Flat"
-        return f"IVF{self.params['nlist']},PQ{self.params['m']}x{self.params['nbits']}"
+        # "np": no polysemous training, which only serves Hamming-filtered search (unused here)
+        return f"IVF{self.params['nlist']},PQ{self.params['m']}x{self.params['nbits']}np"
 
 
 def resolve_spec(index_type: str, dim: int, num_vectors: int, **params: Any) -> IndexSpec:
@@ -206,19 +207,26 @@ class VectorIndex:
         return removed
 
     def search(
-        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        selector: faiss.IDSelector | None = None,
+        nprobe: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` of (q, dim) ``queries``: similarities (q, k) and ids (q, k), id -1 where
-        fewer than ``k`` vectors are selected."""
+        fewer than ``k`` vectors are selected. ``nprobe`` overrides the spec's (IVF only)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if selector is None and self._use_gpu:
+        if selector is None and nprobe is None and self._use_gpu:
             return self._gpu_index().search(queries, k)
-        return self.index.search(queries, k, params=self._search_parameters(selector))
+        return self.index.search(queries, k, params=self._search_parameters(selector, nprobe))
 
-    def _search_parameters(self, selector: faiss.IDSelector | None) -> faiss.SearchParameters:
+    def _search_parameters(
+        self, selector: faiss.IDSelector | None, nprobe: int | None
+    ) -> faiss.SearchParameters:
         options = {} if selector is None else {"sel": selector}
         if self.spec.needs_training:
-            return faiss.SearchParametersIVF(nprobe=self.spec.params["nprobe"], **options)
+            nprobe = self.spec.params["nprobe"] if nprobe is None else nprobe
+            return faiss.SearchParametersIVF(nprobe=nprobe, **options)
         return faiss.SearchParameters(**options)
 
     def _gpu_index(self) -> faiss.Index:

@@ -96,8 +96,10 @@ class Gallery:
         self._connections_lock = threading.Lock()
         self._write_lock = threading.Lock()  # one writer: SQLite transaction + index update
         self._index_lock = threading.Lock()  # the FAISS index: mutation vs search
+        self._dirty = False  # changed since the last snapshot
         meta = schema.read_meta(self._db())
         if "fingerprint" not in meta:
+            self.close(snapshot=False)
             raise GalleryError(
                 f"{root / SQLITE_FILE} is not a complete gallery (was its creation interrupted?)"
             )
@@ -106,7 +108,6 @@ class Gallery:
         self._spec = IndexSpec(meta["index_type"], json.loads(meta["index_params"]))
         self._index: VectorIndex = VectorIndex.new(IndexSpec(), self.dim)  # replaced on load
         self._watermark = 0
-        self._dirty = False  # changed since the last snapshot
 
     # -- opening and closing ---------------------------------------------------------------
 

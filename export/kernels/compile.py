@@ -6,6 +6,9 @@ the PTX, whose entry point takes the kernel's non-constexpr arguments in order f
 pointers Triton adds (global and profile scratch: pass null when their sizes are 0), and launches
 it on 1-D blocks of ``num_warps * 32`` threads with ``shared_memory`` bytes of dynamic shared
 memory; the grids are in the kernels' modules.
+
+Compilation needs the kernels as ``triton.jit`` made them: not in a process that imported them
+with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter).
 """
 
 from collections.abc import Callable
@@ -123,6 +126,11 @@ def compile_ptx(
             f"{kernel_name} has no constexpr {sorted(unknown)}; it has {sorted(constants)}"
         )
     constants.update(constexprs)
+    if not isinstance(spec.kernel, triton.runtime.JITFunction):
+        raise RuntimeError(
+            "Triton interprets the kernels in this process (TRITON_INTERPRET=1 was set when they "
+            "were imported): compile them in a process without it"
+        )
     warps = spec.num_warps if num_warps is None else num_warps
 
     source = ASTSource(spec.kernel, _signature(spec, dtype), constexprs=constants)

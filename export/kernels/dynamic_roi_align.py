@@ -206,9 +206,14 @@ def _check_arguments(input: Tensor, rois: Tensor, offsets: Tensor) -> None:
         raise TypeError(f"the Triton kernel takes float32 or float16 input, got {input.dtype}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must have shape (K, 5), got {tuple(rois.shape)}")
-    if offsets.dim() != 4 or offsets.shape[0] != rois.shape[0] or offsets.shape[3] != 2:
+    if (
+        offsets.dim() != 4
+        or offsets.shape[0] != rois.shape[0]
+        or min(offsets.shape[1:3]) < 1
+        or offsets.shape[3] != 2
+    ):
         raise ValueError(
-            f"offsets must have shape (K, oh, ow, 2) with K = {rois.shape[0]}, "
+            f"offsets must have shape (K, oh, ow, 2) with K = {rois.shape[0]} and oh, ow >= 1, "
             f"got {tuple(offsets.shape)}"
         )
     for name, tensor in (("rois", rois), ("offsets", offsets)):

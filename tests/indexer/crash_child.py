@@ -4,9 +4,9 @@
 
 Prints "ready" once the gallery is open, then the SHA-256 of every image of a batch after the
 batch's transaction committed (one write per batch, so a kill never leaves half a line), and
-snapshots every few batches, so that kills also land inside snapshots. It always starts from the
-first image: images already stored are skipped by the gallery (keyed by content hash), which is
-how an interrupted ingest resumes.
+snapshots every few batches that added something, so that kills also land inside snapshots.
+It always starts from the first image: images already stored are skipped by the gallery (keyed
+by content hash), which is how an interrupted ingest resumes.
 """
 
 import sys
@@ -47,15 +47,17 @@ def synthetic_image(number: int) -> NewImage:
 def ingest(gallery_path: str, num_images: int) -> None:
     with Gallery.open(gallery_path, FINGERPRINT) as gallery:
         print("ready", flush=True)
-        start, batch = 0, 0
+        start, batch, added = 0, 0, False
         while start < num_images:
             stop = min(start + BATCH_SIZES[batch % len(BATCH_SIZES)], num_images)
             results = gallery.add_images([synthetic_image(n) for n in range(start, stop)])
             sys.stdout.write("".join(f"{result.sha256}\n" for result in results))
             sys.stdout.flush()
             batch, start = batch + 1, stop
-            if batch % SNAPSHOT_EVERY == 0:
+            added |= any(result.added for result in results)
+            if batch % SNAPSHOT_EVERY == 0 and added:  # resuming past stored images: no snapshot
                 gallery.snapshot()
+                added = False
 
 
 if __name__ == "__main__":

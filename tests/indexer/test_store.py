@@ -10,6 +10,7 @@ import pytest
 from indexer.store import INDEX_FILE, MANIFEST_FILE, SQLITE_FILE, Gallery
 from indexer.types import (
     GalleryBusy,
+    GalleryError,
     GalleryExists,
     GalleryMismatch,
     GalleryNotFound,
@@ -67,6 +68,13 @@ def test_open_with_the_same_model_works_and_another_model_is_refused_naming_both
 def test_open_of_a_folder_without_gallery_says_so(tmp_path):
     with pytest.raises(GalleryNotFound, match="no gallery"):
         Gallery.open(tmp_path, FINGERPRINT)
+
+
+def test_an_interrupted_creation_is_reported_and_leaves_the_gallery_unlocked(tmp_path):
+    sqlite3.connect(tmp_path / SQLITE_FILE).close()  # created, but no tables were committed
+    for _ in range(2):  # the second attempt is not refused as busy: the lock was released
+        with pytest.raises(GalleryError, match="not a complete gallery"):
+            Gallery.open(tmp_path, FINGERPRINT)
 
 
 def test_a_gallery_is_open_once_at_a_time(gallery, gallery_path):

@@ -3,8 +3,9 @@
 No single attribute identifies anyone: colours come from a shared palette (with near-duplicate
 pairs such as black / charcoal), so many identities wear the same upper-body colour and differ in
 trousers, pattern, bag, hat, hair or build. Every pair of identities in one generated table
-differs by at least ``MIN_IDENTITY_DISTANCE`` (a weighted count of differing attributes), so the
-task is hard but fair: two identities are never drawn as the same person.
+differs by at least ``MIN_IDENTITY_DISTANCE`` (a weighted count of differing attributes), at least
+``MIN_CLOTHING_DISTANCE`` of it in clothing and accessories, so the task is hard but fair: two
+identities are never drawn as the same person, nor as twins in the same outfit.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ BAGS = ("none", "backpack", "shoulder", "handbag")
 NO_HAT = -1
 
 MIN_IDENTITY_DISTANCE = 3.0
+MIN_CLOTHING_DISTANCE = 1.5
 MIN_SHARED_UPPER_FRACTION = 0.2
 
 
@@ -135,12 +137,13 @@ def attribute_codes(identities: list[Identity] | tuple[Identity, ...]) -> np.nda
     return np.array(rows, dtype=np.float64).reshape(-1, 15)
 
 
-def identity_distances(identity: Identity, others: np.ndarray) -> np.ndarray:
-    """How differently ``identity`` looks from each row of ``others`` (attribute codes).
+def _distance_parts(identity: Identity, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How differently ``identity`` looks from each row of ``others`` (attribute codes), as
+    (clothing and accessories, body details): two (n,) float64 arrays.
 
-    A weighted count of differing attributes: large regions (upper and lower clothing colour)
+    Weighted counts of differing attributes: large regions (upper and lower clothing colour)
     weigh most, small details (shoes, skin, hair) least, near colours count half, build
-    differences count continuously. Returns (n,) float64.
+    differences count continuously.
     """
     a = attribute_codes([identity])[0]
 
@@ -156,22 +159,42 @@ def identity_distances(identity: Identity, others: np.ndarray) -> np.ndarray:
     both_patterned = (a[_PATTERN] != solid) & (others[:, _PATTERN] != solid)
     same_bag = (others[:, _BAG] == a[_BAG]) & (a[_BAG] != BAGS.index("none"))
     both_hats = (a[_HAT] != NO_HAT) & (others[:, _HAT] != NO_HAT)
-    d = color_differs(_UPPER, 2.0) + color_differs(_LOWER, 1.5) + differs(_PATTERN, 1.0)
-    d += both_patterned * color_differs(_UPPER2, 0.5)
-    d += differs(_SLEEVES, 0.5) + differs(_STYLE, 1.0) + differs(_BAG, 1.0)
-    d += same_bag * color_differs(_BAG_COLOR, 0.5)
-    d += 1.0 * ((a[_HAT] == NO_HAT) != (others[:, _HAT] == NO_HAT))
-    d += both_hats * color_differs(_HAT, 0.5)
-    d += differs(_HAIR, 0.5) + differs(_HAIR_STYLE, 0.5) + differs(_SKIN, 0.5)
-    d += differs(_SHOES, 0.25)
-    d += 0.5 * np.minimum(np.abs(others[:, _HEIGHT] - a[_HEIGHT]) / 0.1, 1.0)
-    d += 0.5 * np.minimum(np.abs(others[:, _WIDTH] - a[_WIDTH]) / 0.15, 1.0)
-    return d
+    clothing = color_differs(_UPPER, 2.0) + color_differs(_LOWER, 1.5) + differs(_PATTERN, 1.0)
+    clothing += both_patterned * color_differs(_UPPER2, 0.5)
+    clothing += differs(_SLEEVES, 0.5) + differs(_STYLE, 1.0) + differs(_BAG, 1.0)
+    clothing += same_bag * color_differs(_BAG_COLOR, 0.5)
+    clothing += 1.0 * ((a[_HAT] == NO_HAT) != (others[:, _HAT] == NO_HAT))
+    clothing += both_hats * color_differs(_HAT, 0.5)
+    details = differs(_HAIR, 0.5) + differs(_HAIR_STYLE, 0.5) + differs(_SKIN, 0.5)
+    details += differs(_SHOES, 0.25)
+    details += 0.5 * np.minimum(np.abs(others[:, _HEIGHT] - a[_HEIGHT]) / 0.1, 1.0)
+    details += 0.5 * np.minimum(np.abs(others[:, _WIDTH] - a[_WIDTH]) / 0.15, 1.0)
+    return clothing, details
 
 
 def identity_distance(a: Identity, b: Identity) -> float:
-    """How differently two identities look (see :func:`identity_distances`)."""
-    return float(identity_distances(a, attribute_codes([b]))[0])
+    """How differently two identities look: a weighted count of differing attributes.
+
+    Shirt colour counts 2, trouser colour 1.5, pattern, lower style, bag type and wearing a hat
+    1 each, sleeves, hair, skin and a pattern's, bag's or hat's colour 0.5, shoes 0.25, build up
+    to 0.5 each for height and width; near colours count half.
+    """
+    clothing, details = _distance_parts(a, attribute_codes([b]))
+    return float(clothing[0] + details[0])
+
+
+def clothing_distance(a: Identity, b: Identity) -> float:
+    """The part of :func:`identity_distance` due to clothing and accessories alone."""
+    return float(_distance_parts(a, attribute_codes([b]))[0][0])
+
+
+def _far_enough(candidate: Identity, others: np.ndarray, min_distance: float) -> bool:
+    """At least ``min_distance`` from every row of ``others``, and dressed differently enough
+    (``MIN_CLOTHING_DISTANCE``) that no two identities are twins in the same outfit."""
+    clothing, details = _distance_parts(candidate, others)
+    return bool(
+        np.all(clothing >= MIN_CLOTHING_DISTANCE) and np.all(clothing + details >= min_distance)
+    )
 
 
 def _choice(rng: np.random.Generator, options: tuple[str, ...], p: tuple[float, ...]) -> str:
@@ -256,7 +279,7 @@ def _sample_distinct(
         candidate = random_identity(rng)
         if upper_color is not None:
             candidate = _with_upper_color(candidate, upper_color)
-        if np.all(identity_distances(candidate, others) >= min_distance):
+        if _far_enough(candidate, others, min_distance):
             return candidate
     raise ValueError(
         f"could not sample an identity at distance >= {min_distance} from {len(others)} others; "

@@ -82,7 +82,10 @@ def values_and_gradients(function, case: dict) -> list[torch.Tensor]:
     for name in names:
         case[name] = case[name].detach().clone().requires_grad_()
     out = function(**case)
-    gradients = torch.autograd.grad(projected(out), [case[name] for name in names])
+    # Samples that all fall off the image leave a tensor unused: its gradient is zero.
+    gradients = torch.autograd.grad(
+        projected(out), [case[name] for name in names], allow_unused=True, materialize_grads=True
+    )
     return [out.detach(), *gradients]
 
 

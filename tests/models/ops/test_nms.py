@@ -1,13 +1,17 @@
 """nms / batched_nms: greedy suppression by decreasing score, checked by hand and against loops."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models.ops.nms as nms_module
 from models.ops.nms import batched_nms, batched_nms_op, nms, nms_op
 from models.ops.reference.roi import batched_nms_reference, nms_reference
+
+# The package exports a function named `nms`, which shadows the submodule as an attribute.
+nms_module = importlib.import_module("models.ops.nms")
 
 
 def grid_boxes(generator, num_boxes, dtype=torch.float64):

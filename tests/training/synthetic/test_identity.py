@@ -9,9 +9,11 @@ import pytest
 
 from training.synthetic.identity import (
     COLOR_NAMES,
+    MIN_CLOTHING_DISTANCE,
     MIN_IDENTITY_DISTANCE,
     NO_HAT,
     Identity,
+    clothing_distance,
     identity_distance,
     random_identity,
     sample_identities,
@@ -42,10 +44,11 @@ def test_at_least_a_fifth_of_identities_share_their_upper_colour(count, seed):
 
 def test_every_pair_of_identities_looks_different_enough():
     rng = np.random.default_rng(7)
-    first = sample_identities(rng, 40)
-    second = sample_identities(rng, 40, avoid=first)
+    first = sample_identities(rng, 25)
+    second = sample_identities(rng, 25, avoid=first)
     for a, b in itertools.combinations(first + second, 2):
         assert identity_distance(a, b) >= MIN_IDENTITY_DISTANCE
+        assert clothing_distance(a, b) >= MIN_CLOTHING_DISTANCE  # never twins in one outfit
 
 
 def test_distance_weighs_shirt_colour_two_and_a_hat_one():
@@ -64,6 +67,13 @@ def test_build_differences_count_continuously_up_to_one_half_each():
     # height 0.05 apart: 0.5 * 0.05 / 0.1 = 0.25; width 0.3 apart: capped at 0.5.
     other = dataclasses.replace(PLAIN, height=1.05, width=1.3)
     assert identity_distance(PLAIN, other) == pytest.approx(0.75)
+
+
+def test_body_details_are_not_clothing():
+    # Hair colour 0.5 + skin 0.5 + shoes 0.25: 1.25 apart, none of it clothing.
+    other = dataclasses.replace(PLAIN, hair_color=1, skin=2, shoe_color=COLOR_NAMES.index("white"))
+    assert identity_distance(PLAIN, other) == pytest.approx(1.25)
+    assert clothing_distance(PLAIN, other) == 0.0
 
 
 def test_distance_is_symmetric_and_zero_for_the_same_identity():
