@@ -5,10 +5,20 @@
                   [--until T] [--exclude-image ID ...] [--min-similarity S] [--fingerprint FP]
     psearch-index remove GALLERY IMAGE_ID [IMAGE_ID ...]
     psearch-index rebuild GALLERY {flat,ivf_flat,ivf_pq} [--nlist N] [--nprobe N] [--m M] ...
+    psearch-index add [PATHS ...] --gallery G --model MODEL_DIR [--camera C] [--recursive]
+                  [--manifest FILE.csv|.jsonl] [--backend B] [--batch-size N] [--workers N]
+                  [--job NAME] [--min-score S] [--engine {local,ray}] [--address A]
 
 ``search`` takes a query embedding saved with ``numpy.save`` (shape (D,)); the gallery cannot
 check which model made it, so pass ``--fingerprint`` to have that checked. Errors are one line
 on stderr, exit status 2.
+
+``add`` runs a model folder (``psearch-export``) over image files, folders and manifests and
+stores the persons it finds, creating the gallery if there is none (see indexer/ingest.py).
+``--job NAME`` records the inputs in the gallery: the same command again (or with no PATHS)
+resumes, skipping what is done. Exit status 0 when every file was added (or found there
+already), 1 when some files were unreadable (listed on stderr), 2 on errors, 130 when
+interrupted (the job resumes where it stopped).
 """
 
 import argparse
@@ -21,6 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from indexer.index import INDEX_TYPES
+from indexer.ingest import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_WORKERS,
+    IngestSummary,
+    ingest,
+    open_gallery_for,
+)
+from indexer.sources import ImageSource, collect_sources
 from indexer.store import Gallery
 from indexer.types import GalleryError, Hit
 
@@ -82,6 +101,28 @@ def _parser() -> argparse.ArgumentParser:
         rebuild.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
     rebuild.add_argument("--gpu", action="store_true", help="search on GPU (FAISS GPU build)")
     rebuild.set_defaults(command=_rebuild)
+
+    add = commands.add_parser("add", help="detect the persons of images and add them")
+    add.add_argument("paths", nargs="*", metavar="PATH", help="image files and folders")
+    add.add_argument("--gallery", type=Path, required=True, help="made if missing")
+    add.add_argument("--model", type=Path, required=True, help="exported model folder")
+    add.add_argument("--manifest", action="append", default=[], type=Path,
+                     help="CSV or JSON lines of path, camera, timestamp (repeat)")  # fmt: skip
+    add.add_argument("--camera", help="camera of the images (unless a manifest says)")
+    add.add_argument("--recursive", action="store_true", help="also the folders' subfolders")
+    add.add_argument("--backend", default="auto",
+                     choices=("auto", "torch", "onnxruntime", "tensorrt"))  # fmt: skip
+    add.add_argument("--device", help="where the model runs (default: the backend's choice)")
+    add.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    add.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads")
+    add.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
+                     help="store persons detected with at least this score")  # fmt: skip
+    add.add_argument("--job", help="record the ingest as this job; run again to resume")
+    add.add_argument("--engine", choices=("local", "ray"), default="local")
+    add.add_argument("--address", help="Ray cluster address (--engine ray; default: local)")
+    add.add_argument("--actors", type=int, help="model actors (--engine ray; default: GPUs)")
+    add.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add.set_defaults(command=_add)
     return parser
 
 
@@ -151,3 +192,63 @@ def _rebuild(arguments: argparse.Namespace) -> int:
         stats = gallery.stats()
     print(f"rebuilt {stats.indexed} vectors as {stats.index_type} {stats.index_params}")
     return 0
+
+
+def _add(arguments: argparse.Namespace) -> int:
+    if not (arguments.paths or arguments.manifest or arguments.job):
+        raise _UsageError("add: give image files or folders, --manifest, or --job to resume")
+    sources = collect_sources(
+        arguments.paths,
+        manifests=arguments.manifest,
+        recursive=arguments.recursive,
+        camera=arguments.camera,
+    )
+    if not sources and not arguments.job:
+        raise ValueError("no image files found (folders are listed by image suffix)")
+    try:
+        summary = _run_ingest(arguments, sources)
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        if arguments.job:
+            print(f"{PROGRAM}: run again with --job {arguments.job} to resume", file=sys.stderr)
+        return 130
+    print(summary.describe())
+    for failure in summary.failures:
+        print(f"{PROGRAM}: unreadable: {failure.path}: {failure.reason}", file=sys.stderr)
+    return 1 if summary.failures else 0
+
+
+def _run_ingest(arguments: argparse.Namespace, sources: list[ImageSource]) -> IngestSummary:
+    options = {
+        "batch_size": arguments.batch_size,
+        "job": arguments.job,
+        "progress": not arguments.no_progress,
+        "min_score": arguments.min_score,
+    }
+    if arguments.engine == "ray":
+        from indexer.distributed import ingest_ray, model_identity
+
+        with open_gallery_for(arguments.gallery, *model_identity(arguments.model)) as gallery:
+            return ingest_ray(
+                gallery,
+                arguments.model,
+                sources,
+                backend=arguments.backend,
+                actors=arguments.actors,
+                address=arguments.address,
+                **options,
+            )
+    engine = _load_engine(arguments)
+    info = engine.info
+    with open_gallery_for(arguments.gallery, info.fingerprint, info.dim) as gallery:
+        return ingest(gallery, engine, sources, workers=arguments.workers, **options)
+
+
+def _load_engine(arguments: argparse.Namespace):
+    from export.runtime import load_engine  # imports torch: only for the commands that run models
+
+    options = {} if arguments.device is None else {"device": arguments.device}
+    try:
+        return load_engine(arguments.model, backend=arguments.backend, **options)
+    except (ImportError, RuntimeError) as error:
+        raise ValueError(f"cannot load the model {arguments.model}: {error}") from None

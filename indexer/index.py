@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 # k-means needs a few dozen points per centroid to place it; FAISS warns below 39.
 MIN_POINTS_PER_CENTROID = 39
-# FAISS's k-means subsamples to 256 points per centroid: reading more from SQLite is wasted.
-MAX_POINTS_PER_CENTROID = 256
+# Default training sample per centroid: centroids are placed well with a few dozen points each,
+# and k-means time grows with the sample (FAISS itself subsamples to 256 per centroid).
+TRAINING_POINTS_PER_CENTROID = 64
 
 _ALLOWED_PARAMS = {
     "flat": {"gpu"},
@@ -76,7 +77,8 @@ def resolve_spec(index_type: str, dim: int, num_vectors: int, **params: Any) -> 
     """Validate ``params`` for ``index_type`` and fill in defaults sized for ``num_vectors``.
 
     Defaults: ``nlist`` = 4 sqrt(n) (at least 39 vectors per list), ``nprobe`` = nlist / 16,
-    ``m`` = dim / 8 (8 dimensions per sub-quantizer), ``nbits`` = 8, ``rerank`` = 4.
+    ``m`` = dim / 8 (8 dimensions per sub-quantizer), ``nbits`` = 8, ``rerank`` = 4,
+    ``train_size`` = 64 per centroid (of the IVF or PQ quantizer, whichever has more).
     """
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
@@ -113,7 +115,7 @@ def _resolve_ivf_params(
         resolved.update(m=m, nbits=nbits, rerank=_positive_int(params, "rerank", 4))
     centroids = max(nlist, 2 ** resolved.get("nbits", 0))
     resolved["train_size"] = _positive_int(
-        params, "train_size", max(1, min(num_vectors, MAX_POINTS_PER_CENTROID * centroids))
+        params, "train_size", max(1, min(num_vectors, TRAINING_POINTS_PER_CENTROID * centroids))
     )
     return resolved
 

@@ -61,6 +61,24 @@ CREATE TABLE jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+
+-- The inputs of each job (indexer/jobs.py). A re-run skips an item that is done while its file
+-- keeps the size and modification time recorded when it was done, without reading it again.
+CREATE TABLE job_items (
+    job_id    INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    seq       INTEGER NOT NULL,
+    path      TEXT NOT NULL,
+    camera    TEXT,
+    timestamp REAL,
+    status    TEXT NOT NULL DEFAULT 'pending'
+              CHECK (status IN ('pending', 'added', 'duplicate', 'failed')),
+    size      INTEGER,
+    mtime_ns  INTEGER,
+    image_id  INTEGER,
+    error     TEXT,
+    PRIMARY KEY (job_id, seq),
+    UNIQUE (job_id, path)
+);
 """
 
 

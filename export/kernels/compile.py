@@ -11,11 +11,9 @@ Compilation needs the kernels as ``triton.jit`` made them: not in a process that
 with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -23,7 +21,7 @@ from triton.compiler import ASTSource
 from export.kernels import deform_conv, dynamic_roi_align
 
 SUPPORTED_ARCHS = (80, 90)
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = ("fp32", "fp16")
 # Triton appends these pointer parameters to every kernel it compiles.
 SCRATCH_PARAMETERS = ("global_scratch", "profile_scratch")
 
@@ -34,8 +32,9 @@ class LaunchMetadata:
 
     entry_name: str  # the PTX ``.entry``
     arch: int  # compute capability, e.g. 90 for sm_90
-    dtype: str  # "fp32" or "fp16": the dtype of every tensor argument
+    dtype: str  # "fp32" or "fp16": the dtype of the data tensors
     parameters: tuple[str, ...]  # the entry's parameters, in order
+    parameter_types: tuple[str, ...]  # their Triton types: "*fp16", "*fp32", "i32", "fp32"
     constexprs: dict[str, Any]  # the compile-time constants the PTX was built with
     num_warps: int
     threads_per_block: int
@@ -47,18 +46,21 @@ class LaunchMetadata:
 @dataclass(frozen=True)
 class _KernelSpec:
     kernel: triton.runtime.JITFunction
-    tensors: tuple[str, ...]  # pointer arguments, all of the compiled dtype
-    floats: tuple[str, ...]  # fp32 scalar arguments (the rest are i32)
-    constexprs: Callable[[str], dict[str, Any]]  # defaults, by dtype
+    data: tuple[str, ...]  # pointers to tensors of the compiled dtype
+    float32_pointers: tuple[str, ...]  # pointers to float32 tensors whatever the dtype
+    float32_scalars: tuple[str, ...]  # the other scalar arguments are i32
+    constexprs: dict[str, Any]  # defaults
     num_warps: int
 
 
 _KERNELS = {
     "dynamic_roi_align": _KernelSpec(
         kernel=dynamic_roi_align.dynamic_roi_align_kernel,
-        tensors=("input_ptr", "rois_ptr", "offsets_ptr", "output_ptr"),
-        floats=("spatial_scale",),
-        constexprs=lambda dtype: {
+        data=("input_ptr", "offsets_ptr", "output_ptr"),
+        # Box corners in float16 would be off by up to a pixel at 1500 pixels.
+        float32_pointers=("rois_ptr",),
+        float32_scalars=("spatial_scale",),
+        constexprs={
             "BLOCK_C": dynamic_roi_align.BLOCK_C,
             "BLOCK_S": dynamic_roi_align.BLOCK_S,
         },
@@ -66,9 +68,10 @@ _KERNELS = {
     ),
     "deform_im2col": _KernelSpec(
         kernel=deform_conv.deform_im2col_kernel,
-        tensors=("input_ptr", "offset_ptr", "mask_ptr", "columns_ptr"),
-        floats=(),
-        constexprs=lambda dtype: {
+        data=("input_ptr", "offset_ptr", "mask_ptr", "columns_ptr"),
+        float32_pointers=(),
+        float32_scalars=(),
+        constexprs={
             "HAS_MASK": True,
             "BLOCK_L": deform_conv.IM2COL_BLOCK_L,
             "BLOCK_C": deform_conv.IM2COL_BLOCK_C,
@@ -77,14 +80,15 @@ _KERNELS = {
     ),
     "deform_gemm": _KernelSpec(
         kernel=deform_conv.deform_gemm_kernel,
-        tensors=("weight_ptr", "columns_ptr", "bias_ptr", "output_ptr"),
-        floats=(),
-        constexprs=lambda dtype: {
+        data=("weight_ptr", "columns_ptr", "bias_ptr", "output_ptr"),
+        float32_pointers=(),
+        float32_scalars=(),
+        constexprs={
             "HAS_BIAS": True,
             "BLOCK_M": deform_conv.GEMM_BLOCK_M,
             "BLOCK_N": deform_conv.GEMM_BLOCK_N,
             "BLOCK_K": deform_conv.GEMM_BLOCK_K,
-            "INPUT_PRECISION": deform_conv.gemm_input_precision(TORCH_DTYPES[dtype]),
+            "INPUT_PRECISION": deform_conv.GEMM_INPUT_PRECISION,
         },
         num_warps=deform_conv.GEMM_NUM_WARPS,
     ),
@@ -105,8 +109,8 @@ def compile_ptx(
     Args:
         kernel_name: ``"dynamic_roi_align"``, ``"deform_im2col"`` or ``"deform_gemm"``.
         arch: 80 (Ampere) or 90 (Hopper).
-        dtype: ``"fp32"`` or ``"fp16"``, the dtype of every tensor argument (the kernels compute
-            in FP32 either way).
+        dtype: ``"fp32"`` or ``"fp16"``, the dtype of the data tensors (RoI boxes stay float32;
+            the kernels compute in FP32 either way).
         num_warps: warps per block; the kernel module's default when None.
         **constexprs: overrides of the kernel's compile-time constants (block sizes,
             ``HAS_MASK``, ``HAS_BIAS``, ``INPUT_PRECISION``).
@@ -117,36 +121,33 @@ def compile_ptx(
     spec = _kernel_spec(kernel_name)
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"arch must be one of {SUPPORTED_ARCHS}, got {arch}")
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
-    constants = spec.constexprs(dtype)
-    unknown = set(constexprs) - set(constants)
-    if unknown:
-        raise ValueError(
-            f"{kernel_name} has no constexpr {sorted(unknown)}; it has {sorted(constants)}"
-        )
-    constants.update(constexprs)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    constants = _constants(spec, kernel_name, constexprs)
     if not isinstance(spec.kernel, triton.runtime.JITFunction):
         raise RuntimeError(
             "Triton interprets the kernels in this process (TRITON_INTERPRET=1 was set when they "
             "were imported): compile them in a process without it"
         )
-    warps = spec.num_warps if num_warps is None else num_warps
 
-    source = ASTSource(spec.kernel, _signature(spec, dtype), constexprs=constants)
+    signature = _signature(spec, dtype, constants)
     compiled = triton.compile(
-        source,
+        ASTSource(spec.kernel, signature, constexprs=constants),
         target=GPUTarget("cuda", arch, 32),
-        # No FMA contraction: the same FP32 steps as the PyTorch reference (and the JIT launch).
-        options={"num_warps": warps, "enable_fp_fusion": False},
+        options={
+            "num_warps": spec.num_warps if num_warps is None else num_warps,
+            # No FMA contraction: the FP32 steps of the PyTorch reference (as the JIT launch).
+            "enable_fp_fusion": False,
+        },
     )
     metadata = compiled.metadata
-    runtime_arguments = tuple(name for name in spec.kernel.arg_names if name not in constants)
+    runtime = {name: kind for name, kind in signature.items() if kind != "constexpr"}
     return compiled.asm["ptx"], LaunchMetadata(
         entry_name=metadata.name,
         arch=arch,
         dtype=dtype,
-        parameters=runtime_arguments + SCRATCH_PARAMETERS,
+        parameters=(*runtime, *SCRATCH_PARAMETERS),
+        parameter_types=(*runtime.values(), *["*i8"] * len(SCRATCH_PARAMETERS)),
         constexprs=constants,
         num_warps=metadata.num_warps,
         threads_per_block=metadata.num_warps * metadata.warp_size,
@@ -162,15 +163,26 @@ def _kernel_spec(kernel_name: str) -> _KernelSpec:
     return _KERNELS[kernel_name]
 
 
-def _signature(spec: _KernelSpec, dtype: str) -> dict[str, str]:
-    """Triton type of every argument: ``*fp32`` / ``*fp16`` pointers, fp32 or i32 scalars."""
-    constants = spec.constexprs(dtype)
+def _constants(spec: _KernelSpec, kernel_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The kernel's default constexprs updated with ``overrides``."""
+    unknown = set(overrides) - set(spec.constexprs)
+    if unknown:
+        raise ValueError(
+            f"{kernel_name} has no constexpr {sorted(unknown)}; it has {sorted(spec.constexprs)}"
+        )
+    return spec.constexprs | overrides
+
+
+def _signature(spec: _KernelSpec, dtype: str, constants: dict[str, Any]) -> dict[str, str]:
+    """Triton type of every argument, in order."""
 
     def argument_type(name: str) -> str:
         if name in constants:
             return "constexpr"
-        if name in spec.tensors:
+        if name in spec.data:
             return f"*{dtype}"
-        return "fp32" if name in spec.floats else "i32"
+        if name in spec.float32_pointers:
+            return "*fp32"
+        return "fp32" if name in spec.float32_scalars else "i32"
 
     return {name: argument_type(name) for name in spec.kernel.arg_names}

@@ -10,15 +10,17 @@ The op is two kernels, as in im2col convolution:
 
 In PyTorch the second step may be ``torch.matmul`` instead (cuBLAS), which is what
 :func:`deform_conv2d_triton` does by default; the TensorRT plugin runs both Triton kernels.
-Positions, bilinear weights and sums are FP32 whatever the input dtype (FP32 or FP16). The FP32
-GEMM multiplies in full FP32 (``input_precision="ieee"``, like PyTorch's default, no TF32).
+Positions, bilinear weights and sums are FP32 whatever the input dtype (FP32 or FP16). The GEMM
+multiplies FP32 in full FP32 (``input_precision="ieee"``: no TF32, like PyTorch's default) and
+FP16 on tensor cores, accumulating in FP32.
 
 Launch parameters (the TensorRT plugin needs the same), 1-D blocks of ``num_warps * 32`` threads:
 
 - im2col: grid ``(cdiv(L, BLOCK_L), N * offset_groups * kh * kw, cdiv(Cin / offset_groups,
-  BLOCK_C))``, no shared memory.
-- GEMM: grid ``(cdiv(Cout / groups, BLOCK_M) * cdiv(L, BLOCK_N), N * groups)``; its shared memory
-  is in the compiled kernel's metadata (``export.kernels.compile``).
+  BLOCK_C))``.
+- GEMM: grid ``(cdiv(Cout / groups, BLOCK_M) * cdiv(L, BLOCK_N), N * groups)``.
+
+Their shared memory is in the compiled kernels' metadata (:mod:`export.kernels.compile`).
 """
 
 from collections.abc import Sequence
@@ -38,6 +40,8 @@ GEMM_BLOCK_M = 64
 GEMM_BLOCK_N = 64
 GEMM_BLOCK_K = 32
 GEMM_NUM_WARPS = 4
+# Full FP32 products (no TF32), like PyTorch's default; FP16 runs on tensor cores regardless.
+GEMM_INPUT_PRECISION = "ieee"
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
 
 
@@ -107,8 +111,8 @@ def deform_im2col_kernel(
     hy = 1.0 - ly
     hx = 1.0 - lx
     if HAS_MASK:
-        modulation = tl.load(mask_ptr + sampler.to(tl.int64) * length + pixel, mask=pixel_valid)
-        modulation = modulation.to(tl.float32)
+        mask_ptrs = mask_ptr + sampler.to(tl.int64) * length + pixel
+        modulation = tl.load(mask_ptrs, mask=pixel_valid, other=0.0).to(tl.float32)
     else:
         modulation = tl.full([BLOCK_L], 1.0, tl.float32)
     row0 = y_floor.to(tl.int32)
@@ -181,11 +185,6 @@ def deform_gemm_kernel(
     output_ptrs = output_ptr + output_rows[:, None] + cols[None, :]
     out_mask = row_valid[:, None] & col_valid[None, :]
     tl.store(output_ptrs, accumulator.to(output_ptr.dtype.element_ty), mask=out_mask)
-
-
-def gemm_input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s precision: full FP32 products for FP32 (no TF32), native for FP16."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def im2col_grid(
@@ -281,7 +280,7 @@ def deform_gemm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        INPUT_PRECISION=gemm_input_precision(columns.dtype),
+        INPUT_PRECISION=GEMM_INPUT_PRECISION,
         num_warps=GEMM_NUM_WARPS,
         enable_fp_fusion=False,  # as compiled ahead of time (export.kernels.compile)
     )

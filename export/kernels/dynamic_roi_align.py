@@ -10,8 +10,10 @@ Coordinates and sums are computed in FP32 whatever the input dtype (FP32 or FP16
 stored in the input dtype.
 
 Launch (the TensorRT plugin needs the same): grid ``(K * oh * ow, cdiv(C, BLOCK_C))``, 1-D blocks
-of ``num_warps * 32`` threads, no shared memory. Tensors are contiguous: input ``(N, C, H, W)``,
-rois ``(K, 5)``, offsets ``(K, oh, ow, 2)`` holding ``(dx, dy)``, output ``(K, C, oh, ow)``.
+of ``num_warps * 32`` threads, the shared memory the compiled kernel's metadata names (for the
+sum over samples; see :mod:`export.kernels.compile`). Tensors are contiguous: input
+``(N, C, H, W)``, rois ``(K, 5)``, offsets ``(K, oh, ow, 2)`` holding ``(dx, dy)``, output
+``(K, C, oh, ow)``.
 """
 
 import torch
@@ -145,7 +147,7 @@ def dynamic_roi_align_kernel(
     tl.store(output_ptrs, average.to(output_ptr.dtype.element_ty), mask=channel_valid)
 
 
-def launch_grid(num_rois: int, pooled_size: tuple[int, int], channels: int) -> tuple[int, int]:
+def roi_align_grid(num_rois: int, pooled_size: tuple[int, int], channels: int) -> tuple[int, int]:
     """Grid of :func:`dynamic_roi_align_kernel`: one program per (RoI, bin, channel block)."""
     return num_rois * pooled_size[0] * pooled_size[1], triton.cdiv(channels, BLOCK_C)
 
@@ -178,7 +180,7 @@ def dynamic_roi_align_triton(
     _check_roi_values(rois, input.shape[0])
     if not bool(torch.isfinite(offsets).all()):
         raise ValueError("offsets contain NaN or infinite values")
-    dynamic_roi_align_kernel[launch_grid(num_rois, pooled_size, channels)](
+    dynamic_roi_align_kernel[roi_align_grid(num_rois, pooled_size, channels)](
         input.contiguous(),
         rois.contiguous(),
         offsets.contiguous(),

@@ -82,9 +82,11 @@ class DetectionStage(nn.Module):
         """features_s16 (B, C, H/16, W/16); boxes (B, N, 4) in input pixels; proposal_features
         (B, N, C)."""
         batch, num, width = proposal_features.shape
+        rois = boxes_to_rois(boxes)
         rois = roi_align(
-            features_s16,
-            boxes_to_rois(boxes),
+            # Pixel coordinates need full precision: under autocast, pool in the boxes' dtype.
+            features_s16.to(rois.dtype),
+            rois,
             self.roi_size,
             spatial_scale=1.0 / DETECTION_STRIDE,
             sampling_ratio=self.sampling_ratio,

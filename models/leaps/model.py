@@ -14,6 +14,7 @@ losses of eq. 2 (see ``criterion.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -26,7 +27,7 @@ from models.leaps.detection_head import DetectionStage, StageOutput
 from models.leaps.matcher import diverse_reid_samples, hungarian_match
 from models.leaps.reid_head import FlexibleReidHead, ReidOutput
 from models.necks.fpn import FPN
-from models.ops.boxes import box_cxcywh_to_xyxy, clip_boxes_to_image
+from models.ops.boxes import box_cxcywh_to_xyxy
 from models.types import Detections
 
 
@@ -92,7 +93,7 @@ class Leaps(nn.Module):
                     nn.init.xavier_uniform_(parameter)
         prior = self.config.detection.prior_prob
         for stage in self.stages:
-            nn.init.constant_(stage.class_logit.bias, -torch.log(torch.tensor((1 - prior) / prior)))
+            nn.init.constant_(stage.class_logit.bias, -math.log((1 - prior) / prior))
         for head in self.reid_heads:
             head.reset_offsets()
 
@@ -119,9 +120,7 @@ class Leaps(nn.Module):
         """The learnable proposals for this batch: boxes (B, N, 4) x1y1x2y2 in pixels of the
         (padded) input, and features (B, N, C)."""
         batch = images.shape[0]
-        height, width = images.shape[-2], images.shape[-1]
-        size = torch.stack([images.new_tensor(width), images.new_tensor(height)]).repeat(2)
-        boxes = box_cxcywh_to_xyxy(self.proposal_boxes) * size
+        boxes = box_cxcywh_to_xyxy(self.proposal_boxes) * _input_size(images)
         return (
             boxes[None].expand(batch, -1, -1),
             self.proposal_features[None].expand(batch, -1, -1),
@@ -150,7 +149,7 @@ class Leaps(nn.Module):
             raise RuntimeError("the last stage must have a re-id head")
         scores, order = last.detection.logits.sigmoid().sort(dim=1, descending=True)
         boxes = last.detection.boxes.gather(1, order[..., None].expand(-1, -1, 4))
-        boxes = clip_boxes_to_image(boxes, (images.shape[-2], images.shape[-1]))
+        boxes = torch.minimum(boxes.clamp(min=0), _input_size(images))
         embeddings = last.reid.embedding()
         embeddings = embeddings.gather(1, order[..., None].expand(-1, -1, embeddings.shape[-1]))
         return Detections(boxes=boxes, scores=scores, embeddings=embeddings)
@@ -197,6 +196,14 @@ class Leaps(nn.Module):
             ]
             losses.update(self.reid_criterion(index + 1, result.reid, samples))
         return losses
+
+
+def _input_size(images: Tensor) -> Tensor:
+    """(width, height, width, height) of the input batch as a tensor; computed with tensor ops so
+    that an exported graph keeps H and W dynamic."""
+    ones = images.new_ones(2)
+    size = torch.stack([ones[0] * images.shape[-1], ones[1] * images.shape[-2]])
+    return size.repeat(2)
 
 
 def _check_targets(targets: list[dict[str, Tensor]], batch: int) -> None:

@@ -146,11 +146,13 @@ class FlexibleReidHead(nn.Module):
     def roi_features(self, features_s8: Tensor, boxes: Tensor, proposal_features: Tensor) -> Tensor:
         """F_droi (B*N, C, h, w) of the proposals (plain F_roi when offsets are off)."""
         rois = boxes_to_rois(boxes)
+        # Pixel coordinates need full precision: under autocast, pool in the boxes' dtype.
+        features_s8 = features_s8.to(rois.dtype)
         scale = 1.0 / REID_STRIDE
         if self.offset_predictor is None:
             return roi_align(features_s8, rois, self.roi_size, scale, self.sampling_ratio)
         offsets = self.offset_predictor(proposal_features)  # (B, N, h*w*2): (dx, dy) per bin
-        offsets = offsets.reshape(-1, self.roi_size, self.roi_size, 2)
+        offsets = offsets.reshape(-1, self.roi_size, self.roi_size, 2).to(rois.dtype)
         return dynamic_roi_align(
             features_s8, rois, offsets, self.roi_size, scale, self.sampling_ratio
         )

@@ -107,11 +107,11 @@ def test_bad_index_parameters_are_refused(index_type, params, message):
 
 def test_defaults_are_sized_by_the_number_of_vectors():
     # nlist = 4 sqrt(100000) = 1264.9 -> 1265 (below the cap of 100000 / 39 = 2564 lists),
-    # nprobe = 1265 // 16 = 79, m = 8 / 8 = 1, train_size = all (under 256 per centroid)
+    # nprobe = 1265 // 16 = 79, m = 8 / 8 = 1, train_size = 64 per centroid = 64 x 1265
     spec = resolve_spec("ivf_pq", DIM, 100_000)
     assert spec.params == {
         "gpu": False, "nlist": 1265, "nprobe": 79, "m": 1, "nbits": 8, "rerank": 4,
-        "train_size": 100_000,
+        "train_size": 80_960,
     }  # fmt: skip
 
 

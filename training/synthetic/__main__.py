@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS, help="on-disk format")
     parser.add_argument("--out", required=True, help="output folder (the dataset root)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    for flag, (_, kind, text) in _SIZE_FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} (format default)")
+    for flag, (name, kind, text) in _SIZE_FLAGS.items():
+        parser.add_argument(flag, dest=name, type=kind, help=f"{text} (format default)")
     parser.add_argument(
         "--gallery-sizes",
         type=int,
@@ -55,11 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = {
-        name: getattr(args, flag[2:].replace("-", "_"))
-        for flag, (name, _, _) in _SIZE_FLAGS.items()
-        if getattr(args, flag[2:].replace("-", "_")) is not None
-    }
+    names = [name for name, _, _ in _SIZE_FLAGS.values()]
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.gallery_sizes is not None:
         options["gallery_sizes"] = tuple(args.gallery_sizes)
     options["progress"] = not args.no_progress

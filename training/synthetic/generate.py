@@ -36,6 +36,7 @@ from training.synthetic.scenery import (
     Backdrop,
     ColorTransform,
     View,
+    check_person_heights,
     make_backdrop,
     paint_distant_crowd,
     sample_color_transform,
@@ -100,11 +101,7 @@ class SyntheticOptions:
                 f"persons per image must satisfy 1 <= min_persons ({self.min_persons}) "
                 f"<= max_persons ({self.max_persons})"
             )
-        if not 4 <= self.min_person < self.max_person <= 0.95 * self.height:
-            raise ValueError(
-                f"person heights must satisfy 4 <= min_person ({self.min_person}) < max_person "
-                f"({self.max_person}) <= 0.95 * height ({0.95 * self.height:g})"
-            )
+        check_person_heights(self.min_person, self.max_person, self.height)
 
 
 _FORMAT_DEFAULTS: dict[str, dict[str, object]] = {

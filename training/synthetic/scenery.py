@@ -53,25 +53,33 @@ class View:
         return float(rng.uniform(-reach, self.width + reach)), y
 
 
+def check_person_heights(min_person: float, max_person: float, image_height: int) -> None:
+    """Raise ValueError unless persons of ``min_person`` to ``max_person`` pixels fit a view:
+    at least 4 pixels, a range wider than 1.2x, the tallest within 95% of the image."""
+    if not (min_person >= 4 and 1.2 * min_person < max_person <= 0.95 * image_height):
+        raise ValueError(
+            f"person heights must satisfy 4 <= min_person ({min_person:g}), "
+            f"1.2 * min_person < max_person ({max_person:g}) "
+            f"<= 0.95 * image height ({0.95 * image_height:g})"
+        )
+
+
 def sample_view(
     rng: np.random.Generator, width: int, height: int, min_person: float, max_person: float
 ) -> View:
     """A random camera whose persons range from about ``min_person`` to ``max_person`` pixels.
 
-    The farthest row is high enough that a far person's head stays inside the frame.
+    The farthest persons are 1 to 1.2 times ``min_person`` tall, the nearest 0.85 to 1 times
+    ``max_person`` (and taller than the farthest); the farthest row is low enough that a far
+    person's head stays inside the frame.
     """
-    if not 4 <= min_person < max_person <= 0.95 * height:
-        raise ValueError(
-            f"person heights must satisfy 4 <= min ({min_person}) < max ({max_person}) "
-            f"<= 0.95 * image height ({height})"
-        )
+    check_person_heights(min_person, max_person, height)
     far = float(rng.uniform(min_person, min_person * 1.2))
-    near = float(rng.uniform(max(far * 1.5, max_person * 0.85), max_person))
+    near = float(rng.uniform(max(far, max_person * 0.85), max_person))
     near_y = height - 2.0
     lowest_far_y = 1.15 * far + 4
-    far_y = float(
-        rng.uniform(lowest_far_y, max(lowest_far_y, min(0.55 * height, near_y - 0.3 * height)))
-    )
+    highest_far_y = max(lowest_far_y, min(0.55 * height, near_y - 0.3 * height))
+    far_y = float(rng.uniform(lowest_far_y, highest_far_y))
     slope = (near - far) / (near_y - far_y)
     return View(width, height, horizon=far_y - far / slope, slope=slope, far_y=far_y, near_y=near_y)
 
@@ -202,7 +210,7 @@ def _shop_window(
     rng: np.random.Generator, image: np.ndarray, view: View, base_y: float, light: float
 ) -> np.ndarray:
     """A lit window with one to three mannequins; returns its box (x1, y1, x2, y2)."""
-    unit = view.person_height(max(base_y, view.far_y))
+    unit = view.person_height(view.far_y)
     width = unit * rng.uniform(1.2, 2.2)
     x1 = float(rng.uniform(0, max(1.0, view.width - width)))
     top = base_y - unit * 1.25
@@ -220,7 +228,7 @@ def _poster(
     rng: np.random.Generator, image: np.ndarray, view: View, base_y: float, light: float
 ) -> np.ndarray:
     """A billboard showing a painted person; returns its box."""
-    unit = view.person_height(max(base_y, view.far_y))
+    unit = view.person_height(view.far_y)
     height = unit * rng.uniform(0.9, 1.4)
     width = height * rng.uniform(0.55, 0.8)
     x1 = float(rng.uniform(0, max(1.0, view.width - width)))
@@ -240,7 +248,8 @@ def _poster(
 def paint_distant_crowd(
     rng: np.random.Generator, backdrop: Backdrop, view: View, size: float
 ) -> np.ndarray:
-    """Paint a huddle of tiny, far-away persons about ``size`` pixels tall onto the backdrop.
+    """Paint a huddle of tiny, far-away persons about ``size`` pixels tall onto the backdrop's
+    image (in place).
 
     They are too small to annotate one by one; the returned box (x1, y1, x2, y2) around them is
     an ignore region (CrowdHuman's "mask" boxes).
@@ -266,7 +275,7 @@ def paint_distant_crowd(
 
 
 def make_backdrop(
-    rng: np.random.Generator, view: View, props: int = 5, figures: float = 0.5
+    rng: np.random.Generator, view: View, props: float = 5.0, figures: float = 0.5
 ) -> Backdrop:
     """A street backdrop for ``view`` with about ``props`` props standing on the ground.
 
@@ -276,7 +285,7 @@ def make_backdrop(
     image = Image.new("RGB", (view.width, view.height))
     draw = ImageDraw.Draw(image)
     base_y = int(max(view.far_y - rng.uniform(4, 20), 8))
-    unit = view.person_height(max(base_y, view.far_y))
+    unit = view.person_height(view.far_y)  # the scale of things along the building fronts
     _paint_ground(rng, draw, view, base_y)
     x = 0
     while x < view.width:

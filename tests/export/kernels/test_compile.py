@@ -83,6 +83,24 @@ def test_every_kernel_compiles_to_ptx_for_its_target(compiled, kernel_name, arch
     assert ("ld.global.b16" in ptx or "st.global.b16" in ptx) == (dtype == "fp16")
 
 
+def test_fp16_kernels_take_fp16_data_but_float32_boxes(compiled):
+    _, metadata = compiled["dynamic_roi_align", 90, "fp16", ()]
+    types = dict(zip(metadata["parameters"], metadata["parameter_types"], strict=True))
+    # Box corners in float16 would be off by up to a pixel at 1500 pixels.
+    assert types["rois_ptr"] == "*fp32"
+    assert types["input_ptr"] == types["offsets_ptr"] == types["output_ptr"] == "*fp16"
+    assert (types["spatial_scale"], types["sampling_ratio"]) == ("fp32", "i32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_gemm_uses_tensor_cores_for_fp16_and_full_fp32_products_for_fp32(compiled, arch):
+    fp16, _ = compiled["deform_gemm", arch, "fp16", ()]
+    fp32, _ = compiled["deform_gemm", arch, "fp32", ()]
+    # Matrix instructions (mma on sm_80, wgmma on sm_90) on f16 operands; no TF32 for fp32.
+    assert re.search(r"\bw?mma\S*\.f16\.f16", fp16)
+    assert "mma" not in fp32 and "tf32" not in fp32 and "fma.rn.f32" in fp32
+
+
 def test_constexpr_overrides_change_the_kernel(compiled):
     with_mask, _ = compiled["deform_im2col", 90, "fp32", ()]
     without_mask, metadata = compiled[

@@ -65,7 +65,7 @@ def adversarial_rois() -> torch.Tensor:
             [0, 3.0, 2.0, 15.0, 11.0],  # inside
             [1, -9.0, -4.0, 6.0, 7.0],  # partly left of and above the map
             [0, 30.0, 26.0, 44.0, 40.0],  # entirely outside
-            [1, 10.0, 9.0, 7.0, 5.0],  # inverted: no samples when adaptive
+            [1, 10.0, 9.0, 7.0, 5.0],  # inverted: no samples when adaptive and aligned
             [1, 1.0, 1.0, 1.6, 1.4],  # smaller than a pixel: sizes raised to 1 unless aligned
             [0, 0.0, 0.0, 24.0, 20.0],  # the whole map: see below
         ]

@@ -1,5 +1,6 @@
 """Every LEAPS config file loads through the training config, builds, and runs: the paper's
-settings at a reduced input size (2 x 3 x 128 x 160 fed directly), so that they cannot rot."""
+settings at a reduced input size (inference on 2 x 3 x 128 x 160 fed directly, a training
+forward on one 64 x 96 image), so that they cannot rot."""
 
 from pathlib import Path
 
@@ -43,14 +44,11 @@ def test_paper_config_has_the_paper_settings(name):
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_config_builds_and_runs_at_reduced_size(name):
     model = _model(CONFIGS / name)
-    images = torch.randn(2, 3, 128, 160)
-    targets = [
-        {"boxes": torch.tensor([[10.0, 10.0, 60.0, 120.0]]), "pids": torch.tensor([0])},
-        {"boxes": torch.tensor([[70.0, 5.0, 110.0, 100.0]]), "pids": torch.tensor([-1])},
-    ]
+    # One training image with a labeled person (smaller still: six full-width stages are slow).
+    target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 60.0]]), "pids": torch.tensor([0])}
     with torch.no_grad():
-        losses = model.train()(images, targets)
-        detections = model.eval()(images)
+        losses = model.train()(torch.randn(1, 3, 64, 96), [target])
+        detections = model.eval()(torch.randn(2, 3, 128, 160))
     assert all(torch.isfinite(value) for value in losses.values())
     assert "loss_oim_hirm_s6" in losses and "loss_oim_hirm_s4" not in losses
     assert detections.boxes.shape == (2, 100, 4)

@@ -244,3 +244,34 @@ def test_inconsistent_configs_are_rejected_with_the_reason(make_config, sections
 def test_unknown_config_keys_are_errors():
     with pytest.raises(ValidationError, match="num_querys"):
         LeapsConfig.model_validate({"detection": {"num_querys": 10}})
+
+
+def test_inference_exports_with_dynamic_batch_and_image_size(make_model):
+    # No Python control flow on tensor values and no specialised sizes in the inference path.
+    # (One stage: tracing time grows with every stage, and all stages are alike.)
+    model = make_model(detection={"num_stages": 1}, reid={"stages": 1}).eval()
+    batch, height, width = (torch.export.Dim(n, min=1, max=8) for n in ("batch", "h", "w"))
+    exported = torch.export.export(
+        model,
+        (torch.randn(2, 3, 64, 96),),
+        dynamic_shapes=({0: batch, 2: 32 * height, 3: 32 * width},),
+    )
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = model(images)
+        actual = exported.module()(images)
+    for name, value in expected._asdict().items():
+        # The exported graph decomposes some ops: pixel coordinates agree to float precision.
+        assert torch.allclose(getattr(actual, name), value, rtol=1e-4, atol=1e-4), name
+
+
+def test_training_and_inference_run_under_autocast(make_model, batch):
+    # Mixed precision (the trainer's CUDA float16; bfloat16 is CPU's): RoIs stay float32.
+    model = make_model()
+    images, targets = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.train()(images, targets)
+        with torch.no_grad():
+            detections = model.eval()(images)
+    assert all(torch.isfinite(value) for value in losses.values())
+    assert detections.scores.shape == (2, 6)

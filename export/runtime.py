@@ -1,0 +1,369 @@
+"""Run an exported model folder behind one interface, whatever the backend.
+
+``load_engine(MODEL_DIR, backend, device)`` returns an :class:`Engine`:
+
+- ``detect(images)``: RGB uint8 images (H, W, 3) of any sizes -> one :class:`Detections` of
+  numpy arrays per image, in the image's own pixels, sorted by score, unused slots dropped
+  (thresholding is the caller's: the gallery keeps what it wants).
+- ``embed_query(image, box=None)``: the (D,) embedding of the person in ``box`` (x1, y1, x2, y2
+  in the image's pixels; None = the whole image is the person crop). RoI models embed the box
+  itself; the others take the embedding of the detection with the highest IoU with the box
+  (the evaluation protocol's "max-IoU" mode).
+- ``info``: name, fingerprint, embedding dim, backend, device.
+
+Every backend gets the same preprocessed batch (``models/preprocess.py``: resize, normalise,
+pad to a multiple of 32 and to the graph's smallest input side), so their answers differ only
+by the arithmetic of the backends; ``export/parity.py`` states by how much.
+
+Backends: ``torch`` (the PyTorch model from ``checkpoint.safetensors``), ``onnxruntime``
+(``model.onnx``; CPU, or CUDA with onnxruntime-gpu) and ``tensorrt`` (needs TensorRT, which
+only exists with an NVIDIA GPU). ``auto`` picks the fastest one available on the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from export.artifact import ArtifactError, Manifest, load_model, read_manifest
+from models.preprocess import normalize_and_resize, pad_batch, unscale_boxes
+
+Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+Device = Literal["cpu", "cuda"]
+QueryMode = Literal["auto", "gt_box", "max_iou"]
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+GPU_EXTRA = "pip install 'psearch[gpu]'"
+EXPORT_EXTRA = "pip install 'psearch[export]'"
+TENSORRT_MISSING = (
+    "TensorRT is not installed: it needs an NVIDIA GPU; on a GPU machine install it with "
+    f"{GPU_EXTRA} (or use the psearch GPU Docker image), or use backend='onnxruntime'"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (the message says what to install or change)."""
+
+
+class Detections(NamedTuple):
+    """One image's detections: boxes (n, 4) x1 y1 x2 y2 in the image's pixels, scores (n,)
+    in descending order, embeddings (n, D) L2-normalised."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    embeddings: np.ndarray
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine runs: the model (registry name, fingerprint, embedding dim) and where."""
+
+    name: str
+    fingerprint: str
+    dim: int
+    backend: str
+    device: str
+
+
+class _Runner(Protocol):
+    """A backend: the exported model's two functions on preprocessed float32 arrays."""
+
+    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images (B, 3, H, W) -> boxes (B, K, 4), scores (B, K), embeddings (B, K, D)."""
+        ...
+
+    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """image (1, 3, H, W), boxes (R, 4) in its pixels -> embeddings (R, D)."""
+        ...
+
+
+class TorchRunner:
+    """The PyTorch model, eager."""
+
+    def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "backend 'torch' on device 'cuda': this PyTorch has no CUDA device "
+                f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of PyTorch"
+            )
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, manifest).to(self.device)
+
+    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            detections = self.model(torch.from_numpy(images).to(self.device))
+        return tuple(t.float().cpu().numpy() for t in detections)  # type: ignore[return-value]
+
+    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            embeddings = self.model.embed_boxes(
+                torch.from_numpy(image).to(self.device), [torch.from_numpy(boxes).to(self.device)]
+            )
+        return embeddings.float().cpu().numpy()
+
+
+class OnnxRuntimeRunner:
+    """``model.onnx`` (and ``embed.onnx``) in ONNX Runtime."""
+
+    def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise BackendUnavailableError(
+                f"backend 'onnxruntime' needs the onnxruntime package: {EXPORT_EXTRA} "
+                f"(CPU) or {GPU_EXTRA} (CUDA)"
+            )
+        import onnxruntime
+
+        if manifest.onnx is None:
+            raise ArtifactError(
+                f"{model_dir}: the manifest lists no ONNX graphs; export them with "
+                "`psearch-export --format onnx`"
+            )
+        provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+        if provider not in onnxruntime.get_available_providers():
+            raise BackendUnavailableError(
+                f"backend 'onnxruntime' on device '{device}': this onnxruntime "
+                f"({onnxruntime.__version__}) has no {provider}; install onnxruntime-gpu: "
+                f"{GPU_EXTRA}"
+            )
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self._new_session = lambda path: onnxruntime.InferenceSession(
+            str(path), options, providers=[provider]
+        )
+        self.detect_session = self._session(model_dir / manifest.onnx.detect)
+        embed = manifest.onnx.embed
+        self.embed_session = self._session(model_dir / embed) if embed else None
+
+    def _session(self, path: Path):
+        if not path.is_file():
+            raise ArtifactError(f"{path}: ONNX file not found; re-export the model folder")
+        try:
+            return self._new_session(path)
+        except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph types
+            reason = " ".join(str(error).split())[:300]
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it: {reason}") from None
+
+    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, scores, embeddings = self.detect_session.run(None, {"images": images})
+        return boxes, scores, embeddings
+
+    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if self.embed_session is None:
+            raise ArtifactError("this model folder has no embed graph")
+        return self.embed_session.run(None, {"images": image, "boxes": boxes})[0]
+
+
+def engine_filename(gpu: str, tensorrt_version: str) -> str:
+    """``model.<gpu>-trt<version>.engine``: an engine runs only on the GPU model and TensorRT
+    version that built it, so both are in its name."""
+    slug = "-".join("".join(c if c.isalnum() else " " for c in gpu.lower()).split())
+    return f"model.{slug}-trt{tensorrt_version}.engine"
+
+
+def find_engine(model_dir: Path, gpu: str, tensorrt_version: str) -> Path:
+    """The engine of ``model_dir`` built for this GPU and TensorRT version; the error lists the
+    engines that exist when they were built elsewhere."""
+    path = Path(model_dir) / engine_filename(gpu, tensorrt_version)
+    if path.is_file():
+        return path
+    others = sorted(p.name for p in Path(model_dir).glob("model.*.engine"))
+    if others:
+        raise BackendUnavailableError(
+            f"{model_dir}: its TensorRT engines {others} were built for another GPU or TensorRT "
+            f"version (this machine: {gpu}, TensorRT {tensorrt_version}, expects "
+            f"{path.name}); engines only run where they were built: build one on this machine"
+        )
+    raise BackendUnavailableError(
+        f"{model_dir}: no TensorRT engine for {gpu} and TensorRT {tensorrt_version} "
+        f"({path.name}); build one on this machine"
+    )
+
+
+def tensorrt_runner(model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+    """The TensorRT backend. This version does not run engines: it says why it cannot run
+    (TensorRT absent, no GPU, no engine for this GPU) and, past that, that it is missing."""
+    if importlib.util.find_spec("tensorrt") is None:
+        raise BackendUnavailableError(TENSORRT_MISSING)
+    if device != "cuda" or not torch.cuda.is_available():
+        raise BackendUnavailableError("backend 'tensorrt' needs device='cuda' and a CUDA GPU")
+    import tensorrt
+
+    find_engine(model_dir, torch.cuda.get_device_name(), tensorrt.__version__)
+    raise BackendUnavailableError(
+        "this version of psearch cannot run TensorRT engines; use backend='onnxruntime' "
+        "with device='cuda'"
+    )
+
+
+_RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "tensorrt": tensorrt_runner}
+
+
+def _auto_backend(manifest: Manifest, device: Device) -> str:
+    """ONNX Runtime when the folder has its graphs and it is installed, else PyTorch."""
+    if manifest.onnx is not None and importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+        if provider in onnxruntime.get_available_providers():
+            return "onnxruntime"
+    return "torch"
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU (n,) of one box (4,) with boxes (n, 4)."""
+    top_left = np.maximum(box[:2], boxes[:, :2])
+    bottom_right = np.minimum(box[2:], boxes[:, 2:])
+    intersection = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+    area = np.prod(box[2:] - box[:2])
+    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    return intersection / np.maximum(area + areas - intersection, 1e-12)
+
+
+class Engine:
+    """A loaded model folder on one backend (see the module docstring)."""
+
+    def __init__(self, manifest: Manifest, runner: _Runner, info: EngineInfo, batch_size: int):
+        self.manifest = manifest
+        self.info = info
+        self.batch_size = batch_size
+        self._runner = runner
+        self._min_side = manifest.onnx.min_input_side if manifest.onnx else 1
+
+    def _batch(self, pixels: Sequence[Tensor]) -> np.ndarray:
+        """Pad preprocessed (3, h, w) images into one float32 batch, at least min_side high
+        and wide (the smallest input the graphs were exported for)."""
+        divisor = self.manifest.preprocess.size_divisor
+        batch = pad_batch(list(pixels), divisor)
+        height, width = batch.shape[-2:]
+        side = -(-self._min_side // divisor) * divisor
+        if height < side or width < side:
+            batch = torch.nn.functional.pad(
+                batch, (0, max(side - width, 0), 0, max(side - height, 0))
+            )
+        return batch.numpy().astype(np.float32, copy=False)
+
+    def _preprocess(self, image: np.ndarray) -> tuple[Tensor, tuple[float, float]]:
+        return normalize_and_resize(image, self.manifest.preprocess)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Detections of every image (see the module docstring), batched ``batch_size`` at a
+        time."""
+        if isinstance(images, np.ndarray):
+            raise TypeError("detect takes a list of (H, W, 3) uint8 images, not one array")
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            prepared = [self._preprocess(image) for image in chunk]
+            boxes, scores, embeddings = self._runner.detect(self._batch([p for p, _ in prepared]))
+            for index, (image, (_, scale)) in enumerate(zip(chunk, prepared, strict=True)):
+                used = scores[index] > 0
+                image_boxes = unscale_boxes(boxes[index][used], scale)
+                height, width = image.shape[:2]
+                np.clip(image_boxes, 0, [width, height, width, height], out=image_boxes)
+                results.append(
+                    Detections(
+                        image_boxes.astype(np.float32),
+                        scores[index][used],
+                        embeddings[index][used],
+                    )
+                )
+        return results
+
+    def embed_query(
+        self,
+        image: np.ndarray,
+        box: Sequence[float] | np.ndarray | None = None,
+        mode: QueryMode = "auto",
+    ) -> np.ndarray:
+        """The (D,) embedding of the person in ``box`` of ``image`` (None: the whole image).
+
+        ``mode``: ``gt_box`` embeds the box (RoI models), ``max_iou`` takes the detection with
+        the highest IoU with it; ``auto`` is ``gt_box`` where the model can, else ``max_iou``.
+        """
+        height, width = image.shape[:2] if isinstance(image, np.ndarray) else (0, 0)
+        query = self._query_box(box, height, width)
+        if mode == "auto":
+            mode = "gt_box" if self.manifest.embeds_boxes else "max_iou"
+        if mode == "gt_box":
+            if not self.manifest.embeds_boxes:
+                raise ValueError(
+                    f"model {self.info.name!r} cannot embed a given box (no embed_boxes); "
+                    "use mode='max_iou'"
+                )
+            pixels, scale = self._preprocess(image)
+            scaled = np.asarray(query * np.asarray([*scale, *scale]), dtype=np.float32)
+            return self._runner.embed_boxes(self._batch([pixels]), scaled[None])[0]
+        if mode != "max_iou":
+            raise ValueError(f"mode must be 'auto', 'gt_box' or 'max_iou', got {mode!r}")
+        detections = self.detect([image])[0]
+        if len(detections.scores) == 0:
+            raise ValueError("no person detected in the query image; cannot embed the query")
+        best = int(np.argmax(_box_iou(query, detections.boxes)))
+        return detections.embeddings[best]
+
+    @staticmethod
+    def _query_box(box: Sequence[float] | np.ndarray | None, height: int, width: int) -> np.ndarray:
+        if box is None:
+            return np.asarray([0, 0, width, height], dtype=np.float64)
+        query = np.asarray(box, dtype=np.float64)
+        if query.shape != (4,) or not np.isfinite(query).all():
+            raise ValueError(f"box must be 4 finite numbers x1, y1, x2, y2, got {box!r}")
+        clipped = np.clip(query, 0, [width, height, width, height])
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            raise ValueError(
+                f"box {query.tolist()} is empty inside the {width}x{height} image "
+                "(expected x1 < x2 and y1 < y2 in the image's pixels)"
+            )
+        return clipped
+
+
+def load_engine(
+    path: str | Path,
+    backend: Backend = "auto",
+    device: Device = "cpu",
+    *,
+    batch_size: int = 4,
+    threads: int | None = None,
+) -> Engine:
+    """Load a model folder written by ``psearch-export`` on a backend.
+
+    Args:
+        path: the model folder (with ``psearch.json``).
+        backend: ``torch``, ``onnxruntime``, ``tensorrt`` or ``auto`` (ONNX Runtime when
+            possible, else PyTorch).
+        device: ``cpu`` or ``cuda``.
+        batch_size: images per forward pass in ``detect``.
+        threads: CPU threads of the backend (None: its default).
+
+    Raises:
+        ArtifactError: the folder is missing a file or is not a model folder.
+        BackendUnavailableError: the backend cannot run here (says what to install).
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model_dir = Path(path)
+    manifest = read_manifest(model_dir)
+    chosen = _auto_backend(manifest, device) if backend == "auto" else backend
+    runner = _RUNNERS[chosen](model_dir, manifest, device, threads)
+    info = EngineInfo(
+        name=manifest.name,
+        fingerprint=manifest.fingerprint,
+        dim=manifest.embedding_dim,
+        backend=chosen,
+        device=device,
+    )
+    return Engine(manifest, runner, info, batch_size)

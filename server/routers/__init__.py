@@ -1,0 +1,1 @@
+"""The API's routers: handlers validate the request and delegate to the services."""

@@ -1,0 +1,29 @@
+"""``POST /v1/search``: find a query person in the gallery."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form
+
+from server.dependencies import SearchServiceDep, require_api_key, require_multipart
+from server.schemas import SearchForm, SearchResponse, error_responses
+from server.services import read_upload
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["search"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 403, 409, 503),
+)
+
+
+@router.post(
+    "/search",
+    dependencies=[Depends(require_multipart)],
+    responses=error_responses(400, 413, 415, 422),
+)
+async def search(
+    form: Annotated[SearchForm, Form(media_type="multipart/form-data")], service: SearchServiceDep
+) -> SearchResponse:
+    """Embed the query person (a crop, or `box` in a scene) and return the most similar gallery
+    persons, best first, with the box embedded and where the time went."""
+    return await service.search(await read_upload(form.image), form)

@@ -1,0 +1,139 @@
+"""The service's settings: a YAML or JSON file, ``PSEARCH_*`` environment variables, arguments.
+
+Precedence, highest first: explicit arguments (command-line flags), environment variables
+(``PSEARCH_MODEL_DIR=/models/alignps``; lists as JSON or comma-separated:
+``PSEARCH_API_KEYS=key1,key2``), the settings file, the defaults. Unknown keys are errors.
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "PSEARCH_"
+
+Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+
+
+class ServerSettings(BaseSettings):
+    """Everything the service can be told. Every field has a default and a description."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model_dir: Path = Field(
+        default=Path("model"), description="An exported model folder (psearch.json inside)."
+    )
+    gallery_dir: Path = Field(default=Path("gallery"), description="The gallery folder.")
+    create_gallery: bool = Field(
+        default=True,
+        description="Create an empty gallery for the model when gallery_dir holds none.",
+    )
+    files_dir: Path | None = Field(
+        default=None,
+        description="Where uploaded gallery images are kept, by content hash, so that they "
+        "can be served back (default: the 'files' folder of gallery_dir).",
+    )
+    backend: Backend = Field(
+        default="auto", description="Inference backend; 'auto' picks the fastest available."
+    )
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Inference device.")
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads of the backend (default: its own choice)."
+    )
+    min_detection_score: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Detections in gallery images scored lower than this are not stored.",
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Most images the engine runs in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=10_000,
+        description="How long the micro-batcher waits for more requests to fill a batch.",
+    )
+    queue_size: int = Field(
+        default=64,
+        ge=1,
+        description="Images that may wait for the engine; beyond, requests get 503.",
+    )
+    retry_after_s: int = Field(
+        default=1,
+        ge=1,
+        description="Retry-After (seconds) sent with 503 answers (overloaded, not ready).",
+    )
+    max_upload_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, all files and form fields together.",
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="Largest image accepted (width x height, read from the file header "
+        "before decoding: decompression bombs are refused unopened).",
+    )
+    max_images_per_request: int = Field(
+        default=32, ge=1, description="Most images one POST /v1/gallery/images may carry."
+    )
+    top_k_max: int = Field(default=100, ge=1, description="Largest top_k a search may ask for.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys accepted in the X-API-Key header; empty: no authentication.",
+    )
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Server folders whose images may be indexed and served by path.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address psearch-serve listens on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port psearch-serve listens on.")
+
+    @field_validator("api_keys", "allowed_roots", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Environment variables hold lists as JSON or as comma-separated values."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_empty(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value() for key in keys):
+            raise ValueError("API keys must not be empty strings")
+        return keys
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where uploaded gallery images are kept."""
+        return self.files_dir if self.files_dir is not None else self.gallery_dir / "files"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:
+    """Settings from ``overrides``, then ``PSEARCH_*`` variables, then ``config_file`` (YAML or
+    JSON, a mapping of field names), then the defaults."""
+    file_values = read_settings_file(Path(config_file)) if config_file is not None else {}
+    environment = EnvSettingsSource(ServerSettings)()
+    return ServerSettings(**{**file_values, **environment, **overrides})
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON settings file (JSON is YAML)."""
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML or JSON: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
+    return values
