@@ -11,10 +11,14 @@ IVF-PQ re-ranks ``rerank x 10`` candidates by exact similarity (the gallery reco
 the embeddings in SQLite; here from the vectors in memory), so its recall is that of the
 gallery's answers. Queries go ``--batch`` at a time (what a micro-batching server sends).
 A script, not a test: the numbers depend on the machine. ``--num 200000`` for a quick run.
+
+``--ingest`` measures the ingest pipeline's throughput instead (see ``INGEST_USAGE`` below).
 """
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,5 +192,142 @@ def _print_similarity_profile(gallery: np.ndarray, queries: np.ndarray) -> None:
           f"to a random person: median {np.median(random_pairs):.2f}")  # fmt: skip
 
 
+# -- ingest throughput -------------------------------------------------------------------
+
+INGEST_USAGE = """Ingest pipeline throughput against the bare engine, on the same images:
+
+    python benchmarks/index.py --ingest [--model MODEL_DIR] [--frames 200] [--batch-size 8]
+                               [--workers 2] [--backend auto] [--device cpu] [--repeat 2]
+
+Writes synthetic PRW frames (``python -m training.synthetic --format prw``) and, without
+``--model``, exports the tiny AlignPS (configs/tiny/alignps_synthetic.yaml, random weights,
+every one of its 50 detection slots kept, so that writes are heavier than a real gallery's) to
+ONNX. Then times, alternately, ``--repeat`` times each: the bare engine (``engine.detect`` on
+images decoded beforehand, ``--batch-size`` at a time) and the pipeline (``indexer.ingest``
+from the files into a new gallery: reading, decoding, batching, the engine, writes), without and
+with a job. Prints images/s and the pipeline's cost over the engine's (best of the repeats);
+the target is at most 15%.
+"""
+
+INGEST_TARGET = 0.15
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def ingest_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/index.py --ingest", description=INGEST_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--ingest", action="store_true", required=True)
+    parser.add_argument("--model", type=Path, help="exported model folder (default: tiny)")
+    parser.add_argument("--frames", type=int, default=200, help="synthetic PRW frames")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from export.runtime import load_engine
+    from indexer.ingest import decode_image, ingest, open_gallery_for
+    from indexer.sources import ImageSource
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        frames = synthetic_prw_frames(scratch / "prw", args.frames)
+        model_dir = args.model or tiny_onnx_model(scratch / "model")
+        engine = load_engine(model_dir, args.backend, args.device, batch_size=args.batch_size)
+        print(f"{len(frames)} frames of {frames_size(frames)}, model {engine.info.name} on "
+              f"{engine.info.backend}/{engine.info.device}, batch {args.batch_size}, "
+              f"{args.workers} decoding threads")  # fmt: skip
+        decoded = [decode_image(path.read_bytes()) for path in frames]
+        sources = [ImageSource(str(path)) for path in frames]
+        engine.detect(decoded[: args.batch_size])  # warm-up: first-call allocations
+
+        def bare_engine() -> float:
+            start = time.perf_counter()
+            for first in range(0, len(decoded), args.batch_size):
+                engine.detect(decoded[first : first + args.batch_size])
+            return time.perf_counter() - start
+
+        def pipeline(run: int, job: str | None) -> float:
+            folder = scratch / f"gallery-{run}-{job}"
+            with open_gallery_for(folder, engine.info.fingerprint, engine.info.dim) as gallery:
+                summary = ingest(
+                    gallery,
+                    engine,
+                    sources,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    job=job,
+                    progress=False,
+                    min_score=0.0,
+                )
+            if summary.added != len(frames):
+                raise RuntimeError(f"the pipeline added {summary.added} of {len(frames)} frames")
+            return summary.seconds
+
+        seconds: dict[str, list[float]] = {"engine": [], "pipeline": [], "pipeline+job": []}
+        for run in range(args.repeat):
+            seconds["engine"].append(bare_engine())
+            seconds["pipeline"].append(pipeline(run, None))
+            seconds["pipeline+job"].append(pipeline(run, "bench"))
+
+    engine_best = min(seconds["engine"])
+    print(f"\n{'':<13} {'images/s':>9} {'s (best)':>9} {'vs engine':>10}")
+    for name, times in seconds.items():
+        best = min(times)
+        cost = best / engine_best - 1
+        print(f"{name:<13} {len(frames) / best:>9.1f} {best:>9.2f} {cost:>+10.1%}")
+    worst = max(min(seconds["pipeline"]), min(seconds["pipeline+job"])) / engine_best - 1
+    verdict = "meets" if worst <= INGEST_TARGET else "MISSES"
+    print(f"pipeline cost over the bare engine: {worst:+.1%} ({verdict} the target "
+          f"<= {INGEST_TARGET:.0%})")  # fmt: skip
+
+
+def synthetic_prw_frames(root: Path, count: int) -> list[Path]:
+    """``count`` synthetic PRW frames (a fifth in the training split), written by the
+    generator's command line; identities scaled down so that small counts are valid."""
+    train = max(count // 5, 1)
+    command = [sys.executable, "-m", "training.synthetic", "--format", "prw", "--out", str(root),
+               "--train-images", str(train), "--test-images", str(count - train),
+               "--train-identities", str(max(train // 4, 1)),
+               "--test-identities", str(max((count - train) // 5, 1)), "--no-progress"]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPOSITORY)
+    return sorted((root / "frames").glob("*.jpg"))
+
+
+def frames_size(frames: list[Path]) -> str:
+    from PIL import Image
+
+    with Image.open(frames[0]) as image:
+        return f"{image.width}x{image.height}"
+
+
+def tiny_onnx_model(out: Path) -> Path:
+    """The tiny AlignPS with random weights, exported to ONNX with ``export_checkpoint``."""
+    import safetensors.torch
+    import torch
+    import yaml
+
+    from export.artifact import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, build_model
+    from export.cli import export_checkpoint
+
+    config = yaml.safe_load((REPOSITORY / "configs/tiny/alignps_synthetic.yaml").read_text())
+    config["model"]["inference"]["score_thresh"] = 0.0  # keep all 50 slots: heavy writes
+    run = out.parent / "run"
+    run.mkdir(parents=True)
+    torch.manual_seed(0)
+    safetensors.torch.save_model(build_model(config["model"]), str(run / RUN_WEIGHTS_FILE))
+    (run / RUN_CONFIG_FILE).write_text(yaml.safe_dump({"model": config["model"]}))
+    start = time.perf_counter()
+    export_checkpoint(run, out, parity=False, log=lambda _: None)
+    print(f"exported the tiny model to ONNX in {time.perf_counter() - start:.0f} s")
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if "--ingest" in sys.argv[1:]:
+        ingest_main(sys.argv[1:])
+    else:
+        main()

@@ -333,7 +333,10 @@ def ratio(trained: float, untrained: float) -> float:
 
 
 def format_ratio(value: float) -> str:
-    return "-" if value != value else f"{value:.1f}x"  # NaN: both zero
+    """``2.5x``; ``inf`` when the untrained figure was zero, ``-`` when both were (NaN)."""
+    if value != value:
+        return "-"
+    return "inf" if value == float("inf") else f"{value:.1f}x"
 
 
 def metrics_table(results: Sequence[ConfigResult], columns: list[tuple[str, str]]) -> list[str]:

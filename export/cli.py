@@ -18,11 +18,11 @@ it cannot be used), with a one-line message and no traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from export.artifact import (
@@ -46,7 +46,7 @@ from export.parity import (
     onnxruntime_embed,
     parity_inputs,
 )
-from export.runtime import TENSORRT_MISSING
+from export.runtime import MAX_TENSORRT_BATCH, tensorrt_settings
 
 USER_ERROR = 2
 PARITY_FAILED = 1
@@ -72,8 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--format",
         choices=FORMATS,
         default="onnx",
-        help="onnx: the ONNX graphs; tensorrt: TensorRT engines too (needs TensorRT and a GPU); "
-        "all: both (default: onnx)",
+        help="onnx: the ONNX graphs; tensorrt or all: also the TensorRT engine of this GPU "
+        "(needs TensorRT and the GPU that will run it) (default: onnx)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing model folder's files"
@@ -86,11 +86,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def check_tensorrt_available() -> None:
     """Refuse a TensorRT export up front, before minutes of ONNX export."""
-    if importlib.util.find_spec("tensorrt") is None:
-        raise UsageError(f"--format tensorrt: {TENSORRT_MISSING}")
-    raise UsageError(
-        "--format tensorrt: this version of psearch does not build TensorRT engines; "
-        "export with --format onnx and run model.onnx with ONNX Runtime (CUDA)"
+    from export.tensorrt import TensorRTUnavailableError, require_tensorrt
+
+    try:
+        require_tensorrt()
+    except TensorRTUnavailableError as error:
+        raise UsageError(f"--format tensorrt: {error}") from None
+    if not torch.cuda.is_available():
+        raise UsageError(
+            "--format tensorrt: engines are built on the GPU that runs them, and no CUDA GPU "
+            "is visible here; export with --format onnx and build the engine on the GPU machine"
+        )
+
+
+def build_tensorrt_engine(out: Path, manifest: Manifest) -> Path:
+    """The engine of the plugin graph for this GPU (cached in the model folder)."""
+    from export.tensorrt import ensure_engine
+
+    return ensure_engine(
+        out,
+        fingerprint=manifest.fingerprint,
+        settings=tensorrt_settings(manifest, batch_size=MAX_TENSORRT_BATCH),
+        onnx_name=manifest.onnx.detect_plugins,
     )
 
 
@@ -152,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format in ("tensorrt", "all"):
             check_tensorrt_available()
         check_output_folder(args.out, args.overwrite)
-        _, report = export_checkpoint(args.checkpoint, args.out, parity=not args.skip_parity)
+        manifest, report = export_checkpoint(args.checkpoint, args.out, parity=not args.skip_parity)
+        if args.format in ("tensorrt", "all"):
+            print(f"built {build_tensorrt_engine(args.out, manifest).name}")
     except (UsageError, ArtifactError, ExportError) as error:
         print(f"psearch-export: error: {error}", file=sys.stderr)
         return USER_ERROR

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 import onnx_ir as ir
@@ -607,6 +607,8 @@ def _capture(
         try:
             return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         except torch._dynamo.exc.UserError as error:  # a dimension's range is too wide
+            if "Suggested fixes" not in error.msg:
+                raise ExportError(f"torch.export cannot keep the shapes dynamic: {error.msg}")
             refined = torch.export.dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes(
                 error.msg, dynamic_shapes
             )
@@ -660,33 +662,59 @@ def input_minimums(program: torch.export.ExportedProgram) -> dict[str, int]:
     return minimums
 
 
-def export_detect_graphs(model: nn.Module) -> tuple[onnx.ModelProto, onnx.ModelProto, int]:
-    """The inference graph ``images -> boxes, scores, embeddings`` (portable, plugin) with a
-    dynamic batch, height and width, and the smallest input side it was exported for."""
-    model.eval()
+class ExportedGraphs(NamedTuple):
+    """The two forms of one exported graph, and the smallest size of every dynamic input
+    dimension it was exported for (``"images.2"``: the height of ``images``)."""
+
+    portable: onnx.ModelProto
+    plugins: onnx.ModelProto
+    minimums: dict[str, int]
+
+
+def export_graphs(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    dynamic_shapes: dict[str, dict[int, Any]],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+) -> ExportedGraphs:
+    """Export ``module(*args)`` once (torch.export + the dynamo exporter with our translation
+    table) into the plugin graph, and rewrite that into the portable graph."""
+    program = _capture(module.eval(), args, dynamic_shapes)
+    portable, plugins = _to_onnx(program, input_names, output_names)
+    return ExportedGraphs(portable, plugins, input_minimums(program))
+
+
+def export_detect_graphs(model: nn.Module) -> ExportedGraphs:
+    """The inference graph ``images (B, 3, H, W) -> boxes, scores, embeddings`` with a dynamic
+    batch, height and width."""
     batch, height, width = torch.export.Dim("batch"), _image_dim("height"), _image_dim("width")
-    program = _capture(
-        DetectGraph(model).eval(),
+    return export_graphs(
+        DetectGraph(model),
         (_example_images(model, batch=2),),
         {"images": {0: batch, 2: height, 3: width}},
+        INPUT_NAMES,
+        OUTPUT_NAMES,
     )
-    minimums = input_minimums(program)
-    min_side = max(minimums.get("images.2", 1), minimums.get("images.3", 1))
-    return *_to_onnx(program, INPUT_NAMES, OUTPUT_NAMES), min_side
 
 
-def export_embed_graphs(model: nn.Module) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def export_embed_graphs(model: nn.Module) -> ExportedGraphs:
     """The query graph ``images (1, 3, H, W), boxes (R, 4) -> embeddings (R, D)`` of a model
-    with ``embed_boxes`` (portable, plugin); height, width and R are dynamic."""
-    model.eval()
+    with ``embed_boxes``; height, width and R are dynamic."""
     height, width, count = _image_dim("height"), _image_dim("width"), torch.export.Dim("count")
     boxes = torch.tensor([[10.0, 20.0, 60.0, 140.0], [100.0, 30.0, 180.0, 150.0]])
-    program = _capture(
-        EmbedGraph(model).eval(),
+    return export_graphs(
+        EmbedGraph(model),
         (_example_images(model, batch=1), boxes),
         {"images": {2: height, 3: width}, "boxes": {0: count}},
+        EMBED_INPUT_NAMES,
+        EMBED_OUTPUT_NAMES,
     )
-    return _to_onnx(program, EMBED_INPUT_NAMES, EMBED_OUTPUT_NAMES)
+
+
+def min_input_side(graphs: ExportedGraphs, input_name: str = "images") -> int:
+    """The smallest height or width of ``input_name`` (N, C, H, W) the graphs accept."""
+    return max(graphs.minimums.get(f"{input_name}.{axis}", 1) for axis in (2, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,21 +782,21 @@ def write_onnx_graphs(model: nn.Module, directory: Path) -> dict[str, Any]:
         PLUGIN_ONNX_FILE,
     )
 
-    portable, plugins, min_side = export_detect_graphs(model)
-    save_graph(portable, directory / ONNX_FILE, plugins=False)
-    save_graph(plugins, directory / PLUGIN_ONNX_FILE, plugins=True)
+    detect = export_detect_graphs(model)
+    save_graph(detect.portable, directory / ONNX_FILE, plugins=False)
+    save_graph(detect.plugins, directory / PLUGIN_ONNX_FILE, plugins=True)
     files: dict[str, Any] = {
         "opset": OPSET,
-        "min_input_side": min_side,
+        "min_input_side": min_input_side(detect),
         "detect": ONNX_FILE,
         "detect_plugins": PLUGIN_ONNX_FILE,
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
     }
     if has_embed_graph(model):
-        portable, plugins = export_embed_graphs(model)
-        save_graph(portable, directory / EMBED_ONNX_FILE, plugins=False)
-        save_graph(plugins, directory / EMBED_PLUGIN_ONNX_FILE, plugins=True)
+        embed = export_embed_graphs(model)
+        save_graph(embed.portable, directory / EMBED_ONNX_FILE, plugins=False)
+        save_graph(embed.plugins, directory / EMBED_PLUGIN_ONNX_FILE, plugins=True)
         files.update(
             embed=EMBED_ONNX_FILE,
             embed_plugins=EMBED_PLUGIN_ONNX_FILE,

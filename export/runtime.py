@@ -26,7 +26,7 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -41,10 +41,9 @@ QueryMode = Literal["auto", "gt_box", "max_iou"]
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 GPU_EXTRA = "pip install 'psearch[gpu]'"
 EXPORT_EXTRA = "pip install 'psearch[export]'"
-TENSORRT_MISSING = (
-    "TensorRT is not installed: it needs an NVIDIA GPU; on a GPU machine install it with "
-    f"{GPU_EXTRA} (or use the psearch GPU Docker image), or use backend='onnxruntime'"
-)
+OUTPUT_NAMES = ("boxes", "scores", "embeddings")
+# Images per TensorRT batch: the engine's optimization profile is built for up to this many.
+MAX_TENSORRT_BATCH = 8
 
 
 class BackendUnavailableError(RuntimeError):
@@ -163,49 +162,72 @@ class OnnxRuntimeRunner:
         return self.embed_session.run(None, {"images": image, "boxes": boxes})[0]
 
 
-def engine_filename(gpu: str, tensorrt_version: str) -> str:
-    """``model.<gpu>-trt<version>.engine``: an engine runs only on the GPU model and TensorRT
-    version that built it, so both are in its name."""
-    slug = "-".join("".join(c if c.isalnum() else " " for c in gpu.lower()).split())
-    return f"model.{slug}-trt{tensorrt_version}.engine"
+def tensorrt_settings(manifest: Manifest, batch_size: int) -> Any:
+    """The engine's input shape ranges, from the model's preprocessing: a side is at most
+    ``max_size`` (rounded up to the padding multiple), at least the graph's smallest input
+    side, and TensorRT tunes for a full batch of ``min_size x max_size`` landscape images."""
+    from export.tensorrt import BuildSettings, InputShapes
+
+    pre = manifest.preprocess
+
+    def padded(side: int) -> int:
+        return -(-side // pre.size_divisor) * pre.size_divisor
+
+    smallest = padded(manifest.onnx.min_input_side if manifest.onnx else 1)
+    largest = padded(pre.max_size)
+    typical = (padded(min(pre.min_size, pre.max_size)), largest)
+    shapes = InputShapes(
+        min=(1, 3, smallest, smallest),
+        opt=(batch_size, 3, *typical),
+        max=(batch_size, 3, largest, largest),
+    )
+    return BuildSettings(input_shapes={"images": shapes})
 
 
-def find_engine(model_dir: Path, gpu: str, tensorrt_version: str) -> Path:
-    """The engine of ``model_dir`` built for this GPU and TensorRT version; the error lists the
-    engines that exist when they were built elsewhere."""
-    path = Path(model_dir) / engine_filename(gpu, tensorrt_version)
-    if path.is_file():
-        return path
-    others = sorted(p.name for p in Path(model_dir).glob("model.*.engine"))
-    if others:
-        raise BackendUnavailableError(
-            f"{model_dir}: its TensorRT engines {others} were built for another GPU or TensorRT "
-            f"version (this machine: {gpu}, TensorRT {tensorrt_version}, expects "
-            f"{path.name}); engines only run where they were built: build one on this machine"
+class TensorRTRunner:
+    """The plugin graph (``model.plugins.onnx``) as a TensorRT engine built for this GPU and
+    cached in the model folder (``export.tensorrt``); built on first use, which takes minutes."""
+
+    def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+        from export.tensorrt import TensorRTUnavailableError, require_tensorrt
+
+        try:
+            require_tensorrt()
+        except TensorRTUnavailableError as error:
+            raise BackendUnavailableError(f"backend 'tensorrt': {error}") from None
+        if device != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "backend 'tensorrt' runs on an NVIDIA GPU: use device='cuda' on a machine with one"
+            )
+        from export.tensorrt import ensure_engine
+        from export.tensorrt import load_engine as load_tensorrt_engine
+
+        if manifest.onnx is None:
+            raise ArtifactError(f"{model_dir}: no ONNX graphs to build a TensorRT engine from")
+        path = ensure_engine(
+            model_dir,
+            fingerprint=manifest.fingerprint,
+            settings=tensorrt_settings(manifest, batch_size=MAX_TENSORRT_BATCH),
+            onnx_name=manifest.onnx.detect_plugins,
         )
-    raise BackendUnavailableError(
-        f"{model_dir}: no TensorRT engine for {gpu} and TensorRT {tensorrt_version} "
-        f"({path.name}); build one on this machine"
-    )
+        self.engine = load_tensorrt_engine(path, fingerprint=manifest.fingerprint)
+
+    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if images.shape[0] > MAX_TENSORRT_BATCH:
+            raise ValueError(
+                f"the TensorRT engine takes at most {MAX_TENSORRT_BATCH} images per batch"
+            )
+        outputs = self.engine({"images": torch.from_numpy(images).cuda()})
+        return tuple(outputs[name].float().cpu().numpy() for name in OUTPUT_NAMES)  # type: ignore[return-value]
+
+    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        raise BackendUnavailableError(
+            "the TensorRT backend runs the detect graph only; embed given boxes with "
+            "backend='onnxruntime' or 'torch', or use mode='max_iou'"
+        )
 
 
-def tensorrt_runner(model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
-    """The TensorRT backend. This version does not run engines: it says why it cannot run
-    (TensorRT absent, no GPU, no engine for this GPU) and, past that, that it is missing."""
-    if importlib.util.find_spec("tensorrt") is None:
-        raise BackendUnavailableError(TENSORRT_MISSING)
-    if device != "cuda" or not torch.cuda.is_available():
-        raise BackendUnavailableError("backend 'tensorrt' needs device='cuda' and a CUDA GPU")
-    import tensorrt
-
-    find_engine(model_dir, torch.cuda.get_device_name(), tensorrt.__version__)
-    raise BackendUnavailableError(
-        "this version of psearch cannot run TensorRT engines; use backend='onnxruntime' "
-        "with device='cuda'"
-    )
-
-
-_RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "tensorrt": tensorrt_runner}
+_RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "tensorrt": TensorRTRunner}
 
 
 def _auto_backend(manifest: Manifest, device: Device) -> str:

@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--recursive", action="store_true", help="also the folders' subfolders")
     add.add_argument("--backend", default="auto",
                      choices=("auto", "torch", "onnxruntime", "tensorrt"))  # fmt: skip
-    add.add_argument("--device", help="where the model runs (default: the backend's choice)")
+    add.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if there is one")
     add.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     add.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads")
     add.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
@@ -245,10 +245,14 @@ def _run_ingest(arguments: argparse.Namespace, sources: list[ImageSource]) -> In
 
 
 def _load_engine(arguments: argparse.Namespace):
-    from export.runtime import load_engine  # imports torch: only for the commands that run models
+    import torch  # only for the commands that run models
 
-    options = {} if arguments.device is None else {"device": arguments.device}
+    from export.runtime import load_engine
+
+    device = arguments.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return load_engine(arguments.model, backend=arguments.backend, **options)
+        return load_engine(
+            arguments.model, arguments.backend, device, batch_size=arguments.batch_size
+        )
     except (ImportError, RuntimeError) as error:
         raise ValueError(f"cannot load the model {arguments.model}: {error}") from None

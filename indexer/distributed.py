@@ -6,7 +6,10 @@
             in input order, hundreds of images per transaction ─▶ gallery
 
 Each actor loads the model folder once and holds one GPU when the cluster has GPUs (a CPU
-otherwise). Ray Data keeps the input order, and every write goes through the driver's one
+otherwise). On a cluster without GPUs, Ray Data fuses reading into the actors (the two stages
+ask for the same resources), which spares shipping decoded pixels between processes.
+
+Ray Data keeps the input order, and every write goes through the driver's one
 :class:`~indexer.ingest.GallerySink`, so the gallery is the one the local pipeline makes from
 the same sources: same images, ids, boxes and embeddings, and the same job records.
 
@@ -90,7 +93,7 @@ def ingest_ray(
     check_engine_fits(gallery, fingerprint, dim)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     try:
         with run_plan(gallery, sources, job) as plan:
             sink = GallerySink(gallery, plan, progress)
@@ -140,10 +143,11 @@ def _detected_rows(
             "backend": backend,
             "device": "cuda" if gpus else "cpu",
             "min_score": min_score,
+            "batch_size": batch_size,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=actors or max(gpus, 1),
+        compute=ray.data.ActorPoolStrategy(size=actors or max(gpus, 1)),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
     )
@@ -187,10 +191,12 @@ def _result_columns(result: ItemResult) -> dict[str, Any]:
 class Detector:
     """A Ray actor: the model folder loaded once; detects the persons of batches of rows."""
 
-    def __init__(self, model_dir: str, backend: str, device: str, min_score: float) -> None:
+    def __init__(
+        self, model_dir: str, backend: str, device: str, min_score: float, batch_size: int
+    ) -> None:
         from export.runtime import load_engine
 
-        self.engine = load_engine(model_dir, backend=backend, device=device)
+        self.engine = load_engine(model_dir, backend=backend, device=device, batch_size=batch_size)
         self.min_score = min_score
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

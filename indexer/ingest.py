@@ -18,6 +18,7 @@ skipped without reading it while its file keeps the recorded size and modificati
 bad file never stops an ingest: it is reported with the reason, and the rest goes on.
 """
 
+import functools
 import hashlib
 import io
 import math
@@ -152,6 +153,8 @@ def ingest(
 ) -> IngestSummary:
     """Detect the persons of ``sources`` with ``engine`` and add them to ``gallery``.
 
+    ``workers`` threads read and decode; ``batch_size`` images of similar aspect ratio go to
+    ``engine.detect`` at a time (the engine may split them into its own smaller batches).
     Persons scoring at least ``min_score`` are stored. ``job`` records the ingest in the
     gallery so that it can be resumed: a name (the job of that name, created if missing, with
     ``sources`` appended to its inputs; with no sources, its own inputs are resumed) or a
@@ -164,7 +167,7 @@ def ingest(
     with run_plan(gallery, sources, job) as plan:
         sink = GallerySink(gallery, plan, progress)
         with _HashLookup(gallery) as known_image, ThreadPoolExecutor(workers) as pool:
-            load = lambda work: load_item(work, known_image)  # noqa: E731
+            load = functools.partial(load_item, known_image=known_image)
             batcher = SizeBatcher(batch_size, max_wait=4 * batch_size)
             loads = bounded_map(pool, load, plan.work, window=2 * workers + batch_size)
             try:

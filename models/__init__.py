@@ -16,6 +16,11 @@ from models.alignps import AlignPS, AlignPSConfig
 from models.fcos_detector import FCOSDetector, FCOSDetectorConfig
 from models.leaps import Leaps, LeapsConfig
 
+
+class UnknownModelError(ValueError):
+    """A config names a model that is not in MODELS."""
+
+
 MODELS: dict[str, tuple[type[BaseModel], type[nn.Module]]] = {
     "alignps": (AlignPSConfig, AlignPS),
     "fcos": (FCOSDetectorConfig, FCOSDetector),
@@ -29,6 +34,7 @@ def build_model(config: Mapping[str, Any] | BaseModel) -> nn.Module:
     data = config.model_dump() if isinstance(config, BaseModel) else dict(config)
     name = data.get("name")
     if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(sorted(MODELS))}")
+        known = ", ".join(sorted(MODELS))
+        raise UnknownModelError(f"unknown model name {name!r}; known models: {known}")
     config_class, model_class = MODELS[name]
     return model_class(config_class.model_validate(data))

@@ -9,20 +9,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.errors import NotReady, ServiceError, install_error_handlers
+from server.inference import EngineLoader, load_runtime_engine
+from server.limits import BodySizeLimitMiddleware
 from server.metrics import RequestMetricsMiddleware, ServiceMetrics
 from server.routers import gallery, health, metrics, search
-from server.services import (
-    EngineLoader,
-    ServiceState,
-    load_engine_and_gallery,
-    start_services,
-)
+from server.services import ServiceState, load_engine_and_gallery, start_services
 from server.settings import ServerSettings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -37,8 +33,8 @@ def create_app(
     settings: ServerSettings | None = None, load_engine: EngineLoader | None = None
 ) -> FastAPI:
     """The service app. ``settings`` default to :func:`~server.settings.load_settings` (the
-    environment); ``load_engine(model_dir, backend, device)`` defaults to
-    ``export.runtime.load_engine``."""
+    environment); ``load_engine(settings) -> Engine`` to ``export.runtime.load_engine`` on the
+    configured model."""
     settings = settings if settings is not None else load_settings()
     app = FastAPI(
         title="psearch",
@@ -46,13 +42,14 @@ def create_app(
         description=DESCRIPTION,
         version="0.1.0",
         lifespan=_lifespan,
-        max_body_size=settings.max_upload_bytes,
     )
     app.state.settings = settings
-    app.state.load_engine = load_engine
+    app.state.load_engine = load_engine or load_runtime_engine
     app.state.metrics = ServiceMetrics()
     app.state.service_state = ServiceState(settings.retry_after_s)
     install_error_handlers(app)
+    # The last added is the outermost: metrics see every answer, the size limit's included.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     for router in (search.router, gallery.router, health.router, metrics.router):
         app.include_router(router)
@@ -74,7 +71,7 @@ async def _load(app: FastAPI) -> None:
     state: ServiceState = app.state.service_state
     try:
         engine, gallery = await run_in_threadpool(
-            load_engine_and_gallery, settings, _engine_loader(app)
+            load_engine_and_gallery, settings, app.state.load_engine
         )
     except ServiceError as error:
         logger.error("not ready: %s", error.message)
@@ -107,11 +104,3 @@ async def _shut_down(app: FastAPI, loading: "asyncio.Task[None]") -> None:
     app.state.metrics.ready.set(0)
     await services.batcher.stop()
     await run_in_threadpool(services.gallery.close)
-
-
-def _engine_loader(app: FastAPI) -> Any:
-    if app.state.load_engine is not None:
-        return app.state.load_engine
-    from export.runtime import load_engine  # torch and the backends load only when serving
-
-    return load_engine

@@ -114,7 +114,7 @@ def _to_rgb(image: Image.Image, what: str) -> np.ndarray:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _composite(image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns otherwise
 
 
 def _sixteen_to_eight_bits(samples: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from export.runtime import load_engine
 from server.errors import InvalidField, NoPersonDetected
 from server.settings import ServerSettings
 
@@ -150,8 +151,6 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def load_runtime_engine(settings: ServerSettings) -> Engine:
     """``export.runtime.load_engine`` on the configured model, backend and device, with one
     forward pass per batcher batch."""
-    from export.runtime import load_engine  # torch and the backends: only where serving
-
     return load_engine(
         settings.model_dir,
         settings.backend,

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -326,7 +326,6 @@ def load_engine_and_gallery(
     when there is no gallery and ``create_gallery`` is off.
     """
     engine = load_engine(settings)
-    warm_up(engine)
     try:
         gallery = Gallery.open(settings.gallery_dir, engine.info.fingerprint)
     except GalleryMismatch as error:
@@ -335,6 +334,11 @@ def load_engine_and_gallery(
         if not settings.create_gallery:
             raise NotReady(f"{error}; create one, or set create_gallery") from None
         gallery = Gallery.create(settings.gallery_dir, engine.info.fingerprint, engine.info.dim)
+    try:
+        warm_up(engine)
+    except BaseException:
+        gallery.close()
+        raise
     return engine, gallery
 
 

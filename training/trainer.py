@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from models import UnknownModelError
 from models.preprocess import PreprocessConfig
 from training.checkpoint import (
     WEIGHTS_FILE,
@@ -116,6 +117,8 @@ def build_model_checked(builder: ModelBuilder, model_config: dict[str, Any]) -> 
         model = builder(model_config)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, schema=None, prefix="model")) from None
+    except UnknownModelError as error:
+        raise ConfigError(f"model.name: {error}") from None
     if not isinstance(getattr(model, "preprocess", None), PreprocessConfig):
         raise TypeError(
             f"{type(model).__name__} has no `preprocess` PreprocessConfig, which the model "

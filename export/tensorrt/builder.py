@@ -1,13 +1,14 @@
 """TensorRT engines from the plugin graph: build, cache, load, run.
 
-A model folder holds ``model.plugins.onnx`` (see :mod:`export.onnx`). Engines are specific to
-a GPU architecture and a TensorRT version, so each lives beside it under a name that says both,
-with a JSON sidecar saying the rest::
+A model folder holds plugin graphs such as ``model.plugins.onnx`` (see :mod:`export.onnx`).
+Engines are specific to a GPU architecture and a TensorRT version, so each lives beside its
+graph under a name that says both, with a JSON sidecar saying the rest::
 
     model.sm90-trt10.9.0.34.engine        the serialized engine
     model.sm90-trt10.9.0.34.engine.json   schema, model fingerprint, TensorRT version, GPU name
                                           and architecture, build settings, engine SHA-256
-    timing.sm90-trt10.9.0.34.cache        TensorRT's timing cache (faster rebuilds)
+    timing.sm90-trt10.9.0.34.cache        TensorRT's timing cache (faster rebuilds), shared
+    embed.sm90-trt10.9.0.34.engine        the engine of embed.plugins.onnx, and so on
 
 :func:`ensure_engine` reuses a cached engine only when :func:`decide_cache` finds nothing changed
 (architecture, TensorRT version, fingerprint, settings, engine bytes); anything else is rebuilt,
@@ -127,9 +128,10 @@ class GpuInfo:
         return f"sm{self.capability[0]}{self.capability[1]}"
 
 
-def engine_file_name(arch: str, tensorrt_version: str) -> str:
-    """``model.sm90-trt10.9.0.34.engine``: the cache key of an engine."""
-    return f"model.{arch}-trt{tensorrt_version}.engine"
+def engine_file_name(arch: str, tensorrt_version: str, graph: str = "model") -> str:
+    """``model.sm90-trt10.9.0.34.engine``: the cache key of the engine of graph ``model``
+    (``model.plugins.onnx``; ``embed`` for ``embed.plugins.onnx``)."""
+    return f"{graph}.{arch}-trt{tensorrt_version}.engine"
 
 
 def sidecar_path(engine_path: Path) -> Path:
@@ -469,10 +471,12 @@ def ensure_engine(
     model_dir: Path, *, fingerprint: str, settings: BuildSettings, onnx_name: str = PLUGIN_GRAPH
 ) -> Path:
     """The engine of ``model_dir/onnx_name`` for this GPU and TensorRT: the cached one when
-    :func:`decide_cache` allows it, else freshly built. Returns its path."""
+    :func:`decide_cache` allows it, else freshly built. Returns its path, named after the graph
+    (``embed.plugins.onnx`` -> ``embed.sm90-trt<version>.engine``)."""
     trt = require_tensorrt()
     gpu = current_gpu()
-    engine_path = model_dir / engine_file_name(gpu.arch, trt.__version__)
+    graph = onnx_name.split(".", 1)[0]
+    engine_path = model_dir / engine_file_name(gpu.arch, trt.__version__, graph)
     decision = decide_cache(
         read_sidecar(sidecar_path(engine_path)),
         arch=gpu.arch,
@@ -494,9 +498,10 @@ def ensure_engine(
 
 
 def _network_flags(trt: Any) -> int:
-    # Our plugins have only AOT implementations; saying so keeps TensorRT from asking for a
-    # Python (JIT) one.
-    return 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+    """Prefer the plugins' AOT implementations (their only ones): the engine then runs without
+    Python. TensorRT releases without the flag choose the one implementation there is."""
+    prefer_aot = getattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS", None)
+    return 0 if prefer_aot is None else 1 << int(prefer_aot)
 
 
 def _configure(trt: Any, builder: Any, network: Any, config: Any, settings: BuildSettings) -> None:
@@ -587,7 +592,8 @@ def load_engine(engine_path: Path, *, fingerprint: str | None = None) -> "Tensor
 
 
 class TensorRTEngine:
-    """A deserialized engine with one execution context, run on PyTorch CUDA tensors."""
+    """A deserialized engine with one execution context, run on PyTorch CUDA tensors (one call
+    at a time: calls share the context)."""
 
     def __init__(self, engine: Any, sidecar: Mapping[str, Any]) -> None:
         self._trt = require_tensorrt()

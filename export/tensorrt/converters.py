@@ -10,17 +10,18 @@ converter key (what torch2trt intercepts)         plugins added
 ================================================  ==========================================
 
 torch2trt converts while the model runs on example inputs: for that run it replaces each key's
-attribute with a wrapper that also calls the converter. Our models reach the ops through Python
-objects that hold the overload itself (the ``CustomOpDef`` behind ``roi_align`` and
-``dynamic_roi_align``, the ``OpOverloadPacket`` that ``deform_conv2d`` calls), so a plain
-``torch2trt(model, ...)`` would never meet the wrappers. :func:`convert_with_torch2trt` converts
-inside :func:`calls_through_op_overloads`, which makes those objects look the overload up by name.
+attribute with a wrapper that also calls the converter. Our models never look that attribute
+up: ``roi_align()`` and ``dynamic_roi_align()`` call their op's ``CustomOpDef``, and
+``deform_conv2d()`` the op's ``OpOverloadPacket``, both of which hold the overload itself. A
+plain ``torch2trt(model, ...)`` would therefore never meet the wrappers: use
+:func:`convert_with_torch2trt`, which converts inside :func:`calls_through_op_overloads`.
 
 torch2trt networks have the static shapes of the example inputs. Importing this module needs
 TensorRT >= 10.9 and torch2trt, which is not on PyPI: install it from its repository,
 https://github.com/NVIDIA-AI-IOT/torch2trt (``pip install .`` where TensorRT is installed).
 """
 
+import importlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -30,9 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import models.ops.deform_conv
-import models.ops.dynamic_roi_align
-import models.ops.roi_align
+import models.ops.deform_conv  # noqa: F401  (defines psearch::deform_conv2d)
 from export.tensorrt import require_tensorrt
 from export.tensorrt.plugins import (
     DEFORM_GEMM,
@@ -62,10 +61,15 @@ def _import_torch2trt() -> ModuleType:
 _torch2trt = _import_torch2trt()
 tensorrt_converter = _torch2trt.tensorrt_converter
 
-# The ops' Python entry points that hold an overload instead of looking it up.
-_CUSTOM_OP_DEFS = {
-    "roi_align": models.ops.roi_align.roi_align_op,
-    "dynamic_roi_align": models.ops.dynamic_roi_align.dynamic_roi_align_op,
+# Where the models' calls hold an op instead of looking up its overload: module globals that
+# the Python entry points call (roi_align() calls roi_align_op, a CustomOpDef), and the
+# OpOverloadPacket that deform_conv2d() calls, whose __call__ calls its `_op`.
+_OP_GLOBALS = {
+    "roi_align": (importlib.import_module("models.ops.roi_align"), "roi_align_op"),
+    "dynamic_roi_align": (
+        importlib.import_module("models.ops.dynamic_roi_align"),
+        "dynamic_roi_align_op",
+    ),
 }
 _OVERLOAD_PACKETS = ("deform_conv2d",)
 
@@ -86,9 +90,9 @@ def calls_through_op_overloads() -> Iterator[None]:
     ``torch.ops.psearch.<op>.default``, whatever it is at the time of the call."""
     originals: list[tuple[Any, str, Any]] = []
     try:
-        for name, op_def in _CUSTOM_OP_DEFS.items():
-            originals.append((op_def, "_opoverload", op_def._opoverload))
-            op_def._opoverload = _call_by_name(name)
+        for name, (module, attribute) in _OP_GLOBALS.items():
+            originals.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, _call_by_name(name))
         for name in _OVERLOAD_PACKETS:
             packet = getattr(torch.ops.psearch, name)
             originals.append((packet, "_op", packet._op))

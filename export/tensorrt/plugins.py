@@ -25,9 +25,10 @@ launcher shape that code:
 
 - TensorRT passes ``(input pointers, scalar arguments, output pointers)`` and null for any
   further parameter; Triton compiles ``(pointers in declaration order, scalars, 2 scratch
-  pointers)``. :func:`to_tensorrt_abi` reorders the parameter list of the PTX entry (the body
-  refers to parameters by name), and the scratch pointers stay last, where TensorRT's nulls are
-  what Triton passes when, as here, no scratch memory is used.
+  pointers)``. :func:`compile_for_tensorrt` reorders the parameter list of the PTX entry (the
+  body refers to parameters by name; :func:`tensorrt_parameter_order`), and the scratch pointers
+  stay last, where TensorRT's nulls are what Triton passes when, as here, no scratch memory is
+  used.
 - Scalar arguments are 32-bit integers; a float (``spatial_scale``) is passed as its bit pattern
   (:func:`float32_bits`), which the kernel reads as the ``.f32`` parameter it declares.
 
@@ -35,6 +36,7 @@ PTX targets: ``sm_90a`` on compute capability 9.0 (Hopper), else ``sm_80``, whic
 compiles for any newer GPU when the engine loads (:func:`ptx_arch`).
 """
 
+import ctypes
 import functools
 import re
 import struct
@@ -47,6 +49,8 @@ import numpy.typing as npt
 
 from export.tensorrt import require_tensorrt
 
+# Triton and the kernels (export.kernels.compile) are imported where a kernel is compiled: the
+# launch arithmetic and the registration do not need them.
 if TYPE_CHECKING:
     from export.kernels.compile import LaunchMetadata
 
@@ -302,6 +306,43 @@ def tensorrt_parameter_order(metadata: "LaunchMetadata", num_outputs: int = 1) -
     return pointers[:-num_outputs] + scalars + pointers[-num_outputs:] + scratch
 
 
+def ptx_isa_version(ptx: str) -> int:
+    """The PTX ISA version the text declares, numbered as Triton does: ``.version 9.4`` -> 94."""
+    match = re.search(r"^\.version\s+(\d+)\.(\d+)", ptx, re.MULTILINE)
+    if match is None:
+        raise ValueError("the PTX declares no .version")
+    return int(match.group(1)) * 10 + int(match.group(2))
+
+
+def driver_rejection(ptx: str, driver_cuda: tuple[int, int]) -> str | None:
+    """Why a driver of CUDA version ``driver_cuda`` cannot load ``ptx``, or None if it can.
+
+    Triton writes the newest PTX ISA its bundled ``ptxas`` knows; an older driver refuses it
+    when the engine loads, with an error that names neither the ISA nor the driver.
+    """
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    needed = ptx_isa_version(ptx)
+    loadable = ptx_get_version(f"{driver_cuda[0]}.{driver_cuda[1]}")
+    if needed <= loadable:
+        return None
+    return (
+        f"the plugins' PTX is ISA {needed // 10}.{needed % 10}, and this NVIDIA driver "
+        f"(CUDA {driver_cuda[0]}.{driver_cuda[1]}) loads ISA {loadable // 10}.{loadable % 10} "
+        "at most: update the driver"
+    )
+
+
+@functools.cache
+def driver_cuda_version() -> tuple[int, int]:
+    """The CUDA version of the installed NVIDIA driver (``cuDriverGetVersion``)."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        raise RuntimeError("cuDriverGetVersion failed: is the NVIDIA driver installed?")
+    return version.value // 1000, version.value % 1000 // 10
+
+
 @dataclass(frozen=True)
 class PluginKernel:
     """A kernel ready for a TensorRT AOT plugin: PTX in TensorRT's parameter order."""
@@ -341,7 +382,8 @@ _registered = False
 
 
 def register_plugins() -> None:
-    """Register the three plugins with TensorRT (needed to build engines, not to run them).
+    """Register the three plugins with TensorRT: needed to build engines (the engines embed the
+    kernels and load without Python).
 
     Calling it again does nothing. Raises :class:`export.tensorrt.TensorRTUnavailableError`
     without TensorRT >= 10.9.
@@ -372,6 +414,9 @@ def _check_rank(name: str, desc: Any, rank: int) -> None:
 
 def _aot_result(trtp: Any, kernel: PluginKernel, launch: Launch) -> tuple[Any, ...]:
     """``aot_impl``'s answer: entry name, PTX, launch parameters, scalar arguments."""
+    rejection = driver_rejection(kernel.ptx, driver_cuda_version())
+    if rejection is not None:
+        raise RuntimeError(rejection)
     metadata = kernel.metadata
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = launch.grid

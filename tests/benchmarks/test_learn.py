@@ -101,6 +101,6 @@ def test_an_untrained_map_of_zero_makes_any_trained_map_infinitely_better():
     assert math.isnan(learn.ratio(0.0, 0.0))
     assert learn.format_ratio(learn.ratio(0.0, 0.0)) == "-"
     result = search_result({"mAP": 0.61, "top1": 0.8}, {"mAP": 0.0, "top1": 0.0})
-    assert learn.search_verdicts(result)[-1].endswith("infx >= 3x: yes")
+    assert learn.search_verdicts(result)[-1].endswith("inf >= 3x: yes")
     nothing = search_result({"mAP": 0.0, "top1": 0.0}, {"mAP": 0.0, "top1": 0.0})
     assert learn.search_verdicts(nothing)[-1].endswith("- >= 3x: NO")

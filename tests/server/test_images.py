@@ -1,4 +1,4 @@
-"""Decoding uploads: every PIL encoding to RGB uint8 as a viewer shows it, limits before decoding."""
+"""Decoding uploads: every encoding to RGB uint8 as a viewer shows it, limits before decoding."""
 
 import io
 import re
@@ -163,7 +163,8 @@ def test_floating_point_images_are_unsupported():
 
 
 @pytest.mark.parametrize(
-    "media_type", ["image/jpeg", "image/png", "IMAGE/PNG; charset=x", None, "application/octet-stream"]
+    "media_type",
+    ["image/jpeg", "image/png", "IMAGE/PNG; charset=x", None, "application/octet-stream"],
 )
 def test_image_and_generic_media_types_are_accepted(media_type):
     check_media_type(media_type)

@@ -349,6 +349,16 @@ def test_model_config_typo_is_reported_like_other_config_errors(tmp_path, prw_ro
     assert "unknown key 'model.dimm'" in err
 
 
+def test_unknown_model_name_is_reported_with_the_known_names(tmp_path, prw_root, capsys):
+    path = config_file(tmp_path, prw_root)
+    argv = ["--config", str(path), "--output", str(tmp_path / "run"), "--set", "model.name=lepas"]
+    status = main(argv)  # the real registry, models.build_model
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "unknown model name 'lepas'" in err and "leaps" in err
+    assert "Traceback" not in err
+
+
 def test_missing_config_file_is_reported(tmp_path, capsys):
     status, err = run_cli(["--config", str(tmp_path / "nope.yaml")], capsys)
     assert status == 2

@@ -191,6 +191,18 @@ def test_ensure_engine_builds_once_then_reuses_until_something_changes(machine, 
     assert len(machine.builds) == 3
 
 
+def test_each_graph_has_its_own_engine(machine, tmp_path):
+    detect = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
+    embed = ensure_engine(
+        tmp_path, fingerprint="abc", settings=SETTINGS, onnx_name="embed.plugins.onnx"
+    )
+    assert (detect.name, embed.name) == (
+        "model.sm90-trt10.9.0.34.engine",
+        "embed.sm90-trt10.9.0.34.engine",
+    )
+    assert [build[0] for build in machine.builds] == ["model.plugins.onnx", "embed.plugins.onnx"]
+
+
 def test_ensure_engine_on_another_gpu_builds_its_own_engine_beside_the_first(machine, tmp_path):
     first = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
     machine.gpu = A100

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from export.kernels import deform_conv, dynamic_roi_align
 from export.tensorrt.plugins import (
     Launch,
+    driver_rejection,
     dynamic_roi_align_output_shape,
     float32_bits,
     gemm_launch,
@@ -23,6 +24,7 @@ from export.tensorrt.plugins import (
     im2col_launch,
     im2col_output_shape,
     ptx_arch,
+    ptx_isa_version,
     reorder_entry_parameters,
     roi_align_launch,
 )
@@ -255,3 +257,23 @@ def test_reordering_entry_parameters_moves_declarations_and_leaves_the_body():
 def test_reordering_entry_parameters_rejects_bad_requests(entry, order, message):
     with pytest.raises(ValueError, match=message):
         reorder_entry_parameters(TOY_PTX, entry, order)
+
+
+@pytest.mark.parametrize(
+    ("driver", "loads"),
+    # CUDA 13.x drivers load PTX ISA up to 9.x (13.4: 9.4); CUDA 12.8 stops at ISA 8.7.
+    [((13, 4), True), ((13, 6), True), ((13, 3), False), ((12, 8), False)],
+)
+def test_a_driver_too_old_for_the_ptx_isa_is_named_before_tensorrt_fails_on_it(driver, loads):
+    ptx = ".version 9.4\n.target sm_90a\n"
+    rejection = driver_rejection(ptx, driver)
+    if loads:
+        assert rejection is None
+    else:
+        assert rejection is not None
+        assert f"ISA 9.4, and this NVIDIA driver (CUDA {driver[0]}.{driver[1]})" in rejection
+
+
+def test_ptx_without_a_version_is_an_error():
+    with pytest.raises(ValueError, match=r"no \.version"):
+        ptx_isa_version(".target sm_80\n")

@@ -1,0 +1,87 @@
+"""Ingest jobs recorded in the gallery: inputs, outcomes, progress counts, resumption."""
+
+import pytest
+
+from indexer.jobs import ItemOutcome, JobItem, JobNotFound, JobStore
+from indexer.sources import ImageSource
+from indexer.store import Gallery
+
+A, B, C = (ImageSource(f"/images/{name}.jpg", "gate", 10.0 * i) for i, name in enumerate("abc"))
+
+
+@pytest.fixture
+def jobs(gallery):
+    with JobStore(gallery) as store:
+        yield store
+
+
+def test_a_new_job_lists_its_inputs_as_pending(jobs):
+    job = jobs.create([A, B], name="nightly")
+    assert (job.name, job.status, job.done, job.total) == ("nightly", "queued", 0, 2)
+    assert jobs.items(job.id) == [JobItem(0, A, "pending"), JobItem(1, B, "pending")]
+    assert jobs.find("nightly") == job
+    assert jobs.find("weekly") is None
+
+
+def test_job_names_are_unique(jobs):
+    jobs.create([A], name="nightly")
+    with pytest.raises(ValueError, match="a job named 'nightly' exists already"):
+        jobs.create([B], name="nightly")
+    unnamed = jobs.create([B])  # any number of unnamed jobs
+    assert unnamed.name is None and jobs.create([C]).id != unnamed.id
+
+
+def test_extend_appends_only_new_paths(jobs):
+    job = jobs.create([A, B])
+    assert jobs.extend(job.id, [B, C, C]) == 1
+    assert [item.source for item in jobs.items(job.id)] == [A, B, C]
+    assert jobs.get(job.id).total == 3
+
+
+def test_recorded_outcomes_count_as_done_once(jobs):
+    job = jobs.create([A, B, C])
+    jobs.start(job.id)
+    jobs.record(job.id, [ItemOutcome(0, "added", 100, 5, image_id=7)])
+    jobs.record(job.id, [ItemOutcome(1, "failed", error="truncated")])
+    # Item 0 again (its file changed and was read again): still one done item, not two.
+    jobs.record(job.id, [ItemOutcome(0, "duplicate", 120, 6, image_id=7)])
+    assert jobs.get(job.id).done == 2
+    assert jobs.items(job.id)[:2] == [
+        JobItem(0, A, "duplicate", 120, 6, 7),
+        JobItem(1, B, "failed", error="truncated"),
+    ]
+
+
+def test_starting_again_retries_failed_items(jobs):
+    job = jobs.create([A, B, C])
+    jobs.start(job.id)
+    jobs.record(job.id, [ItemOutcome(0, "added", 1, 1, 1), ItemOutcome(1, "failed", error="x")])
+    jobs.set_status(job.id, "cancelled", "interrupted")
+    restarted = jobs.start(job.id)
+    # Only item 0 stays done; item 1 is pending again, with item 2.
+    assert (restarted.status, restarted.done, restarted.error) == ("running", 1, None)
+    assert [item.status for item in jobs.items(job.id)] == ["added", "pending", "pending"]
+
+
+def test_jobs_survive_reopening_the_gallery(gallery, gallery_path):
+    with JobStore(gallery) as store:
+        job = store.create([A, B], name="nightly")
+        store.start(job.id)
+        store.record(job.id, [ItemOutcome(0, "added", 1, 2, 3)])
+    gallery.close()
+    with Gallery.open(gallery_path, None) as reopened, JobStore(reopened) as store:
+        found = store.find("nightly")
+        assert (found.id, found.status, found.done, found.total) == (job.id, "running", 1, 2)
+        assert [job.id for job in store.all_jobs()] == [job.id]
+
+
+def test_bad_statuses_and_unknown_jobs_are_refused(jobs):
+    job = jobs.create([A])
+    with pytest.raises(ValueError, match="job status must be one of"):
+        jobs.set_status(job.id, "finished")
+    with pytest.raises(ValueError, match="an outcome is one of"):
+        jobs.record(job.id, [ItemOutcome(0, "pending")])
+    with pytest.raises(JobNotFound, match="no job with id 99"):
+        jobs.get(99)
+    with pytest.raises(JobNotFound, match="no job with id 99"):
+        jobs.start(99)

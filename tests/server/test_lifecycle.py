@@ -1,0 +1,156 @@
+"""Starting, readiness, overload, authentication and stopping of the service."""
+
+import asyncio
+import threading
+
+import pytest
+
+from indexer.store import Gallery
+from server.inference import load_runtime_engine
+from tests.server.support import API_KEY, make_settings, png_file, running_app, wait_until_ready
+
+pytestmark = pytest.mark.anyio
+
+
+async def post_search(client, seed: int = 1, **headers):
+    return await client.post("/v1/search", files={"image": png_file(seed)}, headers=headers)
+
+
+async def test_the_service_is_alive_at_once_and_ready_once_loaded(settings):
+    """While the (real) loader is held, /healthz answers, /readyz and the API say 503 "not
+    ready" with Retry-After; once loaded, both are ready."""
+    gate = threading.Event()
+
+    def held_loader(settings):
+        gate.wait(timeout=30)
+        return load_runtime_engine(settings)
+
+    async with running_app(settings, held_loader) as service:
+        client = service.client
+        try:
+            assert (await client.get("/healthz")).status_code == 200
+            for response in (await client.get("/readyz"), await post_search(client)):
+                assert response.status_code == 503
+                assert response.json()["error"]["code"] == "not_ready"
+                assert response.headers["Retry-After"] == str(settings.retry_after_s)
+        finally:
+            gate.set()
+        assert (await wait_until_ready(client)).status_code == 200
+        assert (await post_search(client)).status_code == 200
+
+
+async def test_a_gallery_of_another_model_is_refused_with_409(settings, engine):
+    Gallery.create(settings.gallery_dir, "sha256:another-model", engine.info.dim).close()
+    async with running_app(settings, lambda _: engine) as service:
+        ready = await wait_until_ready(service.client)
+        stats = await service.client.get("/v1/gallery/stats")
+    for response in (ready, stats):
+        assert response.status_code == 409
+        assert response.json()["error"]["code"] == "model_mismatch"
+        assert "sha256:another-model" in response.json()["error"]["message"]
+
+
+async def test_without_a_gallery_and_without_create_the_service_is_not_ready(
+    model_dir, tmp_path, engine
+):
+    settings = make_settings(model_dir, tmp_path, create_gallery=False)
+    async with running_app(settings, lambda _: engine) as service:
+        ready = await wait_until_ready(service.client)
+    assert ready.status_code == 503
+    assert "no gallery" in ready.json()["error"]["message"]
+    assert "Retry-After" not in ready.headers  # retrying will not help
+
+
+class HeldEngine:
+    """The real engine, whose detect can be held at a gate (to fill the queue)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.info = engine.info
+        self.manifest = engine.manifest
+        self.holding = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def detect(self, images):
+        if self.holding:
+            self.entered.set()
+            self.gate.wait(timeout=30)
+        return self.engine.detect(images)
+
+    def embed_query(self, image, box=None):
+        return self.engine.embed_query(image, box)
+
+
+async def test_a_full_queue_answers_503_with_retry_after_and_recovers(model_dir, tmp_path, engine):
+    """Queue of 1, batches of 1: search A holds the worker, B waits in the queue, C is refused
+    at once; when the worker is released A and B are answered, and later searches too."""
+    settings = make_settings(model_dir, tmp_path, queue_size=1, max_batch_size=1, retry_after_s=7)
+    held = HeldEngine(engine)
+    async with running_app(settings, lambda _: held) as service:
+        client = service.client
+        await wait_until_ready(client)
+        batcher = service.app.state.service_state.services.batcher
+        held.holding = True
+        try:
+            first = asyncio.ensure_future(post_search(client, 1))
+            assert await asyncio.to_thread(held.entered.wait, 30)
+            second = asyncio.ensure_future(post_search(client, 2))
+            while batcher.depth < 1:
+                await asyncio.sleep(0.01)
+
+            refused = await post_search(client, 3)
+
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert refused.headers["Retry-After"] == "7"
+        finally:
+            held.holding = False
+            held.gate.set()
+        assert [(await first).status_code, (await second).status_code] == [200, 200]
+        assert (await post_search(client, 4)).status_code == 200
+
+
+async def test_api_keys_guard_the_api_but_not_health_and_metrics(client):
+    without_key = {"X-API-Key": ""}
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await client.get(path, headers=without_key)).status_code == 200
+    assert (await client.get("/v1/gallery/stats", headers=without_key)).status_code == 401
+    assert (await client.get("/v1/gallery/stats")).status_code == 200
+
+
+async def test_without_configured_keys_no_key_is_needed(model_dir, tmp_path, engine):
+    settings = make_settings(model_dir, tmp_path, api_keys=[])
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        service.client.headers.pop("X-API-Key")
+        assert (await service.client.get("/v1/gallery/stats")).status_code == 200
+
+
+async def test_any_of_several_keys_is_accepted(model_dir, tmp_path, engine):
+    settings = make_settings(model_dir, tmp_path, api_keys=["first", API_KEY])
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        for key in ("first", API_KEY):
+            response = await service.client.get("/v1/gallery/stats", headers={"X-API-Key": key})
+            assert response.status_code == 200
+
+
+async def test_a_stopped_service_leaves_its_gallery_saved_for_the_next_start(settings, engine):
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        files = [("images", png_file(1)), ("images", png_file(2))]
+        added = await service.client.post("/v1/gallery/images", files=files)
+        assert added.status_code == 200
+
+    # Closing the gallery wrote its index snapshot: nothing is left to replay.
+    with Gallery.open(settings.gallery_dir, engine.info.fingerprint) as gallery:
+        stats = gallery.stats()
+    assert (stats.num_images, stats.pending) == (2, 0)
+
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        search = await post_search(service.client, 3)
+    assert {hit["image_id"] for hit in search.json()["hits"]} == {
+        image["image_id"] for image in added.json()["images"]
+    }
