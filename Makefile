@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format bench-ops clean
+.PHONY: install demo test lint format bench-ops clean
 
 # Reinstall whenever the dependency list changes.
 $(STAMP): pyproject.toml
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Generate data, train (or reuse) a tiny model, export, index, serve on localhost.
+demo: install
+	$(BIN)/python -m server.demo
 
 lint: install
 	$(BIN)/ruff check .

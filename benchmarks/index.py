@@ -196,8 +196,9 @@ def _print_similarity_profile(gallery: np.ndarray, queries: np.ndarray) -> None:
 
 INGEST_USAGE = """Ingest pipeline throughput against the bare engine, on the same images:
 
-    python benchmarks/index.py --ingest [--model MODEL_DIR] [--frames 200] [--batch-size 8]
-                               [--workers 2] [--backend auto] [--device cpu] [--repeat 2]
+    python benchmarks/index.py --ingest [--model MODEL_DIR] [--frames 200] [--width 384]
+                               [--height 256] [--batch-size 8] [--workers 2] [--backend auto]
+                               [--device cpu] [--repeat 2]
 
 Writes synthetic PRW frames (``python -m training.synthetic --format prw``) and, without
 ``--model``, exports the tiny AlignPS (configs/tiny/alignps_synthetic.yaml, random weights,
@@ -215,12 +216,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def ingest_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="benchmarks/index.py --ingest", description=INGEST_USAGE,
+        prog="benchmarks/index.py", description=INGEST_USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--ingest", action="store_true", required=True)
     parser.add_argument("--model", type=Path, help="exported model folder (default: tiny)")
     parser.add_argument("--frames", type=int, default=200, help="synthetic PRW frames")
+    parser.add_argument("--width", type=int, default=384, help="frame width (generator's)")
+    parser.add_argument("--height", type=int, default=256, help="frame height (generator's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--backend", default="auto")
@@ -234,7 +237,7 @@ def ingest_main(argv: list[str]) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        frames = synthetic_prw_frames(scratch / "prw", args.frames)
+        frames = synthetic_prw_frames(scratch / "prw", args.frames, args.width, args.height)
         model_dir = args.model or tiny_onnx_model(scratch / "model")
         engine = load_engine(model_dir, args.backend, args.device, batch_size=args.batch_size)
         print(f"{len(frames)} frames of {frames_size(frames)}, model {engine.info.name} on "
@@ -285,14 +288,18 @@ def ingest_main(argv: list[str]) -> None:
           f"<= {INGEST_TARGET:.0%})")  # fmt: skip
 
 
-def synthetic_prw_frames(root: Path, count: int) -> list[Path]:
-    """``count`` synthetic PRW frames (a fifth in the training split), written by the
-    generator's command line; identities scaled down so that small counts are valid."""
+def synthetic_prw_frames(root: Path, count: int, width: int, height: int) -> list[Path]:
+    """``count`` synthetic PRW frames of ``width`` x ``height`` (a fifth in the training
+    split), written by the generator's command line; identities scaled down so that small
+    counts are valid. Persons keep the generator's heights, scaled with the frame height."""
+    scale = height / 256  # the generator's default frame height
     train = max(count // 5, 1)
     command = [sys.executable, "-m", "training.synthetic", "--format", "prw", "--out", str(root),
                "--train-images", str(train), "--test-images", str(count - train),
                "--train-identities", str(max(train // 4, 1)),
-               "--test-identities", str(max((count - train) // 5, 1)), "--no-progress"]  # fmt: skip
+               "--test-identities", str(max((count - train) // 5, 1)), "--no-progress",
+               "--width", str(width), "--height", str(height),
+               "--min-person", str(40 * scale), "--max-person", str(120 * scale)]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPOSITORY)
     return sorted((root / "frames").glob("*.jpg"))
 

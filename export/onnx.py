@@ -608,7 +608,8 @@ def _capture(
             return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         except torch._dynamo.exc.UserError as error:  # a dimension's range is too wide
             if "Suggested fixes" not in error.msg:
-                raise ExportError(f"torch.export cannot keep the shapes dynamic: {error.msg}")
+                message = f"torch.export cannot keep the shapes dynamic: {error.msg}"
+                raise ExportError(message) from error
             refined = torch.export.dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes(
                 error.msg, dynamic_shapes
             )

@@ -16,8 +16,10 @@ pad to a multiple of 32 and to the graph's smallest input side), so their answer
 by the arithmetic of the backends; ``export/parity.py`` states by how much.
 
 Backends: ``torch`` (the PyTorch model from ``checkpoint.safetensors``), ``onnxruntime``
-(``model.onnx``; CPU, or CUDA with onnxruntime-gpu) and ``tensorrt`` (needs TensorRT, which
-only exists with an NVIDIA GPU). ``auto`` picks the fastest one available on the device.
+(``model.onnx``; CPU, or CUDA with onnxruntime-gpu) and ``tensorrt`` (``model.plugins.onnx`` as
+an engine built for this GPU by ``export.tensorrt``; needs TensorRT and an NVIDIA GPU, and its
+first load builds the engine, which takes minutes). ``auto`` is ONNX Runtime where it is
+installed for the device and the folder has its graphs, else PyTorch.
 """
 
 from __future__ import annotations
@@ -276,6 +278,12 @@ class Engine:
 
     def _preprocess(self, image: np.ndarray) -> tuple[Tensor, tuple[float, float]]:
         return normalize_and_resize(image, self.manifest.preprocess)
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The backend alone, on a preprocessed batch (B, 3, H, W) (``models/preprocess.py``):
+        the model's fixed-size outputs boxes (B, K, 4) in the batch's pixels, scores (B, K),
+        embeddings (B, K, D)."""
+        return self._runner.detect(np.ascontiguousarray(batch, dtype=np.float32))
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of every image (see the module docstring), batched ``batch_size`` at a

@@ -287,7 +287,7 @@ def decode_image(content: bytes) -> np.ndarray:
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
-    if image.mode.startswith("I"):  # 16- or 32-bit grey: keep the top 8 of 16 bits
+    if image.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): 0..65535 scaled to 0..255
         grey = np.asarray(image, dtype=np.float64) / 257.0
         grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
@@ -369,11 +369,11 @@ class SizeBatcher:
         ready = []
         if len(group) == self.batch_size:
             ready.append(self._groups.pop(key))
-        newest = loaded.work.position
-        for key in [
-            k for k, g in self._groups.items() if g[0].work.position <= newest - self.max_wait
-        ]:
-            ready.append(self._groups.pop(key))
+        oldest_allowed = loaded.work.position - self.max_wait
+        waited_enough = [
+            key for key, group in self._groups.items() if group[0].work.position <= oldest_allowed
+        ]
+        ready += [self._groups.pop(key) for key in waited_enough]
         return ready
 
     def drain(self) -> list[list[LoadedImage]]:

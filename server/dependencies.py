@@ -1,4 +1,6 @@
-"""FastAPI dependencies: settings, the loaded services, API keys, request media types."""
+"""FastAPI dependencies: settings, the loaded services, API keys, request media types.
+
+They are ``async``: none blocks, and FastAPI would run plain functions in the thread pool."""
 
 import secrets
 from typing import Annotated
@@ -19,12 +21,12 @@ _api_key_header = APIKeyHeader(
 )
 
 
-def get_settings(request: Request) -> ServerSettings:
+async def get_settings(request: Request) -> ServerSettings:
     """The app's settings."""
     return request.app.state.settings
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     """The app's loading state (services, or why there are none)."""
     return request.app.state.service_state
 
@@ -33,12 +35,12 @@ SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_search_service(state: StateDep) -> SearchService:
+async def get_search_service(state: StateDep) -> SearchService:
     """The search service; 503 while loading, 409 or 503 if loading failed."""
     return state.require().search
 
 
-def get_gallery_service(state: StateDep) -> GalleryService:
+async def get_gallery_service(state: StateDep) -> GalleryService:
     """The gallery service; 503 while loading, 409 or 503 if loading failed."""
     return state.require().gallery_service
 
@@ -47,7 +49,7 @@ SearchServiceDep = Annotated[SearchService, Depends(get_search_service)]
 GalleryServiceDep = Annotated[GalleryService, Depends(get_gallery_service)]
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]
 ) -> None:
     """401 without a key, 403 with a wrong one; nothing to check when no keys are configured."""
@@ -62,7 +64,7 @@ def require_api_key(
         raise Forbidden(f"the API key in the {API_KEY_HEADER} header is not valid")
 
 
-def require_multipart(request: Request) -> None:
+async def require_multipart(request: Request) -> None:
     """415 unless the request body is ``multipart/form-data`` (uploads carry files)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "multipart/form-data":

@@ -5,7 +5,6 @@ unknown routes, wrong methods, bodies over the size limit, unparsable bodies) ar
 into the same shape by the handlers :func:`install_error_handlers` registers.
 """
 
-import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -13,8 +12,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-
-logger = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -144,29 +141,29 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-async def _service_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, ServiceError)
+async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
     return error_response(error.status_code, error.code, error.message, error.headers)
 
 
-async def _validation_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     message = describe_validation_errors(list(error.errors()))
     return error_response(HTTPStatus.UNPROCESSABLE_ENTITY, InvalidField.code, message)
 
 
-async def _http_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     status = HTTPStatus(error.status_code)
     code = _HTTP_CODES.get(status, status.phrase.lower().replace(" ", "_"))
     message = error.detail if isinstance(error.detail, str) else status.phrase
     if status == HTTPStatus.NOT_FOUND and message == status.phrase:
         message = f"no route {request.method} {request.url.path}"
+    if status == HTTPStatus.METHOD_NOT_ALLOWED and message == status.phrase:
+        allowed = (error.headers or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
     return error_response(status, code, message, error.headers)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error in %s %s", request.method, request.url.path)
+    # Starlette re-raises the error after this answer, and the server logs it with its traceback.
     return error_response(
         HTTPStatus.INTERNAL_SERVER_ERROR, "internal", "internal error (see the server log)"
     )

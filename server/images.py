@@ -32,11 +32,9 @@ _BACKGROUND = (255, 255, 255)  # behind transparent pixels
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An image as the engine takes it: ``pixels`` (H, W, 3) RGB uint8, the container
-    ``format`` PIL found (JPEG, PNG, ...), and its upright ``width`` and ``height``."""
+    """An image as the engine takes it: ``pixels`` (H, W, 3) RGB uint8, upright."""
 
     pixels: np.ndarray
-    format: str
 
     @property
     def width(self) -> int:
@@ -79,7 +77,7 @@ def decode_image(data: bytes, max_pixels: int, what: str = "the image") -> Decod
         pixels = _to_rgb(ImageOps.exif_transpose(image), what)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadImage(f"{what} could not be decoded ({image_format}): {error}") from error
-    return DecodedImage(np.ascontiguousarray(pixels), image_format)
+    return DecodedImage(np.ascontiguousarray(pixels))
 
 
 def _open(data: bytes, what: str) -> Image.Image:

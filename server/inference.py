@@ -132,11 +132,16 @@ def max_iou_query(detections: Detections, box: Box) -> QueryEmbedding | NoPerson
     best = int(np.argmax(overlaps))
     return QueryEmbedding(
         embedding=np.asarray(detections.embeddings[best], np.float32),
-        box=tuple(float(v) for v in detections.boxes[best]),  # type: ignore[arg-type]
+        box=_as_box(detections.boxes[best]),
         method="max_iou_detection",
         iou=float(overlaps[best]),
         det_score=float(detections.scores[best]),
     )
+
+
+def _as_box(values: np.ndarray) -> Box:
+    x1, y1, x2, y2 = (float(value) for value in values)
+    return (x1, y1, x2, y2)
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -23,7 +23,15 @@ from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from indexer.store import Gallery
-from indexer.types import GalleryMismatch, GalleryNotFound, Hit, ImageNotFound, NewImage
+from indexer.types import (
+    AddResult,
+    GalleryMismatch,
+    GalleryNotFound,
+    Hit,
+    ImageInfo,
+    ImageNotFound,
+    NewImage,
+)
 from server.batcher import MicroBatcher
 from server.errors import InvalidField, ModelMismatch, NotFound, NotReady, ServiceError, TooLarge
 from server.files import ImageFiles, media_type
@@ -207,7 +215,7 @@ class SearchService:
             uri=upload.filename,
         )
 
-    def _store(self, uploads: Sequence[Upload], images: list[NewImage]) -> list[Any]:
+    def _store(self, uploads: Sequence[Upload], images: list[NewImage]) -> list[AddResult]:
         # Files first: once an image id is visible, its file can be served.
         for upload in uploads:
             self.files.save(hashlib.sha256(upload.data).hexdigest(), upload.data)
@@ -294,7 +302,7 @@ class GalleryService:
         stats = self.gallery.stats()
         return stats.num_images, stats.num_persons
 
-    def _image(self, image_id: int) -> Any:
+    def _image(self, image_id: int) -> ImageInfo:
         try:
             return self.gallery.get_image(image_id)
         except ImageNotFound as error:
@@ -303,9 +311,8 @@ class GalleryService:
 
 @dataclass
 class Services:
-    """Everything loaded: the engine, the gallery, the batcher and the services on them."""
+    """Everything loaded: the gallery, the batcher on the engine, and the services on them."""
 
-    engine: Engine
     gallery: Gallery
     batcher: MicroBatcher[Job, Any]
     search: SearchService
@@ -366,7 +373,6 @@ async def start_services(
         device=str(info.device),
     )
     return Services(
-        engine=engine,
         gallery=gallery,
         batcher=batcher,
         search=SearchService(settings, gallery, batcher, files),
@@ -392,9 +398,7 @@ class ServiceState:
             return self.services
         if self._failure is not None:
             error_type, message = self._failure
-            if error_type is NotReady:
-                raise NotReady(message)
-            raise error_type(message)
+            raise error_type(message)  # a new exception each time: tracebacks do not pile up
         raise NotReady(
             "the model and the gallery are still loading", retry_after_s=self.retry_after_s
         )

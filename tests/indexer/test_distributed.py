@@ -57,6 +57,8 @@ def gallery_rows(path):
     return images, persons
 
 
+# Ray Data's own context warns of its deprecated settings when it copies itself.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 def test_ray_ingest_builds_the_gallery_the_local_pipeline_builds(tmp_path, model_dir, local_ray):
     folder = tmp_path / "images"
     folder.mkdir()

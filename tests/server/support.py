@@ -78,13 +78,16 @@ class Running:
 
 @asynccontextmanager
 async def running_app(
-    settings: ServerSettings, load_engine: EngineLoader | None = None
+    settings: ServerSettings,
+    load_engine: EngineLoader | None = None,
+    raise_app_exceptions: bool = True,
 ) -> AsyncIterator[Running]:
     """``async with running_app(settings, load_engine) as service``: the app is started (its
-    model loads in the background) and stopped at the end."""
+    model loads in the background) and stopped at the end. Errors the app does not handle are
+    raised in the test, unless ``raise_app_exceptions`` is False (then they are answered 500)."""
     app = create_app(settings, load_engine)
     client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions),
         base_url="http://psearch",
         headers={"X-API-Key": API_KEY},
     )

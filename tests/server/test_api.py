@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server.support import MAX_DETECTIONS, encode, png_file, scene
+from tests.server.support import (
+    MAX_DETECTIONS,
+    encode,
+    make_settings,
+    png_file,
+    running_app,
+    scene,
+    wait_until_ready,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -246,3 +254,31 @@ async def test_concurrent_searches_are_answered_in_shared_batches(client):
     # The add's detection was a batch of one; then the six queries.
     assert metric(text, "psearch_inference_batch_size_sum") == 1 + 6
     assert metric(text, "psearch_inference_batch_size_count") < 1 + 6
+
+
+async def test_an_indexed_server_file_is_served_while_it_is_unchanged(model_dir, tmp_path, engine):
+    """An image indexed from a path (as bulk indexing will) is served from that path when it is
+    under an allowed root and still has the bytes that were indexed."""
+    allowed = tmp_path / "cameras"
+    allowed.mkdir()
+    inside, outside = allowed / "frame.png", tmp_path / "frame.png"
+    inside.write_bytes(encode(scene(30)))
+    outside.write_bytes(encode(scene(31)))
+    settings = make_settings(model_dir, tmp_path, allowed_roots=[allowed])
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        gallery = service.app.state.service_state.services.gallery
+        ids = [
+            gallery.add_image(path, engine.detect([scene(0)])[0], width=128, height=96).image_id
+            for path in (inside, outside)
+        ]
+
+        served = await service.client.get(f"/v1/gallery/images/{ids[0]}/file")
+        assert served.status_code == 200
+        assert served.content == inside.read_bytes()
+        refused = await service.client.get(f"/v1/gallery/images/{ids[1]}/file")
+        assert refused.status_code == 404
+
+        inside.write_bytes(encode(scene(32)))  # changed since indexed: no longer that image
+        changed = await service.client.get(f"/v1/gallery/images/{ids[0]}/file")
+        assert changed.status_code == 404

@@ -299,6 +299,7 @@ async def test_messages_say_what_is_wrong(service):
         "missing api key": "X-API-Key",
         "unknown image": "no image with id 999",
         "unknown route": "no route GET /v2/search",
+        "wrong method": "PUT is not allowed on /v1/search (allowed: POST)",
     }
     for name, expected in cases.items():
         response = await send(client, BAD_REQUESTS[name])

@@ -154,3 +154,28 @@ async def test_a_stopped_service_leaves_its_gallery_saved_for_the_next_start(set
     assert {hit["image_id"] for hit in search.json()["hits"]} == {
         image["image_id"] for image in added.json()["images"]
     }
+
+
+class FailingEngine(HeldEngine):
+    """The real engine, whose detect fails on demand (a backend error)."""
+
+    def detect(self, images):
+        if self.holding:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.engine.detect(images)
+
+
+async def test_an_engine_failure_is_a_500_in_the_error_shape_and_the_service_goes_on(
+    settings, engine
+):
+    failing = FailingEngine(engine)
+    async with running_app(settings, lambda _: failing, raise_app_exceptions=False) as service:
+        await wait_until_ready(service.client)
+        failing.holding = True
+        response = await post_search(service.client)
+        assert response.status_code == 500
+        assert response.json() == {
+            "error": {"code": "internal", "message": "internal error (see the server log)"}
+        }
+        failing.holding = False
+        assert (await post_search(service.client)).status_code == 200

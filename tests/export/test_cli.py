@@ -1,0 +1,64 @@
+"""psearch-export: the folder it writes, and one-line errors for mistakes a user can fix."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from export import cli
+from export.artifact import read_manifest
+
+
+@pytest.mark.parametrize("family", ["alignps", "leaps"])
+def test_export_writes_the_model_folder(exported, family):
+    """RoI models (with embed_boxes) get the query graphs too."""
+    result = exported(family)
+    assert result.exit_code == 0, result.printed
+    manifest = read_manifest(result.model_dir)
+    assert manifest.embeds_boxes == hasattr(result.model, "embed_boxes")
+    expected = {"psearch.json", "checkpoint.safetensors", "model.onnx", "model.plugins.onnx"}
+    if manifest.embeds_boxes:
+        expected |= {"embed.onnx", "embed.plugins.onnx"}
+    assert {path.name for path in result.model_dir.iterdir()} == expected
+    assert f"{family}: fingerprint {manifest.fingerprint}" in result.printed
+    assert "parity PASSED" in result.printed
+
+
+def run(argv: list[str], capsys) -> tuple[int, list[str]]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
+@pytest.mark.parametrize("format_", ["tensorrt", "all"])
+def test_tensorrt_format_without_tensorrt_fails_at_once_saying_what_to_install(
+    tmp_path, capsys, format_
+):
+    """Before any work: the checkpoint does not even exist."""
+    code, errors = run(
+        ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--format", format_],
+        capsys,
+    )
+    assert code == cli.USER_ERROR
+    assert len(errors) == 1
+    assert "TensorRT is not installed" in errors[0] and "pip install" in errors[0]
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_missing_run_folder_is_a_one_line_error(tmp_path, capsys):
+    code, errors = run(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "m")], capsys)
+    assert code == cli.USER_ERROR
+    assert errors == [
+        f"psearch-export: error: {tmp_path}: no config.yaml; is it a training run folder?"
+    ]
+
+
+def test_an_existing_model_folder_is_kept_unless_overwrite(exported, capsys):
+    result = exported("alignps")
+    before = (result.model_dir / "psearch.json").read_text()
+    code, errors = run(
+        ["--checkpoint", str(result.run_dir), "--out", str(result.model_dir)], capsys
+    )
+    assert code == cli.USER_ERROR and "add --overwrite" in errors[0]
+    assert (result.model_dir / "psearch.json").read_text() == before
