@@ -23,6 +23,7 @@ one-line message when the folder is not a model folder or TensorRT cannot be use
 """
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -106,14 +107,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, required=True, help="exported model folder")
     parser.add_argument("--backend", choices=BACKENDS, required=True)
     parser.add_argument("--device", choices=DEVICES, required=True)
-    parser.add_argument(
-        "--cache-dir", type=Path, required=True, help="writable folder for engines"
-    )
+    parser.add_argument("--cache-dir", type=Path, required=True, help="writable folder for engines")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # export.tensorrt logs why an engine is (re)built.
+    logging.basicConfig(level=logging.INFO, format="prepare-model: %(message)s")
     try:
         model_dir = prepare(
             args.model_dir, backend=args.backend, device=args.device, cache_dir=args.cache_dir

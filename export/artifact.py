@@ -206,6 +206,7 @@ def write_weights(model: nn.Module, directory: Path, manifest: Manifest) -> Path
         "model_config": canonical_json(manifest.config),
     }
     safetensors.torch.save_model(model, str(path), metadata)
+    path.chmod(0o644)  # safetensors writes 0600; the folder is deployed, read by other users
     return path
 
 

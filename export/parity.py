@@ -55,6 +55,7 @@ class ParityReport:
     max_box_error: float = 0.0
     max_score_error: float = 0.0
     min_cosine: float = 1.0
+    embeddings: int = 0  # detection embeddings compared (none for a pure detector)
     query_embeddings: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -72,7 +73,11 @@ class ParityReport:
             + (f", {self.query_embeddings} query embeddings" if self.query_embeddings else ""),
             f"  boxes   max |diff| / image size {self.max_box_error:.2e} (tolerance {tol.box:g})",
             f"  scores  max |diff| {self.max_score_error:.2e} (tolerance {tol.score:g})",
-            f"  embeddings min cosine {self.min_cosine:.6f} (tolerance {tol.cosine:g})",
+            (
+                f"  embeddings min cosine {self.min_cosine:.6f} (tolerance {tol.cosine:g})"
+                if self.embeddings or self.query_embeddings
+                else "  embeddings: none (a detector)"
+            ),
         ]
         lines.extend(f"  - {failure}" for failure in self.failures[:10])
         if len(self.failures) > 10:
@@ -145,6 +150,7 @@ def _compare_image(
         report.failures.append(f"{where}: scores differ by up to {score_error.max():.2e}")
     if ref_embeddings.shape[-1] and ref_valid:
         cosine = _cosine(ref_embeddings[:ref_valid], cand_embeddings[order])
+        report.embeddings += ref_valid
         report.min_cosine = min(report.min_cosine, float(cosine.min()))
         if (cosine < tol.cosine).any():
             report.failures.append(f"{where}: embedding cosine down to {cosine.min():.6f}")

@@ -17,13 +17,15 @@ from export.onnx import (
     ExportError,
     check_graph,
     custom_ops,
+    export_embed_graphs,
     export_graphs,
     forbidden_grid_samples,
 )
 from models.ops.deform_conv import DeformConvPack
 from models.ops.dynamic_roi_align import dynamic_roi_align
 from models.ops.nms import batched_nms, nms
-from models.ops.roi_align import roi_align
+from models.ops.roi_align import boxes_to_rois, roi_align
+from models.preprocess import PreprocessConfig
 
 Dim = torch.export.Dim
 
@@ -295,3 +297,43 @@ def test_exported_graphs_pass_the_full_onnx_check_at_opset_19(exported, family):
         assert modes <= {"bilinear"}
         if not plugins:
             assert custom_ops(proto) == set()
+
+
+class ToyRoIModel(nn.Module):
+    """The shape of a RoI model's query path: features, (dynamic) RoIAlign of the boxes,
+    an embedding from the pooled features."""
+
+    preprocess = PreprocessConfig()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, stride=8, padding=1)
+        self.offsets = nn.Linear(8 * 2 * 2, 2 * 2 * 2)
+        self.embed = nn.Linear(8 * 2 * 2, 5)
+
+    def embed_boxes(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
+        features = self.features(images)
+        rois = boxes_to_rois(boxes)
+        pooled = roi_align(features, rois, 2, 1 / 8, 2)
+        offsets = self.offsets(pooled.flatten(1)).tanh().view(-1, 2, 2, 2)
+        pooled = dynamic_roi_align(features, rois, offsets, 2, 1 / 8, 2)
+        return torch.nn.functional.normalize(self.embed(pooled.flatten(1)), dim=1)
+
+
+def test_the_query_graph_embeds_any_number_of_boxes_like_embed_boxes():
+    torch.manual_seed(0)
+    model = ToyRoIModel().eval()
+    graphs = export_embed_graphs(model)
+    check_graph(graphs.portable, plugins=False)
+    check_graph(graphs.plugins, plugins=True)
+    session = onnxruntime.InferenceSession(
+        graphs.portable.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    image = torch.randn(1, 3, 96, 160)
+    corners = torch.rand(5, 2, 2) * torch.tensor([160.0, 96.0])  # 5 boxes, 2 corners, (x, y)
+    several = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    for boxes in (torch.tensor([[4.0, 8.0, 60.0, 90.0]]), several):
+        exported = session.run(None, {"images": image.numpy(), "boxes": boxes.numpy()})[0]
+        with torch.no_grad():
+            expected = model.embed_boxes(image, [boxes]).numpy()
+        np.testing.assert_allclose(exported, expected, atol=1e-5)
