@@ -28,7 +28,9 @@ router = APIRouter(
     responses=error_responses(401, 403, 409, 503),
 )
 
-ImageId = Annotated[int, Path(ge=1, description="Id of a gallery image.")]
+# Image ids are SQLite row ids: no image has a larger one, and SQLite cannot even compare one.
+MAX_IMAGE_ID = 2**63 - 1
+ImageId = Annotated[int, Path(ge=1, le=MAX_IMAGE_ID, description="Id of a gallery image.")]
 
 
 @router.post(
