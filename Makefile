@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench-ops clean
+.PHONY: install browser demo test lint format bench-ops clean
 
 # Reinstall whenever the dependency list changes.
 $(STAMP): pyproject.toml
@@ -13,7 +13,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,export,distributed]'
 	touch $(STAMP)
 
+# The browser test drives Debian's chromium (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
 install: $(STAMP)
+
+browser: $(CHROMIUM)
 
 # Generate data, train (or reuse) a tiny model, export, index, serve on localhost.
 demo: install
@@ -27,7 +37,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -n auto --durations=15
 
 bench-ops: install

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,36 +231,49 @@ async def one_search(client: httpx.AsyncClient, query: SearchQuery) -> httpx.Res
     return await client.post("/v1/search", files=files, data=query.form())
 
 
+async def run_clients(
+    send: Callable[[int], Awaitable[None]], clients: int, requests: int, seconds: float
+) -> float:
+    """Call ``send(index)`` for index 0 .. ``requests`` - 1 from ``clients`` concurrent loops
+    (each awaits its call before taking the next index); no call starts after ``seconds``.
+    Returns the wall time taken."""
+    indexes = iter(range(requests))
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def client_loop() -> None:
+        for index in indexes:  # one shared iterator: each index is sent once
+            if time.perf_counter() > deadline:
+                return
+            await send(index)
+
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    return time.perf_counter() - start
+
+
 async def load_level(
     url: str, queries: Sequence[SearchQuery], clients: int, requests: int, seconds: float
 ) -> LevelResult:
-    """``clients`` concurrent clients send ``requests`` searches in all (queries round-robin),
-    each waiting for its answer before the next; no new search starts after ``seconds``."""
+    """``clients`` concurrent clients send up to ``requests`` searches in all (the queries
+    round-robin), for at most ``seconds``; every answer's latency and timings are recorded."""
     result = LevelResult(clients)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def send(index: int) -> None:
+            sent = time.perf_counter()
+            response = await one_search(client, queries[index % len(queries)])
+            if response.status_code != 200:
+                result.errors += 1
+                return
+            result.latencies.append(time.perf_counter() - sent)
+            for name, value in response.json()["timings"].items():
+                result.server_ms.setdefault(name, []).append(value)
+
         # Warm-up: one search per client opens the connections; not counted.
         await asyncio.gather(*(one_search(client, queries[0]) for _ in range(clients)))
         images_before, batches_before = batch_size_totals(url)
-        next_request = iter(range(requests))
-        start = time.perf_counter()
-        deadline = start + seconds
-
-        async def client_loop() -> None:
-            for index in next_request:
-                if time.perf_counter() > deadline:
-                    return
-                sent = time.perf_counter()
-                response = await one_search(client, queries[index % len(queries)])
-                if response.status_code != 200:
-                    result.errors += 1
-                    continue
-                result.latencies.append(time.perf_counter() - sent)
-                for name, value in response.json()["timings"].items():
-                    result.server_ms.setdefault(name, []).append(value)
-
-        await asyncio.gather(*(client_loop() for _ in range(clients)))
-        result.seconds = time.perf_counter() - start
+        result.seconds = await run_clients(send, clients, requests, seconds)
         images, batches = batch_size_totals(url)
     if batches > batches_before:
         result.mean_batch = (images - images_before) / (batches - batches_before)

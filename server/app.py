@@ -17,7 +17,7 @@ from server.errors import NotReady, ServiceError, install_error_handlers
 from server.inference import EngineLoader, load_runtime_engine
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import RequestMetricsMiddleware, ServiceMetrics
-from server.routers import gallery, health, metrics, search, ui
+from server.routers import gallery, health, jobs, metrics, search, ui
 from server.services import ServiceState, load_engine_and_gallery, start_services
 from server.settings import ServerSettings, load_settings
 
@@ -51,7 +51,8 @@ def create_app(
     # The last added is the outermost: metrics see every answer, the size limit's included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    for router in (search.router, gallery.router, health.router, metrics.router, ui.router):
+    routers = (search.router, gallery.router, jobs.router, health.router, metrics.router, ui.router)
+    for router in routers:
         app.include_router(router)
     return app
 

@@ -1,14 +1,16 @@
 """What the API takes and returns. Every field is described: these models are the OpenAPI docs.
 
-Requests are multipart forms (they carry images). A box travels in a form as one text field
-``x1,y1,x2,y2`` (pixels of the uploaded image, x right, y down); in JSON answers it is a list of
-four numbers.
+Requests that carry images are multipart forms; a bulk job request is JSON. A box travels in a
+form as one text field ``x1,y1,x2,y2`` (pixels of the uploaded image, x right, y down); in JSON
+answers it is a list of four numbers.
 """
 
+import os
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -288,6 +290,102 @@ class ReadyOut(BaseModel):
     gallery: GalleryStatsOut = Field(description="The loaded gallery.")
 
 
+def _server_path(path: str) -> str:
+    """An absolute path, as the server's file system spells it (no NUL, which no path holds)."""
+    if "\x00" in path:
+        raise ValueError(f"a path cannot contain a NUL character, got {path!r}")
+    if not os.path.isabs(path):
+        raise ValueError(f"{path!r} is relative; give the absolute path on the server")
+    return path
+
+
+ServerPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_server_path)]
+MAX_JOB_PATHS = 1000
+
+
+class JobRequest(BaseModel):
+    """``POST /v1/gallery/jobs``: server files and folders to index, under the allowed roots."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paths: list[ServerPath] = Field(
+        default_factory=list,
+        max_length=MAX_JOB_PATHS,
+        description="Absolute paths of image files, or of folders whose image files are indexed "
+        "(in name order).",
+    )
+    manifest: ServerPath | None = Field(
+        default=None,
+        description="Absolute path of a manifest (CSV with a `path` column, or JSON lines) "
+        "listing images with their camera and capture time; relative entries are relative to "
+        "its folder.",
+    )
+    recursive: bool = Field(default=False, description="Also index the subfolders of `paths`.")
+    camera: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Camera of every image whose manifest row names none.",
+    )
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="A name for the job, unique in the gallery.",
+    )
+
+    @model_validator(mode="after")
+    def _something_to_index(self) -> "JobRequest":
+        if not self.paths and self.manifest is None:
+            raise ValueError("give `paths`, a `manifest`, or both")
+        return self
+
+
+JobStatus = Literal["queued", "running", "done", "failed", "interrupted"]
+
+
+class JobFailureOut(BaseModel):
+    """An image a job could not add."""
+
+    path: str = Field(description="The image file (symlinks resolved).")
+    reason: str = Field(description="Why it was not added.")
+
+
+class JobSummaryOut(BaseModel):
+    """A bulk indexing job, in short."""
+
+    id: int = Field(description="Id of the job.")
+    name: str | None = Field(description="Its name, if it was given one.")
+    status: JobStatus = Field(
+        description="`queued` (waiting for the worker, or interrupted by a shutdown: it resumes "
+        "when the service starts again), `running`, `done` (every image attempted; some may "
+        "have failed), `failed` (stopped by an error that is not one image's: see `error`), "
+        "`interrupted` (stopped on purpose, e.g. Ctrl-C of `psearch-index`; not resumed)."
+    )
+    error: str | None = Field(description="Why the job failed or was interrupted.")
+    total: int = Field(description="Images the job lists.")
+    done: int = Field(description="Images with an outcome: added, duplicate or failed.")
+    created_at: float = Field(description="When the job was submitted (POSIX seconds).")
+    updated_at: float = Field(description="When its status or counts last changed.")
+
+
+class JobOut(JobSummaryOut):
+    """A bulk indexing job and its progress."""
+
+    added: int = Field(description="Images added to the gallery.")
+    duplicates: int = Field(description="Images whose bytes were in the gallery already.")
+    failed: int = Field(description="Images that could not be added (`failures` says why).")
+    failures: list[JobFailureOut] = Field(
+        description="The first failed images, in job order, with the reason."
+    )
+
+
+class JobListOut(BaseModel):
+    """The gallery's bulk indexing jobs."""
+
+    jobs: list[JobSummaryOut] = Field(description="Every job, newest first.")
+
+
 _ERROR_DESCRIPTIONS = {
     400: "The image is empty or cannot be decoded, or the body cannot be parsed.",
     401: "An API key is required (X-API-Key header).",
@@ -299,6 +397,11 @@ _ERROR_DESCRIPTIONS = {
     422: "A field is invalid (the message names it).",
     503: "Overloaded (retry after Retry-After seconds) or not ready.",
 }
+
+
+def described_error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` entry of one error status with an operation's own wording."""
+    return {status: {"model": ErrorResponse, "description": description}}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

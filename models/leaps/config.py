@@ -96,6 +96,12 @@ class ReidHeadConfig(StrictModel):
         True, description="HIRM's self-attention across proposals (False = Table 3 i)."
     )
     feature_dim: int = Field(256, gt=0, description="Width of each branch's re-id feature.")
+    embedding_norm: bool = Field(
+        True,
+        description="BatchNorm1d on each branch's re-id feature before L2 normalisation (not in "
+        "the paper; as NAE/SeqNet's embedding heads; keeps OIM from stalling on collapsed "
+        "features).",
+    )
     roi_size: int = Field(7, gt=0, description="(Dynamic) RoIAlign bins per side on F_s8.")
     sampling_ratio: int = Field(2, description="RoIAlign samples per bin side (<= 0: adaptive).")
     dynamic_dim: int = Field(64, gt=0, description="Inner width of HIRM's dynamic 1x1 convs.")

@@ -11,9 +11,15 @@ From F_s8 and the stage's proposals (boxes and features F_p):
    self-attention across the proposals of an image (-> F_rh).
 
 Each branch returns its re-id feature and its intermediate feature (F_ip, F_ih), which the
-diversity loss L_div = cos(F_ip, F_ih) pulls apart. The inference embedding is the branches'
-L2-normalised features concatenated, then normalised again: both branches count equally, as in
-training, where each has its own OIM loss.
+diversity loss L_div = cos(F_ip, F_ih) pulls apart. Not in the paper: each branch's re-id
+feature passes a BatchNorm1d over the batch's proposals (``reid.embedding_norm``), as the
+embedding heads of NAE and SeqNet do before OIM. Without it the features of all proposals share
+one dominant direction from the start, the OIM lookup table copies it into every row, and the
+OIM gradient, which is the difference between rows, stays too small to separate identities
+(observed on the synthetic data: the loss stalls at its uniform value).
+
+The inference embedding is the branches' L2-normalised features concatenated, then normalised
+again: both branches count equally, as in training, where each has its own OIM loss.
 """
 
 from __future__ import annotations
@@ -135,6 +141,11 @@ class FlexibleReidHead(nn.Module):
             else HierarchicalInteractionReidModule(channels, num_bins, cfg)
             for kind in cfg.branches
         )
+        self.embedding_norms = (
+            nn.ModuleList(nn.BatchNorm1d(cfg.feature_dim) for _ in cfg.branches)
+            if cfg.embedding_norm
+            else None
+        )
         self.reset_offsets()
 
     def reset_offsets(self) -> None:
@@ -162,7 +173,13 @@ class FlexibleReidHead(nn.Module):
         (B, N, C)."""
         rois = self.roi_features(features_s8, boxes, proposal_features)
         outputs = [branch(proposal_features, rois) for branch in self.branches]
+        features = [out.feature for out in outputs]
+        if self.embedding_norms is not None:
+            features = [
+                norm(feature.flatten(0, 1)).view_as(feature)
+                for norm, feature in zip(self.embedding_norms, features, strict=True)
+            ]
         return ReidOutput(
-            features=tuple(out.feature for out in outputs),
+            features=tuple(features),
             intermediates=tuple(out.intermediate for out in outputs),
         )

@@ -39,4 +39,6 @@ def asset(name: str) -> FileResponse:
     """A script or style sheet of the page."""
     if name not in ASSETS:
         raise NotFound(f"no page asset {name!r}")
-    return FileResponse(STATIC_DIR / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+    return FileResponse(
+        STATIC_DIR / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"}
+    )

@@ -58,7 +58,7 @@ async function errorOf(response) {
 function showError(box, what, error) {
   box.replaceChildren();
   const title = document.createElement("strong");
-  title.textContent = what;
+  title.textContent = `${what}:`;
   const detail = document.createElement("span");
   detail.className = "error-message";
   detail.textContent = error.message;
@@ -224,7 +224,7 @@ function typeBox() {
       numbers[2] > numbers[0] &&
       numbers[3] > numbers[1];
     if (valid) query.box = numbers;
-    else $("box-note").textContent = "Not a box yet: four numbers x1,y1,x2,y2 with x2 > x1, y2 > y1.";
+    else $("box-note").textContent = "Not a box: four numbers x1,y1,x2,y2, x2 > x1, y2 > y1.";
   }
   drawQuery();
 }
@@ -239,7 +239,7 @@ async function search(event) {
   const form = $("search-form");
   const file = $("query-file").files[0];
   if (!file) {
-    showError(errorBox, "No query.", new Error("Choose a query image first."));
+    showError(errorBox, "No query", new Error("Choose a query image first."));
     return;
   }
   if (!form.reportValidity()) return;
@@ -260,9 +260,13 @@ async function search(event) {
       showHits(result);
     } catch (error) {
       $("search-status").textContent = "";
-      showError(errorBox, "Search failed.", error);
+      showError(errorBox, "Search failed", error);
     }
   });
+}
+
+function counted(count, one, many = `${one}s`) {
+  return `${count} ${count === 1 ? one : many}`;
 }
 
 function splitList(text) {
@@ -284,9 +288,9 @@ async function busy(button, work) {
 }
 
 function showHits({ query: used, hits, timings }) {
-  const count = hits.length === 1 ? "1 match" : `${hits.length} matches`;
+  const found = counted(hits.length, "match", "matches");
   $("search-status").textContent =
-    `${count} in ${Math.round(timings.total_ms)} ms ${searchedFor(used)}.` +
+    `${found} in ${Math.round(timings.total_ms)} ms ${searchedFor(used)}.` +
     (hits.length ? "" : " The gallery may be empty, or the filters leave nothing.");
   // A model that cannot embed a given box searched for a detected person: show which one.
   query.searchedBox = used.method === "box" ? null : used.box;
@@ -310,7 +314,8 @@ function hitItem(hit, rank, images) {
   const canvas = document.createElement("canvas");
   canvas.className = "thumb";
   canvas.setAttribute("role", "img");
-  canvas.setAttribute("aria-label", `Match ${rank}: person ${hit.person_id} in image ${hit.image_id}`);
+  const name = `Match ${rank}: person ${hit.person_id} in image ${hit.image_id}`;
+  canvas.setAttribute("aria-label", name);
   canvas.dataset.state = "loading";
   item.append(canvas, details(hit, rank));
   if (!images.has(hit.image_id)) images.set(hit.image_id, galleryImage(hit.image_id));
@@ -373,7 +378,8 @@ function drawThumb(canvas, image, [x1, y1, x2, y2]) {
   canvas.style.width = `${canvas.width / density}px`;
   const context = canvas.getContext("2d");
   context.imageSmoothingEnabled = scale < 1;
-  context.drawImage(image, left, top, right - left, bottom - top, 0, 0, canvas.width, canvas.height);
+  const [width, height] = [right - left, bottom - top];
+  context.drawImage(image, left, top, width, height, 0, 0, canvas.width, canvas.height);
   const inCrop = [x1 - left, y1 - top, x2 - left, y2 - top].map((value) => value * scale);
   dimOutside(context, inCrop);
   strokeBox(context, inCrop, 3 * density);
@@ -418,7 +424,7 @@ function showStats({ status, value: stats, reason: error }) {
   };
   for (const [id, value] of Object.entries(shown)) $(id).textContent = value ?? "–";
   $("stat-model").title = stats ? `Fingerprint of the gallery's model: ${stats.fingerprint}` : "";
-  if (status === "rejected") showError(errorBox, "Gallery counts unavailable.", error);
+  if (status === "rejected") showError(errorBox, "Gallery counts unavailable", error);
 }
 
 async function addImages(event) {
@@ -427,7 +433,7 @@ async function addImages(event) {
   clearError(errorBox);
   const files = [...$("add-files").files];
   if (!files.length) {
-    showError(errorBox, "Nothing to add.", new Error("Choose one or more images first."));
+    showError(errorBox, "Nothing to add", new Error("Choose one or more images first."));
     return;
   }
   const body = new FormData();
@@ -435,7 +441,7 @@ async function addImages(event) {
   const camera = $("add-camera").value.trim();
   if (camera) body.append("cameras", camera);
 
-  $("add-status").textContent = `Adding ${files.length} image${files.length === 1 ? "" : "s"}…`;
+  $("add-status").textContent = `Adding ${counted(files.length, "image")}…`;
   await busy($("add-button"), async () => {
     try {
       const result = await (await api("/v1/gallery/images", { method: "POST", body })).json();
@@ -444,21 +450,22 @@ async function addImages(event) {
       await refreshGallery();
     } catch (error) {
       $("add-status").textContent = "";
-      showError(errorBox, "Adding failed.", error);
+      showError(errorBox, "Adding failed", error);
     }
   });
 }
 
 function showAdded({ images, timings }) {
   const added = images.filter((image) => image.added).length;
+  const already = images.length - added;
   $("add-status").textContent =
-    `${added} added, ${images.length - added} already there, in ${Math.round(timings.total_ms)} ms.`;
+    `${added} added, ${already} already there, in ${Math.round(timings.total_ms)} ms.`;
   $("added").replaceChildren(
     ...images.map((image) => {
       const item = document.createElement("li");
       const name = image.filename ?? `image ${image.image_id}`;
       item.textContent = image.added
-        ? `${name}: image ${image.image_id}, ${image.num_persons} persons`
+        ? `${name}: image ${image.image_id}, ${counted(image.num_persons, "person")}`
         : `${name}: already in the gallery (image ${image.image_id})`;
       return item;
     }),

@@ -1,4 +1,5 @@
-"""Fixtures of the gallery tests: a small gallery and images whose similarities are known.
+"""Fixtures of the gallery tests: a small gallery and images whose similarities are known, and
+the tiny model the ingest tests run.
 
 The query is the first axis e0 of an 8-dimensional space; ``person(s)`` is the unit vector
 s e0 + sqrt(1 - s^2) e_k, whose cosine similarity to the query is exactly s, so expected
@@ -11,9 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
+from export import artifact
 from indexer.store import Gallery
 from indexer.types import NewImage
+
+TINY_CONFIG = Path(__file__).parents[2] / "configs" / "tiny" / "alignps_synthetic.yaml"
 
 DIM = 8
 FINGERPRINT = "model-a"
@@ -80,3 +86,25 @@ def random_embeddings() -> Callable[[int, int], np.ndarray]:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
     return make
+
+
+def tiny_model_config() -> dict:
+    """configs/tiny AlignPS at the test images' own size (64 x 96), keeping every one of its 6
+    best detections (a random model scores about 0.01, below the config's threshold)."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())["model"]
+    config["preprocess"] = {"min_size": 64, "max_size": 96}
+    config["inference"].update(score_thresh=0.0, max_detections=6, pre_nms_top_k=50)
+    return config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported model folder (manifest + weights, what the runtime's PyTorch backend loads)
+    of the tiny model, randomly initialised with seed 0."""
+    torch.manual_seed(0)
+    model = artifact.build_model(tiny_model_config()).eval()
+    manifest = artifact.build_manifest(model)
+    directory = tmp_path_factory.mktemp("model")
+    artifact.write_weights(model, directory, manifest)
+    artifact.write_manifest(manifest, directory)
+    return directory

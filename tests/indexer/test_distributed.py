@@ -5,11 +5,8 @@ import sqlite3
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 
-from export import artifact
 from export.parity import synthetic_images
 from export.runtime import load_engine
 from indexer.ingest import ingest, open_gallery_for
@@ -20,23 +17,6 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'psea
 pytest.importorskip("ray.data", reason="Ray Data is not installed: the ray[data] extra")
 
 from indexer.distributed import ingest_ray  # noqa: E402 (needs ray)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny AlignPS at 64 x 96 pixels, random weights, keeping its 6 best detections (as in
-    test_ingest.py), as an exported model folder for the runtime's PyTorch backend."""
-    with open("configs/tiny/alignps_synthetic.yaml") as file:
-        config = yaml.safe_load(file)["model"]
-    config["preprocess"] = {"min_size": 64, "max_size": 96}
-    config["inference"].update(score_thresh=0.0, max_detections=6, pre_nms_top_k=50)
-    torch.manual_seed(0)
-    model = artifact.build_model(config).eval()
-    manifest = artifact.build_manifest(model)
-    directory = tmp_path_factory.mktemp("model")
-    artifact.write_weights(model, directory, manifest)
-    artifact.write_manifest(manifest, directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

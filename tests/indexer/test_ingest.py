@@ -12,11 +12,8 @@ import sqlite3
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 
-from export import artifact
 from export.parity import synthetic_images
 from export.runtime import load_engine
 from indexer.cli import main
@@ -37,28 +34,6 @@ from indexer.store import Gallery
 from indexer.types import GalleryMismatch
 
 LANDSCAPE, PORTRAIT = (64, 96), (96, 64)  # (height, width)
-
-
-def tiny_model_config():
-    """configs/tiny AlignPS at the test images' own size, keeping every one of its 6 best
-    detections (a random model scores about 0.01, below the config's threshold)."""
-    with open("configs/tiny/alignps_synthetic.yaml") as file:
-        config = yaml.safe_load(file)["model"]
-    config["preprocess"] = {"min_size": 64, "max_size": 96}
-    config["inference"].update(score_thresh=0.0, max_detections=6, pre_nms_top_k=50)
-    return config
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """An exported model folder (manifest + weights) of the tiny model."""
-    torch.manual_seed(0)
-    model = artifact.build_model(tiny_model_config()).eval()
-    manifest = artifact.build_manifest(model)
-    directory = tmp_path_factory.mktemp("model")
-    artifact.write_weights(model, directory, manifest)
-    artifact.write_manifest(manifest, directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ if not CHROMIUM.exists():
 playwright = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package drives Chromium (pip install playwright)"
 )
+expect = playwright.expect
 
 # Offline and quiet: no first-run pages, no background downloads, no updates, no sync.
 CHROMIUM_ARGS = [
@@ -87,7 +88,9 @@ def api(engine: Engine, model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         _wait_for(lambda: _ready(url), "the service to be ready")
         with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
             files = [("images", png_file(seed)) for seed in (1, 2)]
-            added = client.post("/v1/gallery/images", files=files, data={"cameras": GALLERY_CAMERAS})
+            added = client.post(
+                "/v1/gallery/images", files=files, data={"cameras": GALLERY_CAMERAS}
+            )
             assert added.status_code == 200, added.text
             yield client
 
@@ -106,7 +109,9 @@ def browser_context():
             args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 900},
         )
+        # Generous: a busy CI machine runs the model slowly; a working page answers far sooner.
         context.set_default_timeout(20_000)
+        expect.set_options(timeout=20_000)
         yield context
         context.close()
 
@@ -143,7 +148,7 @@ def query_file(tmp_path: Path) -> Path:
 
 def choose_query(page, path: Path) -> None:
     page.get_by_label("Query image").set_input_files(path)
-    page.get_by_text(f"{QUERY_WIDTH} × {QUERY_HEIGHT} pixels").wait_for()
+    expect(page.get_by_text(f"{QUERY_WIDTH} × {QUERY_HEIGHT} pixels")).to_be_visible()
 
 
 def drag_across_query(page, start: tuple[float, float], end: tuple[float, float]) -> None:
@@ -158,18 +163,22 @@ def drag_across_query(page, start: tuple[float, float], end: tuple[float, float]
     page.mouse.up()
 
 
-def search_and_wait(page, top_k: int) -> list:
+def search(page, top_k: int):
+    """Search with ``top_k`` and wait until every match's thumbnail is drawn (its gallery image
+    fetched with the API key and cropped); the matches."""
     page.get_by_label("Matches (top_k)").fill(str(top_k))
     page.get_by_role("button", name="Search", exact=True).click()
-    page.locator("#search-status").filter(has_text="match").wait_for()
+    expect(page.locator("#search-status")).to_contain_text("match")
     hits = page.locator(".hit")
-    # Every thumbnail is drawn (the gallery image fetched and cropped), or the test times out.
-    for index in range(hits.count()):
-        hits.nth(index).locator("canvas.thumb[data-state=drawn]").wait_for()
-    return [hits.nth(index) for index in range(hits.count())]
+    expect(hits.locator("canvas.thumb[data-state=drawn]")).to_have_count(hits.count())
+    return hits
 
 
-def box_numbers(text: str) -> list[float]:
+def box_field(page):
+    return page.get_by_role("textbox", name="Box")
+
+
+def numbers(text: str) -> list[float]:
     return [float(value) for value in text.split(",")]
 
 
@@ -178,47 +187,48 @@ def test_a_drawn_box_is_searched_and_the_matches_are_shown_best_first(page, api,
     # From a quarter of the way in to the middle across, a quarter to three quarters down: in
     # pixels of the 128 x 96 query, (0.25 * 128, 0.25 * 96, 0.5 * 128, 0.75 * 96).
     drag_across_query(page, (0.25, 0.25), (0.5, 0.75))
-    typed = page.get_by_role("textbox", name="Box").input_value()
-    assert box_numbers(typed) == pytest.approx([32, 24, 64, 72], abs=1)
+    box = box_field(page).input_value()
+    assert numbers(box) == pytest.approx([32, 24, 64, 72], abs=1)
 
-    hits = search_and_wait(page, top_k=3)
+    hits = search(page, top_k=3)
 
     # Two scenes of MAX_DETECTIONS persons are in the gallery: top_k=3 fills up.
-    assert len(hits) == 3
-    assert "3 matches" in page.locator("#search-status").inner_text()
-    # The page shows what the API answers for the same query and box.
+    expect(hits).to_have_count(3)
+    expect(page.locator("#search-status")).to_contain_text("3 matches")
+    # The page shows what the API answers for the same query and box, rounded.
     expected = api.post(
         "/v1/search",
         files={"image": ("query.png", query_file.read_bytes(), "image/png")},
-        data={"box": typed, "top_k": "3"},
+        data={"box": box, "top_k": "3"},
     ).json()["hits"]
-    shown = [float(hit.locator(".similarity dd").inner_text()) for hit in hits]
+    shown = [float(text) for text in hits.locator(".similarity dd").all_inner_texts()]
     assert shown == pytest.approx([hit["similarity"] for hit in expected], abs=0.0005 + 1e-6)
     assert shown == sorted(shown, reverse=True)
-    first_image = hits[0].locator(".image dd").inner_text()
-    assert first_image.startswith(f"{expected[0]['image_id']} ·")
-    det_score = float(hits[0].locator(".det-score dd").inner_text())
-    assert det_score == pytest.approx(expected[0]["det_score"], abs=0.005 + 1e-6)
+    first = hits.first
+    expect(first.locator(".rank dd")).to_have_text("#1")
+    expect(first.locator(".image dd")).to_have_text(re.compile(rf"^{expected[0]['image_id']} · "))
+    detection = float(first.locator(".det-score dd").inner_text())
+    assert detection == pytest.approx(expected[0]["det_score"], abs=0.005 + 1e-6)
 
 
 def test_a_typed_box_and_a_camera_filter_are_sent_with_the_search(page, query_file):
     choose_query(page, query_file)
-    page.get_by_role("textbox", name="Box").fill("10,20,50,90")
+    box_field(page).fill("10,20,50,90")
     page.get_by_label("Cameras").fill("west")
 
-    hits = search_and_wait(page, top_k=10)
+    hits = search(page, top_k=10)
 
     # Only the west camera's scene can match: its MAX_DETECTIONS persons, however many are asked.
-    assert len(hits) == MAX_DETECTIONS
-    assert {hit.locator(".camera dd").inner_text() for hit in hits} == {"west"}
-    # The tiny model cannot embed a given box: it answers with the detected person nearest to it,
-    # and the page says which box was asked for.
-    assert "10,20,50,90" in page.locator("#search-status").inner_text()
+    expect(hits).to_have_count(MAX_DETECTIONS)
+    assert set(hits.locator(".camera dd").all_inner_texts()) == {"west"}
+    # The tiny model cannot embed a given box: it answers with the detected person nearest to
+    # it, and the page says which box was asked for.
+    expect(page.locator("#search-status")).to_contain_text("10,20,50,90")
 
 
 def test_adding_an_image_through_the_page_updates_the_gallery_counts(page, tmp_path):
     images = page.locator("#stat-images")
-    page.wait_for_function("() => /^\\d+$/.test(document.getElementById('stat-images').textContent)")
+    expect(images).to_have_text(re.compile(r"^\d+$"))
     before = int(images.inner_text())
     new_scene = tmp_path / "lobby-1.png"
     new_scene.write_bytes(encode(scene(50)))
@@ -227,32 +237,31 @@ def test_adding_an_image_through_the_page_updates_the_gallery_counts(page, tmp_p
     page.get_by_label("Camera of these images").fill("lobby")
     page.get_by_role("button", name="Add to gallery").click()
 
-    page.locator("#stat-images").filter(has_text=str(before + 1)).wait_for()
-    added = page.locator("#added li").inner_text()
-    assert re.fullmatch(rf"lobby-1\.png: image \d+, {MAX_DETECTIONS} persons", added), added
+    expect(images).to_have_text(str(before + 1))
+    expect(page.locator("#added li")).to_have_text(
+        re.compile(rf"^lobby-1\.png: image \d+, {MAX_DETECTIONS} persons$")
+    )
 
 
 def test_api_errors_are_shown_in_words_with_their_status(page, query_file):
     choose_query(page, query_file)
-    page.get_by_role("textbox", name="Box").fill("50,20,10,90")  # x2 < x1: the service answers 422
+    box_field(page).fill("50,20,10,90")  # x2 < x1: the service answers 422
     page.get_by_role("button", name="Search", exact=True).click()
     error = page.get_by_role("alert").filter(has_text="Search failed")
-    error.wait_for()
-    assert "x2 > x1" in error.inner_text()
-    assert "HTTP 422 · invalid_field" in error.inner_text()
+    expect(error).to_contain_text("must have x2 > x1")
+    expect(error).to_contain_text("HTTP 422 · invalid_field")
 
     page.get_by_label("API key").fill("not-the-key")
     page.get_by_label("API key").press("Enter")
     error = page.get_by_role("alert").filter(has_text="Gallery counts unavailable")
-    error.wait_for()
-    assert "not valid" in error.inner_text()
-    assert "HTTP 403 · forbidden" in error.inner_text()
+    expect(error).to_contain_text("not valid")
+    expect(error).to_contain_text("HTTP 403 · forbidden")
 
 
 def test_on_a_phone_sized_screen_nothing_is_wider_than_the_screen(page, query_file):
     page.set_viewport_size({"width": 375, "height": 740})
     choose_query(page, query_file)
-    search_and_wait(page, top_k=10)
+    search(page, top_k=10)
     overflow = page.evaluate(
         "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
     )

@@ -1,0 +1,509 @@
+"""Bulk indexing jobs of the service: server folders and manifests, indexed in the background.
+
+- :func:`collect_job_sources` turns a :class:`~server.schemas.JobRequest` into image sources,
+  refusing (403) every path that does not resolve inside the configured allowed roots.
+- :class:`JobRunner` runs the jobs one at a time, in submission order, on a thread of its own,
+  with :func:`indexer.ingest.ingest` writing to the service's open gallery.
+- :class:`BatcherEngine` is the engine the jobs see: it sends their images through the service's
+  micro-batcher, so that a job never holds the engine. The batcher serves its queue first in,
+  first out, and a job submits its next batch only once the previous one is answered: a search
+  waits behind at most one job batch (of at most half the queue, so searches always find room).
+- :class:`JobService` submits and reports jobs; :func:`jobs_lifespan` starts it once the model
+  and the gallery are loaded (resuming the jobs a stop or a crash left queued or running) and
+  stops it before the gallery closes.
+
+Jobs live in the gallery's SQLite (``indexer/jobs.py``): a resumed job skips the images it has
+done. At shutdown the running job stops after its current batch, keeps what it finished, and
+goes back to ``queued``.
+"""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from indexer import schema
+from indexer.ingest import ingest
+from indexer.jobs import Job, JobNotFound, JobStore
+from indexer.sources import ImageSource, SourceError, collect_sources, read_manifest
+from indexer.store import SQLITE_FILE, Gallery
+from server.batcher import MicroBatcher
+from server.errors import InvalidField, NotFound, NotReady, Overloaded, ServiceError
+from server.inference import DetectJob
+from server.schemas import JobFailureOut, JobListOut, JobOut, JobRequest, JobSummaryOut, ModelOut
+from server.services import ServiceState
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+DECODE_WORKERS = 2  # threads a job decodes images with: few, requests decode too
+FAILURES_SHOWN = 20  # failed images listed in a job's report
+STARTUP_POLL_S = 0.05  # how often the lifespan looks whether the services are loaded
+INTERRUPTED = "interrupted by a shutdown of the service; it resumes when the service starts"
+
+
+class PathNotAllowed(ServiceError):
+    """A path of a job request resolves outside the allowed roots (or none are configured)."""
+
+    status_code = HTTPStatus.FORBIDDEN
+    code = "path_not_allowed"
+
+
+class JobNameTaken(ServiceError):
+    """A job of the requested name exists already."""
+
+    status_code = HTTPStatus.CONFLICT
+    code = "job_name_taken"
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Raised in a job's thread to stop it at shutdown. ``ingest`` treats a KeyboardInterrupt as
+    an interruption: it writes what is finished and re-raises (any other error would fail the
+    images of the batch, or the job)."""
+
+
+# -- paths -------------------------------------------------------------------------------
+
+
+class AllowedRoots:
+    """The server folders jobs may read, symlinks resolved."""
+
+    def __init__(self, roots: Iterable[Path]) -> None:
+        self.roots = tuple(os.path.realpath(root) for root in roots)
+
+    def resolve(self, path: str, described: str) -> str:
+        """The real path of ``path`` (``..`` applied, symlinks followed); raises
+        :class:`PathNotAllowed` naming ``described`` unless it lies inside an allowed root."""
+        if not self.roots:
+            raise PathNotAllowed(
+                f"{described}: this service indexes no server files (no allowed_roots are "
+                "configured)"
+            )
+        try:
+            real = os.path.realpath(path)
+        except (OSError, ValueError) as error:
+            raise InvalidField(f"{described}: {error}") from None
+        if not any(_inside(real, root) for root in self.roots):
+            raise PathNotAllowed(
+                f"{described} is outside the allowed roots ({', '.join(self.roots)})"
+            )
+        return real
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def collect_job_sources(request: JobRequest, roots: AllowedRoots) -> list[ImageSource]:
+    """The images a job request names, each by its real path, in request order, each once.
+
+    Every path is checked against ``roots`` after resolving it: the given paths and manifest
+    first (so that nothing outside is even listed or read), then every image found in a folder
+    or listed in the manifest (a symlink in an allowed folder may point anywhere). Raises
+    :class:`PathNotAllowed` (403) or :class:`InvalidField` (422: a missing path, an unreadable
+    manifest, no images at all), naming the path at fault.
+    """
+    sources: list[ImageSource] = []
+    for given in request.paths:
+        folder = roots.resolve(given, f"path {given!r}")
+        with _source_errors_as_invalid("paths"):
+            found = collect_sources([folder], recursive=request.recursive, camera=request.camera)
+        sources += (_resolved(source, roots, f"found under {given!r}") for source in found)
+    if request.manifest is not None:
+        manifest = roots.resolve(request.manifest, f"manifest {request.manifest!r}")
+        with _source_errors_as_invalid("manifest"):
+            listed = read_manifest(manifest, camera=request.camera)
+        sources += (
+            _resolved(source, roots, f"manifest {request.manifest!r}, entry {number}")
+            for number, source in enumerate(listed, start=1)
+        )
+    if not sources:
+        raise InvalidField("no image files found in the given paths and manifest")
+    return _first_of_each_path(sources)
+
+
+@contextmanager
+def _source_errors_as_invalid(field: str) -> Iterator[None]:
+    """A missing path or a bad manifest is an invalid field (422)."""
+    try:
+        yield
+    except SourceError as error:
+        raise InvalidField(f"{field}: {error}") from None
+
+
+def _resolved(source: ImageSource, roots: AllowedRoots, where: str) -> ImageSource:
+    real = roots.resolve(source.path, f"{source.path!r} ({where})")
+    return ImageSource(real, source.camera, source.timestamp)
+
+
+def _first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
+    """Two names of one file (a symlink and its target) are one image: the first wins."""
+    seen: set[str] = set()
+    unique = []
+    for source in sources:
+        if source.path not in seen:
+            seen.add(source.path)
+            unique.append(source)
+    return unique
+
+
+# -- running jobs ------------------------------------------------------------------------
+
+
+class BatcherEngine:
+    """What :func:`~indexer.ingest.ingest` needs of an engine, run on the service's
+    micro-batcher from a job's thread (searches and jobs share the one engine worker).
+
+    ``detect`` raises :class:`JobInterrupted` once ``stopping`` is set, or when the batcher
+    stops; images refused because the queue is full are submitted again after a pause.
+    """
+
+    def __init__(
+        self,
+        batcher: MicroBatcher[Any, Any],
+        loop: asyncio.AbstractEventLoop,
+        info: ModelOut,
+        stopping: threading.Event,
+        retry_after_s: float,
+    ) -> None:
+        self.info = info
+        self._batcher = batcher
+        self._loop = loop
+        self._stopping = stopping
+        self._retry_after_s = retry_after_s
+
+    def detect(self, images: list[np.ndarray]) -> list[Any]:
+        """Per (H, W, 3) uint8 image, its detections (the engine's)."""
+        results: list[Any] = [None] * len(images)
+        waiting = list(range(len(images)))
+        while waiting:
+            if self._stopping.is_set():
+                raise JobInterrupted
+            answers = self._submit([images[index] for index in waiting])
+            refused = []
+            for index, answer in zip(waiting, answers, strict=True):
+                if isinstance(answer, Overloaded):
+                    refused.append(index)
+                elif isinstance(answer, NotReady):  # the batcher is stopping
+                    raise JobInterrupted
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    results[index] = answer
+            waiting = refused
+            if waiting:
+                self._stopping.wait(self._retry_after_s)
+        return results
+
+    def _submit(self, images: list[np.ndarray]) -> list[Any]:
+        """Results or errors, one per image, from the batcher (in the event loop)."""
+
+        async def submit_all() -> list[Any]:
+            submitted = (self._batcher.submit(DetectJob(pixels)) for pixels in images)
+            return await asyncio.gather(*submitted, return_exceptions=True)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(submit_all(), self._loop).result()
+        except concurrent.futures.CancelledError:  # the event loop is going away
+            raise JobInterrupted from None
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How jobs run ``ingest``."""
+
+    batch_size: int
+    min_score: float
+    workers: int = DECODE_WORKERS
+
+
+class JobRunner:
+    """Runs queued jobs one at a time, in order, on a thread of its own."""
+
+    def __init__(
+        self,
+        gallery: Gallery,
+        engine: BatcherEngine,
+        jobs: JobStore,
+        roots: AllowedRoots,
+        options: IngestOptions,
+        stopping: threading.Event,
+    ) -> None:
+        self._gallery = gallery
+        self._engine = engine
+        self._jobs = jobs
+        self._roots = roots
+        self._options = options
+        self._stopping = stopping
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="ingest-jobs", daemon=True)
+
+    def start(self, job_ids: Iterable[int] = ()) -> None:
+        """Start the thread, with ``job_ids`` first in its queue."""
+        for job_id in job_ids:
+            self._queue.put(job_id)
+        self._thread.start()
+
+    def enqueue(self, job_id: int) -> None:
+        """Run this job after those queued before it."""
+        self._queue.put(job_id)
+
+    def stop(self) -> None:
+        """Interrupt the running job after its current batch and wait for the thread (blocking:
+        call it off the event loop, which the job's last batch still needs)."""
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _work(self) -> None:
+        while (job_id := self._queue.get()) is not None and not self._stopping.is_set():
+            try:
+                self._run(self._jobs.get(job_id))
+            except Exception:  # one job's failure must not stop the others
+                logger.exception("job %d failed", job_id)
+
+    def _run(self, job: Job) -> None:
+        outside = self._first_item_outside_roots(job.id)
+        if outside is not None:
+            self._jobs.set_status(job.id, "failed", outside)
+            logger.error("job %d refused: %s", job.id, outside)
+            return
+        logger.info("job %d: indexing %d images (%d done before)", job.id, job.total, job.done)
+        try:
+            summary = ingest(
+                self._gallery,
+                self._engine,
+                [],
+                job=job,
+                batch_size=self._options.batch_size,
+                workers=self._options.workers,
+                progress=False,
+                min_score=self._options.min_score,
+            )
+        except JobInterrupted:
+            self._jobs.set_status(job.id, "queued", INTERRUPTED)
+            logger.info("job %d interrupted by the shutdown; it resumes on the next start", job.id)
+            return
+        logger.info("%s", summary.describe())
+
+    def _first_item_outside_roots(self, job_id: int) -> str | None:
+        """Why the job may not run: an image that no longer resolves inside the allowed roots
+        (the roots were changed, or a symlink was, since it was submitted); None if all do."""
+        for item in self._jobs.items(job_id):
+            try:
+                self._roots.resolve(item.source.path, f"image {item.source.path!r}")
+            except ServiceError as error:
+                return error.message
+        return None
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+class JobItemCounts:
+    """Counts of a job's items by outcome, and its first failures, in SQL.
+
+    ``JobStore.items`` builds every item of a job: too slow to poll a job of millions of images.
+    These read-only queries go to the gallery's SQLite (tables of ``indexer/schema.py``) through
+    a connection of their own, serialised by a lock.
+    """
+
+    def __init__(self, gallery: Gallery) -> None:
+        self._connection = schema.connect(gallery.path / SQLITE_FILE)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def counts(self, job_id: int) -> dict[str, int]:
+        """Items by status: ``pending``, ``added``, ``duplicate``, ``failed`` (absent: 0)."""
+        rows = self._read(
+            "SELECT status, count(*) FROM job_items WHERE job_id = ? GROUP BY status", (job_id,)
+        )
+        return dict(rows)
+
+    def failures(self, job_id: int, limit: int) -> list[tuple[str, str]]:
+        """(path, reason) of the first ``limit`` failed items, in job order."""
+        return self._read(
+            "SELECT path, coalesce(error, 'unknown') FROM job_items "
+            "WHERE job_id = ? AND status = 'failed' ORDER BY seq LIMIT ?",
+            (job_id, limit),
+        )
+
+    def _read(self, query: str, parameters: tuple[Any, ...]) -> list[Any]:
+        with self._lock:
+            return self._connection.execute(query, parameters).fetchall()
+
+
+class JobService:
+    """Submits jobs to the runner and reports them. Its methods block: call them off the event
+    loop."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        counts: JobItemCounts,
+        runner: JobRunner,
+        roots: AllowedRoots,
+    ) -> None:
+        self._jobs = jobs
+        self._counts = counts
+        self._runner = runner
+        self._roots = roots
+
+    @classmethod
+    def open(
+        cls,
+        settings: ServerSettings,
+        gallery: Gallery,
+        batcher: MicroBatcher[Any, Any],
+        model: ModelOut,
+        loop: asyncio.AbstractEventLoop,
+    ) -> "JobService":
+        """Open the gallery's jobs and start the runner on those left queued or running (by a
+        shutdown or a crash), oldest first."""
+        stopping = threading.Event()
+        engine = BatcherEngine(batcher, loop, model, stopping, settings.retry_after_s)
+        # A job's batch takes at most half the queue: searches always find room in it.
+        batch_size = max(1, min(settings.max_batch_size, settings.queue_size // 2))
+        options = IngestOptions(batch_size, settings.min_detection_score)
+        roots = AllowedRoots(settings.allowed_roots)
+        jobs = JobStore(gallery)
+        counts = JobItemCounts(gallery)
+        runner = JobRunner(gallery, engine, jobs, roots, options, stopping)
+        unfinished = [job.id for job in jobs.all_jobs() if job.status in ("queued", "running")]
+        if unfinished:
+            logger.info("resuming jobs %s", ", ".join(map(str, sorted(unfinished))))
+        runner.start(sorted(unfinished))
+        return cls(jobs, counts, runner, roots)
+
+    def close(self) -> None:
+        """Stop the runner (the running job goes back to the queue) and close the jobs."""
+        self._runner.stop()
+        self._counts.close()
+        self._jobs.close()
+
+    def submit(self, request: JobRequest) -> JobOut:
+        """Check and list the request's images, record the job, queue it."""
+        sources = collect_job_sources(request, self._roots)
+        try:
+            job = self._jobs.create(sources, name=request.name)
+        except ValueError as error:  # the only one create raises for valid input: name taken
+            raise JobNameTaken(f"name: {error}") from None
+        self._runner.enqueue(job.id)
+        logger.info("job %d queued: %d images", job.id, job.total)
+        return self.get(job.id)
+
+    def get(self, job_id: int) -> JobOut:
+        """The job's status and progress; 404 if there is none of this id."""
+        try:
+            job = self._jobs.get(job_id)
+        except JobNotFound as error:
+            raise NotFound(str(error)) from None
+        counts = self._counts.counts(job_id)
+        failures = self._counts.failures(job_id, FAILURES_SHOWN)
+        return JobOut(
+            **_summary(job).model_dump(),
+            added=counts.get("added", 0),
+            duplicates=counts.get("duplicate", 0),
+            failed=counts.get("failed", 0),
+            failures=[JobFailureOut(path=path, reason=reason) for path, reason in failures],
+        )
+
+    def all_jobs(self) -> JobListOut:
+        """Every job, newest first."""
+        return JobListOut(jobs=[_summary(job) for job in self._jobs.all_jobs()])
+
+
+def _summary(job: Job) -> JobSummaryOut:
+    return JobSummaryOut(
+        id=job.id,
+        name=job.name,
+        # The store's "cancelled" is a job stopped on purpose (Ctrl-C of psearch-index).
+        status="interrupted" if job.status == "cancelled" else job.status,
+        error=job.error,
+        total=job.total,
+        done=job.done,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+    )
+
+
+# -- the service's lifespan --------------------------------------------------------------
+
+
+class ServiceJobs:
+    """The app's :class:`JobService`: started once the model and the gallery are loaded (by
+    :func:`jobs_lifespan`, or by the first request that needs it, whichever comes first),
+    stopped at shutdown."""
+
+    def __init__(self, settings: ServerSettings, state: ServiceState) -> None:
+        self._settings = settings
+        self._state = state
+        self._service: JobService | None = None
+        self._stopped = False
+        self._lock = asyncio.Lock()
+
+    async def service(self) -> JobService:
+        """The job service; 503 while loading, 409 or 503 if loading failed."""
+        services = self._state.require()
+        async with self._lock:
+            if self._stopped:
+                raise NotReady("the service is shutting down")
+            if self._service is None:
+                self._service = await run_in_threadpool(
+                    JobService.open,
+                    self._settings,
+                    services.gallery,
+                    services.batcher,
+                    services.model,
+                    asyncio.get_running_loop(),
+                )
+            return self._service
+
+    async def start_when_loaded(self) -> None:
+        """Start the job service as soon as the services are loaded (never, if loading
+        fails), so that unfinished jobs resume without waiting for a request."""
+        while self._state.services is None:
+            await asyncio.sleep(STARTUP_POLL_S)
+        try:
+            await self.service()
+        except Exception:  # requests try again, and answer the error
+            logger.exception("starting the job runner failed")
+
+    async def stop(self) -> None:
+        """Stop the runner; it finishes its current batch first."""
+        async with self._lock:
+            self._stopped = True
+            if self._service is not None:
+                await run_in_threadpool(self._service.close)
+
+
+@asynccontextmanager
+async def jobs_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The jobs' part of the app's lifespan. The app's own lifespan encloses it (FastAPI enters
+    the lifespans of included routers inside the app's), so the jobs stop before the batcher and
+    the gallery do."""
+    jobs = app.state.jobs = ServiceJobs(app.state.settings, app.state.service_state)
+    starting = asyncio.create_task(jobs.start_when_loaded(), name="start-jobs")
+    try:
+        yield
+    finally:
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await jobs.stop()

@@ -1,0 +1,79 @@
+"""``/v1/gallery/jobs``: bulk-index server folders and manifests; follow the jobs."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from server.dependencies import require_api_key
+from server.jobs import JobService, jobs_lifespan
+from server.schemas import (
+    JobListOut,
+    JobOut,
+    JobRequest,
+    described_error,
+    error_responses,
+)
+
+MAX_JOB_ID = 2**63 - 1  # SQLite row ids
+JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="Id of a job.")]
+
+
+async def get_job_service(request: Request) -> JobService:
+    """The job service; 503 while loading, 409 or 503 if loading failed."""
+    return await request.app.state.jobs.service()
+
+
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]
+
+router = APIRouter(
+    prefix="/v1/gallery/jobs",
+    tags=["jobs"],
+    dependencies=[Depends(require_api_key)],
+    responses={
+        **error_responses(401, 409, 503),
+        **described_error(403, "The API key is not valid, or a path is outside the allowed roots."),
+    },
+    lifespan=jobs_lifespan,
+)
+
+
+@router.post(
+    "",
+    status_code=202,
+    responses={
+        202: {
+            "description": "Queued; `Location` is the job's address.",
+            "headers": {"Location": {"description": "The job.", "schema": {"type": "string"}}},
+        },
+        **described_error(
+            409, "The gallery was built with another model, or a job has this name already."
+        ),
+        **described_error(
+            422,
+            "A field is invalid, a path does not exist, a manifest cannot be read, or "
+            "there are no images (the message says which).",
+        ),
+    },
+)
+def submit_job(
+    body: JobRequest, service: JobServiceDep, request: Request, response: Response
+) -> JobOut:
+    """Index image files on the server: files, folders (`recursive` for their subfolders) and a
+    manifest, all under the configured allowed roots (symlinks are followed, and must stay
+    inside too). The job runs in the background, one job at a time; follow it at `Location`.
+    Jobs survive restarts: an unfinished job resumes, skipping the images it has done."""
+    job = service.submit(body)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+    return job
+
+
+@router.get("")
+def list_jobs(service: JobServiceDep) -> JobListOut:
+    """Every job, newest first."""
+    return service.all_jobs()
+
+
+@router.get("/{job_id}", responses=described_error(404, "No job of this id."))
+def get_job(job_id: JobId, service: JobServiceDep) -> JobOut:
+    """A job's status and progress, with the first images it could not add and why."""
+    return service.get(job_id)

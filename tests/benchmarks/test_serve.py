@@ -1,0 +1,72 @@
+"""benchmarks/serve.py: the load generator's bounds and figures, and one tiny run end to end.
+
+The smoke run serves the service tests' random tiny model (PyTorch backend: no ONNX export to
+wait for) to a handful of requests: it proves the plumbing, not the speed.
+"""
+
+import asyncio
+import time
+
+import pytest
+
+from benchmarks import serve
+from tests.server.support import write_model_folder
+
+
+def test_every_request_is_sent_once_across_the_clients():
+    sent = []
+
+    async def send(index: int) -> None:
+        sent.append(index)
+        await asyncio.sleep(0)  # let the other clients take turns
+
+    asyncio.run(serve.run_clients(send, clients=4, requests=10, seconds=60))
+
+    assert sorted(sent) == list(range(10))
+
+
+def test_no_request_starts_after_the_time_limit():
+    sent = []
+
+    async def send(index: int) -> None:
+        sent.append(index)
+        await asyncio.sleep(0.01)
+
+    start = time.perf_counter()
+    seconds = asyncio.run(serve.run_clients(send, clients=2, requests=10_000, seconds=0.1))
+
+    # 2 clients x 10 ms per request: about 20 requests in 0.1 s, and nowhere near 10 000.
+    assert 2 <= len(sent) < 100
+    assert seconds == pytest.approx(time.perf_counter() - start, abs=0.05)
+    assert seconds < 1.0
+
+
+def test_latency_percentiles_and_throughput():
+    result = serve.LevelResult(clients=2, latencies=[0.010, 0.020, 0.030, 0.040], seconds=2.0)
+
+    # numpy's linear interpolation: the median of 10, 20, 30, 40 ms is 25 ms; the 99th
+    # percentile lies 0.97 of the way from 30 to 40 ms.
+    assert result.percentile_ms(50) == pytest.approx(25.0)
+    assert result.percentile_ms(99) == pytest.approx(39.7)
+    assert result.throughput == pytest.approx(2.0)  # 4 answers in 2 s
+
+
+def test_batches_of_one_are_not_a_comparison():
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--max-batch-size", "1"])
+
+
+def test_a_tiny_run_prints_both_tables_the_ratio_and_the_overhead(tmp_path, capsys):
+    model_dir = write_model_folder(tmp_path / "model")
+    argv = ["--model-dir", str(model_dir), "--backend", "torch", "--threads", "1"]
+    argv += ["--levels", "1", "2", "--requests", "3", "--frames", "3", "--max-wait-ms", "1"]
+
+    assert serve.main(argv) == 0
+
+    output = capsys.readouterr().out
+    rows = [line.split() for line in output.splitlines() if line[:7].strip().isdigit()]
+    # clients, answered, errors: 3 searches at 1 and 2 clients batched, 3 at 2 unbatched.
+    assert [row[:3] for row in rows] == [["1", "3", "0"], ["2", "3", "0"], ["2", "3", "0"]]
+    assert rows[2][-1] == "1.00"  # batches of one: the mean batch is 1
+    assert "micro-batching / batches of one" in output
+    assert "service overhead at 1 client" in output
