@@ -193,6 +193,8 @@ async def test_health_readiness_and_openapi(client, engine):
         "/v1/gallery/images/{image_id}",
         "/v1/gallery/images/{image_id}/file",
         "/v1/gallery/stats",
+        "/v1/gallery/jobs",
+        "/v1/gallery/jobs/{job_id}",
         "/healthz",
         "/readyz",
         "/metrics",

@@ -200,7 +200,7 @@ BAD_REQUESTS = {
     "image id zero": Bad(422, "invalid_field", "GET", "/v1/gallery/images/0"),
     # -- routes and methods -------------------------------------------------------------------
     "unknown route": Bad(404, "not_found", "GET", "/v2/search"),
-    "unknown route under v1": Bad(404, "not_found", "POST", "/v1/gallery/jobs"),
+    "unknown route under v1": Bad(404, "not_found", "POST", "/v1/gallery/nothing"),
     "wrong method": Bad(405, "method_not_allowed", "PUT", "/v1/search"),
     "get on search": Bad(405, "method_not_allowed", "GET", "/v1/search"),
     # -- API keys -----------------------------------------------------------------------------
