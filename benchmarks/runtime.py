@@ -157,7 +157,7 @@ def report_row(model: str, size: str, backend: str, latency: dict, throughput: d
     images_per_second = batch / throughput[backend]
     cells = [f"{model:8}", f"{size:9}", f"{backend:12}", f"{latency[backend] * 1e3:9.0f} ms"]
     cells.append(f"({eager_latency / latency[backend]:4.2f}x)" if eager_latency else "")
-    cells.append(f"{images_per_second:7.2f} img/s")
+    cells.append(f"{images_per_second:7.3f} img/s")
     cells.append(
         f"({images_per_second * eager_throughput / batch:4.2f}x)" if eager_throughput else ""
     )

@@ -19,10 +19,11 @@ The script starts the real service (``python -m server``, uvicorn) on 127.0.0.1 
 2. with batches of one (``max_batch_size=1``) at the highest level.
 
 It prints the ratio of the two throughputs at the highest level (the target is >= 1.5x at 16
-clients on CPU) and the service overhead: end-to-end latency at one client minus the latency of
-the engine alone on the same queries (``Engine.embed_query``, what the service runs for a
-query, timed in this process before the service starts). A script, not a test: the numbers
-depend on the machine and on whatever else runs on it.
+clients on CPU) and the service overhead: the end-to-end latency of searches from one client
+minus the latency of the engine alone on the same searches (``Engine.embed_query``, what the
+service runs for a query, called in this process), the two taken in turns before the load
+starts. A script, not a test: the numbers depend on the machine and on whatever else runs on
+it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,6 @@ class LevelResult:
     errors: int = 0
     seconds: float = 0.0
     mean_batch: float = float("nan")
-    server_ms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -152,18 +152,6 @@ def build_gallery(engine: Engine, frames: Sequence[Path], gallery_dir: Path) -> 
         sources = [ImageSource(str(path)) for path in frames]
         summary = ingest(gallery, engine, sources, min_score=0.0, progress=False)
     return summary.persons
-
-
-def engine_latencies(engine: Engine, queries: Sequence[SearchQuery], calls: int) -> list[float]:
-    """Seconds of ``engine.embed_query`` per call on the queries in turn, after one warm-up."""
-    engine.embed_query(queries[0].pixels, np.asarray(queries[0].box))
-    latencies = []
-    for index in range(calls):
-        query = queries[index % len(queries)]
-        start = time.perf_counter()
-        engine.embed_query(query.pixels, np.asarray(query.box))
-        latencies.append(time.perf_counter() - start)
-    return latencies
 
 
 # --- the service ------------------------------------------------------------------------------
@@ -267,8 +255,6 @@ async def load_level(
                 result.errors += 1
                 return
             result.latencies.append(time.perf_counter() - sent)
-            for name, value in response.json()["timings"].items():
-                result.server_ms.setdefault(name, []).append(value)
 
         # Warm-up: one search per client opens the connections; not counted.
         await asyncio.gather(*(one_search(client, queries[0]) for _ in range(clients)))
@@ -278,6 +264,39 @@ async def load_level(
     if batches > batches_before:
         result.mean_batch = (images - images_before) / (batches - batches_before)
     return result
+
+
+@dataclass
+class Overhead:
+    """Seconds of the same searches end to end and on the engine alone, taken in turns."""
+
+    end_to_end: list[float] = field(default_factory=list)
+    engine: list[float] = field(default_factory=list)
+    server_ms: dict[str, list[float]] = field(default_factory=dict)
+
+
+async def paired_overhead(
+    url: str, engine: Engine, queries: Sequence[SearchQuery], count: int
+) -> Overhead:
+    """Each query in turn, ``count`` times in all: ``engine.embed_query`` on its pixels and box
+    (what the service runs for it) in this process, then the same search through the idle
+    service. Taking them in turns lets a busy machine slow both alike."""
+    overhead = Overhead()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await one_search(client, queries[0])  # warm-up, not counted
+        engine.embed_query(queries[0].pixels, np.asarray(queries[0].box))
+        for index in range(count):
+            query = queries[index % len(queries)]
+            start = time.perf_counter()
+            engine.embed_query(query.pixels, np.asarray(query.box))
+            overhead.engine.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            response = await one_search(client, query)
+            overhead.end_to_end.append(time.perf_counter() - start)
+            response.raise_for_status()
+            for name, value in response.json()["timings"].items():
+                overhead.server_ms.setdefault(name, []).append(value)
+    return overhead
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -297,17 +316,17 @@ def table(title: str, results: Sequence[LevelResult]) -> str:
     return "\n".join(lines)
 
 
-def overhead_report(single: LevelResult, engine_s: Sequence[float]) -> str:
-    """End-to-end p50 at one client minus the engine's p50, and where the service's own
-    share of that time went (medians of its reported timings)."""
-    engine_ms = statistics.median(engine_s) * 1000
-    end_to_end = single.percentile_ms(50)
-    server = {name: statistics.median(values) for name, values in single.server_ms.items()}
+def overhead_report(overhead: Overhead) -> str:
+    """End-to-end p50 minus the engine's p50 on the same searches, and where the service's
+    own share of the time went (medians of the timings it reports)."""
+    end_to_end = statistics.median(overhead.end_to_end) * 1000
+    engine_ms = statistics.median(overhead.engine) * 1000
+    server = {name: statistics.median(values) for name, values in overhead.server_ms.items()}
     return "\n".join(
         [
-            f"service overhead at 1 client: end-to-end p50 {end_to_end:.1f} ms - engine p50 "
-            f"{engine_ms:.1f} ms = {end_to_end - engine_ms:.1f} ms "
-            f"({(end_to_end - engine_ms) / end_to_end:.0%} of the request)",
+            f"service overhead, one client, {len(overhead.engine)} searches each taken end to "
+            f"end and on the engine alone in turns: p50 {end_to_end:.1f} ms - {engine_ms:.1f} "
+            f"ms = {end_to_end - engine_ms:.1f} ms ({(end_to_end - engine_ms) / end_to_end:.0%})",
             f"  the service's own timings (p50): decode {server['decode_ms']:.1f} ms, embed "
             f"{server['embed_ms']:.1f} ms (batcher wait included), search "
             f"{server['search_ms']:.1f} ms, total {server['total_ms']:.1f} ms; the remaining "
@@ -320,7 +339,7 @@ def machine_line() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"machine: {os.cpu_count()} CPUs, load average {load:.1f} when the run started "
-        "(other work on the machine slows every figure alike only if it stays constant)"
+        "(on a shared machine, other work changes every figure)"
     )
 
 
@@ -367,19 +386,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = Path(scratch)
         model_dir = args.model_dir or export_tiny_model(folder / "model")
         frames, queries = synthetic_queries(folder / "data", args.frames)
-        engine = load_engine(model_dir, args.backend, "cpu", batch_size=8, threads=args.threads)
+        engine = load_engine(model_dir, args.backend, "cpu", batch_size=1, threads=args.threads)
         persons = build_gallery(engine, frames, folder / "gallery")
-        engine_s = engine_latencies(engine, queries, calls=max(len(queries), 16))
-        info = engine.info
-        del engine  # its threads would compete with the service's
         log(
-            f"model {info.name} on {info.backend} ({model_dir}), gallery of {len(frames)} "
-            f"frames and {persons} persons, {len(queries)} distinct queries; engine alone "
-            f"(embed_query): p50 {statistics.median(engine_s) * 1000:.1f} ms per query"
+            f"model {engine.info.name} on {engine.info.backend} ({model_dir}); gallery of "
+            f"{len(frames)} frames and {persons} persons; {len(queries)} distinct queries"
         )
         settings = service_settings(args, model_dir, folder / "gallery")
         batched_settings = settings | {"max_batch_size": args.max_batch_size}
         with running_service(batched_settings, folder / "batched.log") as url:
+            calls = max(len(queries), min(args.requests, 32))
+            overhead = asyncio.run(paired_overhead(url, engine, queries, calls))
+            del engine  # its threads would compete with the service's
             batched = [
                 asyncio.run(load_level(url, queries, clients, args.requests, args.seconds))
                 for clients in args.levels
@@ -396,9 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nthroughput at {top} clients, micro-batching / batches of one: {ratio:.2f}x "
         "(target >= 1.5x at 16 clients on CPU)"
     )
-    one_client = next((r for r in batched if r.clients == 1), None)
-    if one_client is not None and one_client.latencies:
-        log(overhead_report(one_client, engine_s))
+    log(overhead_report(overhead))
     return 0
 
 

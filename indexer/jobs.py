@@ -185,11 +185,32 @@ class JobStore:
         with self._lock:
             _require_job(self._connection, job_id)
             rows = self._connection.execute(
-                "SELECT seq, path, camera, timestamp, status, size, mtime_ns, image_id, error "
-                "FROM job_items WHERE job_id = ? ORDER BY seq",
+                _SELECT_ITEM + " WHERE job_id = ? ORDER BY seq", (job_id,)
+            ).fetchall()
+        return [_item(row) for row in rows]
+
+    def counts(self, job_id: int) -> dict[str, int]:
+        """How many of the job's items are in each of :data:`ITEM_STATUSES` (every status is a
+        key). Counted by SQLite: cheap to poll, unlike building every item (:meth:`items`)."""
+        with self._lock:
+            _require_job(self._connection, job_id)
+            rows = self._connection.execute(
+                "SELECT status, count(*) FROM job_items WHERE job_id = ? GROUP BY status",
                 (job_id,),
             ).fetchall()
-        return [JobItem(row[0], ImageSource(*row[1:4]), *row[4:]) for row in rows]
+        return {status: 0 for status in ITEM_STATUSES} | dict(rows)
+
+    def failures(self, job_id: int, limit: int) -> list[JobItem]:
+        """The job's first ``limit`` failed items, in job order."""
+        if limit < 0:
+            raise ValueError(f"limit must be at least 0, got {limit}")
+        with self._lock:
+            _require_job(self._connection, job_id)
+            rows = self._connection.execute(
+                _SELECT_ITEM + " WHERE job_id = ? AND status = 'failed' ORDER BY seq LIMIT ?",
+                (job_id, limit),
+            ).fetchall()
+        return [_item(row) for row in rows]
 
     def record(self, job_id: int, outcomes: Sequence[ItemOutcome]) -> None:
         """Record the outcomes of some items, and count them as done, in one transaction."""
@@ -241,6 +262,15 @@ _SELECT_JOB = (
 
 def _job(row: tuple[Any, ...]) -> Job:
     return Job(*row[:4], row[4] or 0, *row[5:])
+
+
+_SELECT_ITEM = (
+    "SELECT seq, path, camera, timestamp, status, size, mtime_ns, image_id, error FROM job_items"
+)
+
+
+def _item(row: tuple[Any, ...]) -> JobItem:
+    return JobItem(row[0], ImageSource(*row[1:4]), *row[4:])
 
 
 def _job_id_named(connection: sqlite3.Connection, name: str) -> int | None:

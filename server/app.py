@@ -18,7 +18,12 @@ from server.inference import EngineLoader, load_runtime_engine
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import RequestMetricsMiddleware, ServiceMetrics
 from server.routers import gallery, health, jobs, metrics, search, ui
-from server.services import ServiceState, load_engine_and_gallery, start_services
+from server.services import (
+    ServiceState,
+    load_engine_and_gallery,
+    start_services,
+    stop_services,
+)
 from server.settings import ServerSettings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +72,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _load(app: FastAPI) -> None:
-    """Load the engine and the gallery off the event loop, then start the services."""
+    """Load the engine and the gallery off the event loop, then start the services (the job
+    runner among them: unfinished jobs resume as soon as the service is ready)."""
     settings: ServerSettings = app.state.settings
     state: ServiceState = app.state.service_state
     try:
@@ -82,7 +88,13 @@ async def _load(app: FastAPI) -> None:
         logger.exception("loading the model or the gallery failed")
         state.fail(NotReady(f"loading the model or the gallery failed: {error}"))
         return
-    state.services = await start_services(settings, engine, gallery, app.state.metrics)
+    try:
+        state.services = await start_services(settings, engine, gallery, app.state.metrics)
+    except Exception as error:
+        logger.exception("starting the services failed")
+        await run_in_threadpool(gallery.close)
+        state.fail(NotReady(f"starting the services failed: {error}"))
+        return
     app.state.metrics.ready.set(1)
     logger.info(
         "ready: model %s (%s on %s), gallery %s",
@@ -94,8 +106,9 @@ async def _load(app: FastAPI) -> None:
 
 
 async def _shut_down(app: FastAPI, loading: "asyncio.Task[None]") -> None:
-    """Let a running load finish (a thread cannot be interrupted), then stop the batcher and
-    close the gallery, which writes its index snapshot."""
+    """Let a running load finish (a thread cannot be interrupted), then stop the services: the
+    jobs after their current batch, then the batcher, then the gallery, which writes its index
+    snapshot."""
     await loading
     state: ServiceState = app.state.service_state
     services = state.services
@@ -103,5 +116,4 @@ async def _shut_down(app: FastAPI, loading: "asyncio.Task[None]") -> None:
         return
     state.services = None
     app.state.metrics.ready.set(0)
-    await services.batcher.stop()
-    await run_in_threadpool(services.gallery.close)
+    await stop_services(services)

@@ -74,6 +74,13 @@ class Forbidden(ServiceError):
     code = "forbidden"
 
 
+class PathNotAllowed(ServiceError):
+    """A path of a job request resolves outside the allowed roots (or none are configured)."""
+
+    status_code = HTTPStatus.FORBIDDEN
+    code = "path_not_allowed"
+
+
 class NotFound(ServiceError):
     """No such image (or route)."""
 
@@ -86,6 +93,13 @@ class ModelMismatch(ServiceError):
 
     status_code = HTTPStatus.CONFLICT
     code = "model_mismatch"
+
+
+class JobNameTaken(ServiceError):
+    """A job of the requested name exists already."""
+
+    status_code = HTTPStatus.CONFLICT
+    code = "job_name_taken"
 
 
 class Overloaded(ServiceError):

@@ -8,9 +8,10 @@
   micro-batcher, so that a job never holds the engine. The batcher serves its queue first in,
   first out, and a job submits its next batch only once the previous one is answered: a search
   waits behind at most one job batch (of at most half the queue, so searches always find room).
-- :class:`JobService` submits and reports jobs; :func:`jobs_lifespan` starts it once the model
-  and the gallery are loaded (resuming the jobs a stop or a crash left queued or running) and
-  stops it before the gallery closes.
+- :class:`JobService` submits and reports jobs. It is one of the services
+  (:func:`server.services.start_services` opens it once the gallery and the batcher are up,
+  resuming the jobs a stop or a crash left queued or running); the app's shutdown closes it
+  before the batcher and the gallery.
 
 Jobs live in the gallery's SQLite (``indexer/jobs.py``): a resumed job skips the images it has
 done. At shutdown the running job stops after its current batch, keeps what it finished, and
@@ -19,54 +20,41 @@ goes back to ``queued``.
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 
-from indexer import schema
 from indexer.ingest import ingest
 from indexer.jobs import Job, JobNotFound, JobStore
 from indexer.sources import ImageSource, SourceError, collect_sources, read_manifest
-from indexer.store import SQLITE_FILE, Gallery
+from indexer.store import Gallery
 from server.batcher import MicroBatcher
-from server.errors import InvalidField, NotFound, NotReady, Overloaded, ServiceError
+from server.errors import (
+    InvalidField,
+    JobNameTaken,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PathNotAllowed,
+    ServiceError,
+)
 from server.inference import DetectJob
 from server.schemas import JobFailureOut, JobListOut, JobOut, JobRequest, JobSummaryOut, ModelOut
-from server.services import ServiceState
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 DECODE_WORKERS = 2  # threads a job decodes images with: few, requests decode too
 FAILURES_SHOWN = 20  # failed images listed in a job's report
-STARTUP_POLL_S = 0.05  # how often the lifespan looks whether the services are loaded
 INTERRUPTED = "interrupted by a shutdown of the service; it resumes when the service starts"
-
-
-class PathNotAllowed(ServiceError):
-    """A path of a job request resolves outside the allowed roots (or none are configured)."""
-
-    status_code = HTTPStatus.FORBIDDEN
-    code = "path_not_allowed"
-
-
-class JobNameTaken(ServiceError):
-    """A job of the requested name exists already."""
-
-    status_code = HTTPStatus.CONFLICT
-    code = "job_name_taken"
 
 
 class JobInterrupted(KeyboardInterrupt):
@@ -310,43 +298,7 @@ class JobRunner:
         return None
 
 
-# -- reporting ---------------------------------------------------------------------------
-
-
-class JobItemCounts:
-    """Counts of a job's items by outcome, and its first failures, in SQL.
-
-    ``JobStore.items`` builds every item of a job: too slow to poll a job of millions of images.
-    These read-only queries go to the gallery's SQLite (tables of ``indexer/schema.py``) through
-    a connection of their own, serialised by a lock.
-    """
-
-    def __init__(self, gallery: Gallery) -> None:
-        self._connection = schema.connect(gallery.path / SQLITE_FILE)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._connection.close()
-
-    def counts(self, job_id: int) -> dict[str, int]:
-        """Items by status: ``pending``, ``added``, ``duplicate``, ``failed`` (absent: 0)."""
-        rows = self._read(
-            "SELECT status, count(*) FROM job_items WHERE job_id = ? GROUP BY status", (job_id,)
-        )
-        return dict(rows)
-
-    def failures(self, job_id: int, limit: int) -> list[tuple[str, str]]:
-        """(path, reason) of the first ``limit`` failed items, in job order."""
-        return self._read(
-            "SELECT path, coalesce(error, 'unknown') FROM job_items "
-            "WHERE job_id = ? AND status = 'failed' ORDER BY seq LIMIT ?",
-            (job_id, limit),
-        )
-
-    def _read(self, query: str, parameters: tuple[Any, ...]) -> list[Any]:
-        with self._lock:
-            return self._connection.execute(query, parameters).fetchall()
+# -- the service -------------------------------------------------------------------------
 
 
 class JobService:
@@ -356,12 +308,10 @@ class JobService:
     def __init__(
         self,
         jobs: JobStore,
-        counts: JobItemCounts,
         runner: JobRunner,
         roots: AllowedRoots,
     ) -> None:
         self._jobs = jobs
-        self._counts = counts
         self._runner = runner
         self._roots = roots
 
@@ -383,18 +333,20 @@ class JobService:
         options = IngestOptions(batch_size, settings.min_detection_score)
         roots = AllowedRoots(settings.allowed_roots)
         jobs = JobStore(gallery)
-        counts = JobItemCounts(gallery)
         runner = JobRunner(gallery, engine, jobs, roots, options, stopping)
-        unfinished = [job.id for job in jobs.all_jobs() if job.status in ("queued", "running")]
+        try:
+            unfinished = [job.id for job in jobs.all_jobs() if job.status in ("queued", "running")]
+        except BaseException:
+            jobs.close()
+            raise
         if unfinished:
             logger.info("resuming jobs %s", ", ".join(map(str, sorted(unfinished))))
         runner.start(sorted(unfinished))
-        return cls(jobs, counts, runner, roots)
+        return cls(jobs, runner, roots)
 
     def close(self) -> None:
         """Stop the runner (the running job goes back to the queue) and close the jobs."""
         self._runner.stop()
-        self._counts.close()
         self._jobs.close()
 
     def submit(self, request: JobRequest) -> JobOut:
@@ -414,14 +366,17 @@ class JobService:
             job = self._jobs.get(job_id)
         except JobNotFound as error:
             raise NotFound(str(error)) from None
-        counts = self._counts.counts(job_id)
-        failures = self._counts.failures(job_id, FAILURES_SHOWN)
+        counts = self._jobs.counts(job_id)
+        failures = self._jobs.failures(job_id, FAILURES_SHOWN)
         return JobOut(
             **_summary(job).model_dump(),
-            added=counts.get("added", 0),
-            duplicates=counts.get("duplicate", 0),
-            failed=counts.get("failed", 0),
-            failures=[JobFailureOut(path=path, reason=reason) for path, reason in failures],
+            added=counts["added"],
+            duplicates=counts["duplicate"],
+            failed=counts["failed"],
+            failures=[
+                JobFailureOut(path=item.source.path, reason=item.error or "unknown")
+                for item in failures
+            ],
         )
 
     def all_jobs(self) -> JobListOut:
@@ -441,69 +396,3 @@ def _summary(job: Job) -> JobSummaryOut:
         created_at=job.created_at,
         updated_at=job.updated_at,
     )
-
-
-# -- the service's lifespan --------------------------------------------------------------
-
-
-class ServiceJobs:
-    """The app's :class:`JobService`: started once the model and the gallery are loaded (by
-    :func:`jobs_lifespan`, or by the first request that needs it, whichever comes first),
-    stopped at shutdown."""
-
-    def __init__(self, settings: ServerSettings, state: ServiceState) -> None:
-        self._settings = settings
-        self._state = state
-        self._service: JobService | None = None
-        self._stopped = False
-        self._lock = asyncio.Lock()
-
-    async def service(self) -> JobService:
-        """The job service; 503 while loading, 409 or 503 if loading failed."""
-        services = self._state.require()
-        async with self._lock:
-            if self._stopped:
-                raise NotReady("the service is shutting down")
-            if self._service is None:
-                self._service = await run_in_threadpool(
-                    JobService.open,
-                    self._settings,
-                    services.gallery,
-                    services.batcher,
-                    services.model,
-                    asyncio.get_running_loop(),
-                )
-            return self._service
-
-    async def start_when_loaded(self) -> None:
-        """Start the job service as soon as the services are loaded (never, if loading
-        fails), so that unfinished jobs resume without waiting for a request."""
-        while self._state.services is None:
-            await asyncio.sleep(STARTUP_POLL_S)
-        try:
-            await self.service()
-        except Exception:  # requests try again, and answer the error
-            logger.exception("starting the job runner failed")
-
-    async def stop(self) -> None:
-        """Stop the runner; it finishes its current batch first."""
-        async with self._lock:
-            self._stopped = True
-            if self._service is not None:
-                await run_in_threadpool(self._service.close)
-
-
-@asynccontextmanager
-async def jobs_lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The jobs' part of the app's lifespan. The app's own lifespan encloses it (FastAPI enters
-    the lifespans of included routers inside the app's), so the jobs stop before the batcher and
-    the gallery do."""
-    jobs = app.state.jobs = ServiceJobs(app.state.settings, app.state.service_state)
-    starting = asyncio.create_task(jobs.start_when_loaded(), name="start-jobs")
-    try:
-        yield
-    finally:
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
-        await jobs.stop()

@@ -3,6 +3,7 @@
 - :class:`SearchService`: search (decode the query, embed it on the inference worker, search
   the gallery) and adding images (decode, detect on the worker, store in one transaction).
 - :class:`GalleryService`: reading and removing gallery images, serving their files, counts.
+- :class:`~server.jobs.JobService`: bulk indexing jobs, run on the batcher in the background.
 - :class:`ServiceState`: the services once loaded, or why they are not (yet).
 
 Blocking work (decoding, SQLite, FAISS, files) runs in the thread pool, never on the event
@@ -47,6 +48,7 @@ from server.inference import (
     QueryJob,
     warm_up,
 )
+from server.jobs import JobService
 from server.metrics import ServiceMetrics
 from server.schemas import (
     AddedImage,
@@ -317,6 +319,7 @@ class Services:
     batcher: MicroBatcher[Job, Any]
     search: SearchService
     gallery_service: GalleryService
+    jobs: JobService
 
     @property
     def model(self) -> ModelOut:
@@ -352,7 +355,9 @@ def load_engine_and_gallery(
 async def start_services(
     settings: ServerSettings, engine: Engine, gallery: Gallery, metrics: ServiceMetrics
 ) -> Services:
-    """Start the batcher on the engine and build the services (in the event loop)."""
+    """Start the batcher on the engine, build the services, and start the job runner, which
+    resumes the jobs left unfinished (in the event loop). Stop them with :func:`stop_services`.
+    """
     batcher: MicroBatcher[Job, Any] = MicroBatcher(
         InferenceWorker(engine),
         max_batch_size=settings.max_batch_size,
@@ -372,12 +377,29 @@ async def start_services(
         backend=str(info.backend),
         device=str(info.device),
     )
+    try:
+        jobs = await run_in_threadpool(
+            JobService.open, settings, gallery, batcher, model, asyncio.get_running_loop()
+        )
+    except BaseException:
+        await batcher.stop()
+        raise
     return Services(
         gallery=gallery,
         batcher=batcher,
         search=SearchService(settings, gallery, batcher, files),
         gallery_service=GalleryService(settings, gallery, files, model),
+        jobs=jobs,
     )
+
+
+async def stop_services(services: Services) -> None:
+    """Stop the job runner (its running job stops after its current batch, which still needs
+    the batcher and the gallery), then the batcher, then close the gallery, which writes its
+    index snapshot."""
+    await run_in_threadpool(services.jobs.close)  # off the loop: the last batch needs it
+    await services.batcher.stop()
+    await run_in_threadpool(services.gallery.close)
 
 
 class ServiceState:

@@ -4,8 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from server.dependencies import require_api_key
-from server.jobs import JobService, jobs_lifespan
+from server.dependencies import StateDep, require_api_key
+from server.jobs import JobService
 from server.schemas import (
     JobListOut,
     JobOut,
@@ -18,9 +18,9 @@ MAX_JOB_ID = 2**63 - 1  # SQLite row ids
 JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="Id of a job.")]
 
 
-async def get_job_service(request: Request) -> JobService:
+async def get_job_service(state: StateDep) -> JobService:
     """The job service; 503 while loading, 409 or 503 if loading failed."""
-    return await request.app.state.jobs.service()
+    return state.require().jobs
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]
@@ -33,7 +33,6 @@ router = APIRouter(
         **error_responses(401, 409, 503),
         **described_error(403, "The API key is not valid, or a path is outside the allowed roots."),
     },
-    lifespan=jobs_lifespan,
 )
 
 

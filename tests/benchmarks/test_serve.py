@@ -69,4 +69,4 @@ def test_a_tiny_run_prints_both_tables_the_ratio_and_the_overhead(tmp_path, caps
     assert [row[:3] for row in rows] == [["1", "3", "0"], ["2", "3", "0"], ["2", "3", "0"]]
     assert rows[2][-1] == "1.00"  # batches of one: the mean batch is 1
     assert "micro-batching / batches of one" in output
-    assert "service overhead at 1 client" in output
+    assert "service overhead, one client" in output

@@ -52,6 +52,41 @@ def test_recorded_outcomes_count_as_done_once(jobs):
     ]
 
 
+def test_counts_and_failures_report_a_job_without_listing_its_items(jobs):
+    d = ImageSource("/images/d.jpg")
+    job = jobs.create([A, B, C, d])
+    jobs.start(job.id)
+    jobs.record(
+        job.id,
+        [
+            ItemOutcome(2, "failed", error="not an image"),
+            ItemOutcome(0, "added", 1, 1, 1),
+            ItemOutcome(1, "failed", error="truncated"),
+        ],
+    )
+    # Item 0 added, items 1 and 2 failed, item 3 not attempted; no duplicate (still a key).
+    assert jobs.counts(job.id) == {"pending": 1, "added": 1, "duplicate": 0, "failed": 2}
+    # Failures come in job order (item 1 before item 2), whatever order they were recorded in.
+    both = [
+        JobItem(1, B, "failed", error="truncated"),
+        JobItem(2, C, "failed", error="not an image"),
+    ]
+    assert jobs.failures(job.id, limit=5) == both
+    assert jobs.failures(job.id, limit=1) == both[:1]
+    assert jobs.failures(job.id, limit=0) == []
+
+
+def test_counts_and_failures_refuse_unknown_jobs_and_negative_limits(jobs):
+    job = jobs.create([A])
+    with pytest.raises(JobNotFound, match="no job with id 99"):
+        jobs.counts(99)
+    with pytest.raises(JobNotFound, match="no job with id 99"):
+        jobs.failures(99, limit=1)
+    # SQLite reads LIMIT -1 as "no limit": refused rather than answered with every failure.
+    with pytest.raises(ValueError, match="limit must be at least 0, got -1"):
+        jobs.failures(job.id, limit=-1)
+
+
 def test_starting_again_retries_failed_items(jobs):
     job = jobs.create([A, B, C])
     jobs.start(job.id)

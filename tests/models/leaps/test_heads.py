@@ -174,3 +174,17 @@ def test_embedding_is_the_normalised_concatenation_of_normalised_branches():
     expected = torch.cat([F.normalize(prm, dim=-1), F.normalize(hirm, dim=-1)], -1) / 2**0.5
     assert torch.allclose(embedding, expected, atol=1e-6)
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(1, 2))
+
+
+def test_embedding_norm_standardises_each_branch_feature_over_the_proposals():
+    head = FlexibleReidHead(_reid_config(), C).train()
+    out = head(torch.randn(B, C, 8, 12), _boxes(), torch.randn(B, N, C))
+    for feature in out.features:
+        flat = feature.flatten(0, 1)  # (B*N, D): batch statistics of the B*N proposals
+        assert torch.allclose(flat.mean(0), torch.zeros(8), atol=1e-5)
+        # Unit variance up to BatchNorm's eps: var / (var + eps).
+        assert torch.allclose(flat.var(0, unbiased=False), torch.ones(8), atol=1e-2)
+
+
+def test_embedding_norm_switch_removes_the_batch_norms():
+    assert FlexibleReidHead(_reid_config(embedding_norm=False), C).embedding_norms is None
