@@ -8,7 +8,9 @@ is the same).
 writes ``checkpoint.safetensors``, ``model.onnx``, ``model.plugins.onnx`` (and, for RoI models,
 ``embed.onnx`` / ``embed.plugins.onnx``) and ``psearch.json`` (export/artifact.py), then checks
 that ONNX Runtime reproduces the PyTorch model (export/parity.py), prints the comparison and
-records it in the manifest.
+records it in the manifest. ``--format tensorrt`` (or ``all``: the same, the engine is built
+from the ONNX plugin graph) then builds the TensorRT engine of this machine's GPU
+(``export.tensorrt``), once parity has passed.
 
 Exit status: 0 done; 1 parity failed (the files are written, for inspection: do not deploy them);
 2 a mistake the user can fix (a missing file, an existing output folder, TensorRT asked for where
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -134,7 +136,7 @@ def run_parity(model: nn.Module, out: Path, manifest: Manifest) -> ParityReport:
 
 
 def export_checkpoint(
-    run_dir: Path, out: Path, *, parity: bool = True, log=print
+    run_dir: Path, out: Path, *, parity: bool = True, log: Callable[[str], None] = print
 ) -> tuple[Manifest, ParityReport | None]:
     """Write the model folder of a training run (ONNX format) and check its parity."""
     model = load_run(run_dir)
@@ -165,15 +167,14 @@ def _graph_files(graphs: GraphFiles) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    engine = args.format in ("tensorrt", "all")
     try:
-        if args.format in ("tensorrt", "all"):
+        if engine:
             check_tensorrt_available()
         check_output_folder(args.out, args.overwrite)
         manifest, report = export_checkpoint(args.checkpoint, args.out, parity=not args.skip_parity)
-        if args.format in ("tensorrt", "all"):
-            print(f"built {build_tensorrt_engine(args.out, manifest).name}")
     except (UsageError, ArtifactError, ExportError) as error:
-        print(f"psearch-export: error: {error}", file=sys.stderr)
+        print(f"psearch-export: error: {' '.join(str(error).split())}", file=sys.stderr)
         return USER_ERROR
     if report is not None and not report.passed:
         print(
@@ -182,4 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return PARITY_FAILED
+    if engine:
+        print(f"built {build_tensorrt_engine(args.out, manifest).name}")
     return 0

@@ -167,9 +167,9 @@ class AlignPS(nn.Module):
     def forward(
         self, images: Tensor, targets: Sequence[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | Detections:
-        """With targets: the weighted losses (``loss_cls``, ``loss_box``, ``loss_quality``,
-        ``loss_oim``, ``loss_triplet``). Without: fixed-size Detections in the pixels of
-        ``images`` (B, 3, H, W)."""
+        """With targets: the weighted losses ``loss_cls``, ``loss_box``, ``loss_quality``,
+        ``loss_oim`` and (unless its weight is 0) ``loss_triplet``. Without: fixed-size
+        Detections in the pixels of ``images`` (B, 3, H, W), unused slots all zero."""
         embedding_map = self.afa(self.backbone(images))  # (B, D, H / 8, W / 8)
         outputs = self.head([embedding_map])
         if targets is not None:

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m server.demo [--data-dir data/demo] [--port 8000] [--minutes 8]
+    python -m server.demo [--data-dir data/demo] [--port 8000] [--minutes 10]
                           [--config configs/tiny/alignps_synthetic.yaml] [--seed 0] [--no-serve]
 
 1. **data**: a synthetic dataset in PRW's file format (the generator's default size and
@@ -76,7 +76,7 @@ from training.trainer import (
 PROGRAM = "psearch demo"
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPOSITORY / "configs" / "tiny" / "alignps_synthetic.yaml"
-DEFAULT_MINUTES = 8.0  # with data, export and indexing, the demo fits in 15 minutes on 2 cores
+DEFAULT_MINUTES = 10.0  # with the other stages (1.5 to 3 min), the demo fits 15 min on 2 cores
 DATASET_FORMAT = "prw"
 USER_ERROR = 2
 INTERRUPTED = 130
@@ -258,7 +258,8 @@ def trained_run(options: DemoOptions, data_root: Path, stage: Stage) -> Path:
     train(config, build_model, resume=(run_dir / STATE_FILE).is_file())
     seconds = time.perf_counter() - start
     (run_dir / COMPLETE_MARKER).write_text(json.dumps({"train_seconds": seconds}) + "\n")
-    stage.note = f"{plan.epochs} epochs of {options.config.name} in {run_dir}"
+    epochs = f"{plan.epochs} epoch" + ("s" if plan.epochs > 1 else "")
+    stage.note = f"{epochs} of {options.config.name} in {run_dir}"
     return run_dir
 
 
@@ -617,7 +618,8 @@ async def check_in_process(settings: ServerSettings, check: Check, stages: Stage
 
 
 def run_demo(options: DemoOptions) -> CheckResult | None:
-    """Build everything (or reuse it), then serve (or check in process and return)."""
+    """Build everything (or reuse it), then serve until Ctrl-C, or with ``--no-serve`` check
+    in process; returns the check's result (None when the service stopped before it ended)."""
     sock = reserve_port(options.host, options.port) if options.serve else None
     options.data_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(5)
@@ -641,7 +643,11 @@ def run_demo(options: DemoOptions) -> CheckResult | None:
 
         if sock is None:
             return asyncio.run(check_in_process(settings, check, stages))
-        return asyncio.run(serve(settings, sock, check, stages))
+        try:
+            return asyncio.run(serve(settings, sock, check, stages))
+        except KeyboardInterrupt:  # uvicorn stopped the service cleanly, then passed Ctrl-C on
+            log(f"\n{PROGRAM}: the service stopped")
+            return None
     finally:
         if sock is not None:
             sock.close()
@@ -703,8 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return INTERRUPTED
     except KeyboardInterrupt:
-        print(f"\n{PROGRAM}: stopped", file=sys.stderr)
-        return 0 if options.serve else INTERRUPTED
+        print(f"\n{PROGRAM}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
