@@ -44,6 +44,7 @@ router = APIRouter(
             "description": "Queued; `Location` is the job's address.",
             "headers": {"Location": {"description": "The job.", "schema": {"type": "string"}}},
         },
+        **error_responses(400),
         **described_error(
             409, "The gallery was built with another model, or a job has this name already."
         ),
