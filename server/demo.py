@@ -471,7 +471,7 @@ def describe_check(result: CheckResult, url: str, serving: bool) -> str:
     shown = result.shown
     if shown is None:
         return "the test split has no queries: nothing to search for"
-    position = result.outcomes.index(next(o for o in result.outcomes if o.query is shown.query))
+    position = next(i for i, o in enumerate(result.outcomes) if o.query is shown.query)
     lines = [
         f"searched all {tried} test queries through the API: the top hit is the right person "
         f"for {result.right} of them (top-1 {result.right / tried:.0%})."
@@ -490,9 +490,9 @@ def describe_check(result: CheckResult, url: str, serving: bool) -> str:
         f"query: person {shown.query.pid} of frame {shown.query.image} "
         f"(box {shown.request.fields()['box']}; its own frame left out with exclude_images)"
     )
-    frames_right = "RIGHT person" if shown.right else "WRONG person"
+    first = "  <- the RIGHT person" if shown.right else "  <- NOT the right person"
     for rank, hit in enumerate(shown.hits, start=1):
-        verdict = f"  <- {frames_right}" if rank == 1 else ""
+        verdict = first if rank == 1 else ""
         box = ",".join(f"{v:.0f}" for v in hit["box"])
         lines.append(
             f"  {rank}. {Path(hit['uri'] or '?').name} box {box} "
