@@ -13,16 +13,19 @@ The semantics are torchvision's ``deform_conv2d``, which ONNX ``DeformConv`` (op
   interpolation over a zero-padded image: a neighbour outside the image reads 0, so a sample
   with ``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W`` is 0.
 
-The PyTorch implementation is im2col-style: it computes every sampling position and its
-bilinear weights at once, gathers each of the four neighbours of all of them at once (folding
-the mask into the weights), and contracts the resulting columns with the weight in one batched
-matmul over the convolution groups. It runs on any device PyTorch does.
+The PyTorch implementation is im2col-style: ``grid_sample`` samples every tap of every output
+pixel in one call (its zero padding is exactly the rule above), the mask scales the sampled
+columns, and one batched matmul over the convolution groups contracts them with the weight.
+Its gradients are ``grid_sample``'s native backward, about 2x faster on CPU than gathering and
+scattering the four neighbours by hand (``benchmarks/ops.py``). It runs on any device PyTorch
+does.
 """
 
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["DeformConv2d", "DeformConvPack", "deform_conv2d"]
@@ -288,173 +291,79 @@ def _check_arguments(
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling geometry
+# The computation
 #
-# Every sampling point is indexed [N, L, K, og]: batch, output pixel (L = oH * oW), kernel tap
-# (K = kh * kw) and offset group. The input is read from a channels-last table
-# [N * og * H * W, Cin / og], so that one sample copies one contiguous row of channels and the
-# sampled columns come out as [N, L, K, og, Cin / og] = [N, L, K * Cin]: one row per output
-# pixel, in the order of ``weight.permute(0, 2, 3, 1)`` (taps, then channels).
+# Sampling is ``grid_sample``'s bilinear interpolation with zero padding and aligned corners,
+# which reads exactly torchvision's rule: each of the four neighbours outside the image counts
+# as 0. The input is first padded with zeros: one pixel on the top and left, and on the bottom
+# and right up to a side of 2^k + 1 pixels. Then every side has normalised coordinates (with
+# aligned corners a side of one pixel has none), and the pixel -> [-1, 1] -> pixel round trip
+# scales by powers of two, so it is exact for positions with few significant bits: a sample on
+# a pixel row stays on it and takes its derivative from the right, as torchvision's does,
+# instead of landing an ulp below and taking it from the left. All taps of all output pixels
+# are sampled in one call as a grid of K * L points; the columns come out as [N, Cin, K, L], the
+# layout of ``weight.view(Cout, Cin * K)``, so the convolution is one (grouped) matmul.
 
 
-class _Geometry(NamedTuple):
-    """Static sizes of one call, derived from the tensor shapes."""
-
-    groups: int
-    offset_groups: int
-    kernel: tuple[int, int]
-    out_size: tuple[int, int]
-
-    @property
-    def taps(self) -> int:
-        return self.kernel[0] * self.kernel[1]
-
-
-def _geometry(input: Tensor, offset: Tensor, weight: Tensor) -> _Geometry:
-    kh, kw = weight.shape[2], weight.shape[3]
-    return _Geometry(
-        groups=input.shape[1] // weight.shape[1],
-        offset_groups=offset.shape[1] // (2 * kh * kw),
-        kernel=(kh, kw),
-        out_size=(offset.shape[2], offset.shape[3]),
-    )
-
-
-class _Corners(NamedTuple):
-    """The four bilinear neighbours of every sampling point.
-
-    Corner ``q`` is ``(y0, x0)``, ``(y0, x0 + 1)``, ``(y0 + 1, x0)``, ``(y0 + 1, x0 + 1)`` for
-    ``q = 0..3``; all tensors are ``[4, N, L, K, og]``. Neighbours outside the image have zero
-    weights (and a row clamped into the image, so gathering stays in bounds).
-    """
-
-    row: Tensor  # row of the channels-last input table
-    weight: Tensor  # bilinear weight, 0 outside the image
-    d_weight_dy: Tensor  # derivative of ``weight`` w.r.t. the sampling row
-    d_weight_dx: Tensor  # derivative of ``weight`` w.r.t. the sampling column
-
-
-def _sampling_points(
+def _deform_conv2d(
+    input: Tensor,
     offset: Tensor,
-    geometry: _Geometry,
+    weight: Tensor,
+    bias: Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-) -> tuple[Tensor, Tensor]:
-    """Rows and columns sampled by every tap: two ``[N, L, K, og]`` tensors."""
-    batch = offset.shape[0]
-    (kh, kw), (out_h, out_w) = geometry.kernel, geometry.out_size
+    mask: Tensor | None,
+) -> Tensor:
+    """The op's computation in differentiable PyTorch (its gradients are autograd's)."""
+    batch, in_channels, height, width = input.shape
+    out_channels, in_per_group, kh, kw = weight.shape
+    taps = kh * kw
+    offset_groups = offset.shape[1] // (2 * taps)
+    out_h, out_w = offset.shape[2], offset.shape[3]
+    length = out_h * out_w
+
+    padded_h, padded_w = _padded_side(height), _padded_side(width)
+    padded = F.pad(input, (1, padded_w - width - 1, 1, padded_h - height - 1))
     options = {"dtype": offset.dtype, "device": offset.device}
-    # Undeformed positions, broadcast against [N, og, kh, kw, oH, oW].
+    # Undeformed positions in the padded image, broadcast against [N, og, kh, kw, oH, oW].
     tap_rows = torch.arange(kh, **options).view(kh, 1, 1, 1) * dilation[0]
     tap_cols = torch.arange(kw, **options).view(kw, 1, 1) * dilation[1]
-    out_rows = torch.arange(out_h, **options).view(out_h, 1) * stride[0] - padding[0]
-    out_cols = torch.arange(out_w, **options) * stride[1] - padding[1]
+    out_rows = torch.arange(out_h, **options).view(out_h, 1) * stride[0] - padding[0] + 1
+    out_cols = torch.arange(out_w, **options) * stride[1] - padding[1] + 1
     # offset [N, og * kh * kw * 2, oH, oW] -> [N, og, kh, kw, 2, oH, oW]
-    shifts = offset.view(batch, geometry.offset_groups, kh, kw, 2, out_h, out_w)
+    shifts = offset.view(batch, offset_groups, kh, kw, 2, out_h, out_w)
     rows = tap_rows + out_rows + shifts[:, :, :, :, 0]
     cols = tap_cols + out_cols + shifts[:, :, :, :, 1]
-
-    def to_sample_major(points: Tensor) -> Tensor:  # [N, og, kh, kw, oH, oW] -> [N, L, K, og]
-        sample_major = points.permute(0, 4, 5, 2, 3, 1)
-        return sample_major.reshape(batch, out_h * out_w, geometry.taps, geometry.offset_groups)
-
-    return to_sample_major(rows), to_sample_major(cols)
-
-
-def _bilinear_corners(rows: Tensor, cols: Tensor, height: int, width: int) -> _Corners:
-    """Neighbours, weights and weight derivatives for sampling points ``[N, L, K, og]``."""
-    row0, col0 = rows.floor(), cols.floor()
-    frac_y, frac_x = rows - row0, cols - col0
-    # Corner order along the leading dimension: (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1,
-    # x0 + 1).
-    step_y = rows.new_tensor([0.0, 0.0, 1.0, 1.0]).view(4, 1, 1, 1, 1)
-    step_x = rows.new_tensor([0.0, 1.0, 0.0, 1.0]).view(4, 1, 1, 1, 1)
-    corner_rows, corner_cols = row0 + step_y, col0 + step_x
-    # Weight of a corner along one axis: 1 - frac for the lower, frac for the upper neighbour;
-    # its derivative is -1 or +1 respectively.
-    sign_y, sign_x = 2 * step_y - 1, 2 * step_x - 1
-    weight_y = 1 - step_y + sign_y * frac_y
-    weight_x = 1 - step_x + sign_x * frac_x
-    inside = (
-        (corner_rows >= 0) & (corner_rows < height) & (corner_cols >= 0) & (corner_cols < width)
-    ).to(rows.dtype)
-    # Each (image, offset group) owns height * width consecutive rows of the table.
-    batch, offset_groups = rows.shape[0], rows.shape[-1]
-    image = torch.arange(batch * offset_groups, device=rows.device).view(batch, 1, 1, offset_groups)
-    pixel = corner_rows.clamp(0, height - 1).long() * width + corner_cols.clamp(0, width - 1).long()
-    return _Corners(
-        row=image * (height * width) + pixel,
-        weight=weight_y * weight_x * inside,
-        d_weight_dy=sign_y * weight_x * inside,
-        d_weight_dx=weight_y * sign_x * inside,
+    # Pixel -> [-1, 1] with aligned corners; grid points are (x, y).
+    grid = torch.stack(
+        [cols * (2 / (padded_w - 1)) - 1, rows * (2 / (padded_h - 1)) - 1], dim=-1
+    ).view(batch * offset_groups, taps * length, 1, 2)
+    per_group = padded.view(batch * offset_groups, in_channels // offset_groups, *padded.shape[2:])
+    columns = F.grid_sample(
+        per_group, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    ).view(batch, offset_groups, in_channels // offset_groups, taps, length)
+    if mask is not None:
+        columns = columns * mask.view(batch, offset_groups, 1, taps, length)
+    groups = in_channels // in_per_group
+    # [groups, Cout / groups, Cin / groups * K] @ [N, groups, Cin / groups * K, L]
+    out = weight.reshape(groups, out_channels // groups, in_per_group * taps) @ columns.view(
+        batch, groups, in_per_group * taps, length
     )
+    out = out.view(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out
 
 
-def _modulate(corner_weight: Tensor, mask: Tensor | None, geometry: _Geometry) -> Tensor:
-    """Fold the v2 mask ``[N, og * K, oH, oW]`` into corner weights ``[4, N, L, K, og]``."""
-    if mask is None:
-        return corner_weight
-    return corner_weight * _sample_major_mask(mask, geometry)
-
-
-def _sample_major_mask(mask: Tensor, geometry: _Geometry) -> Tensor:
-    """``[N, og * K, oH, oW] -> [N, L, K, og]``."""
-    length = mask.shape[2] * mask.shape[3]
-    per_group = mask.view(mask.shape[0], geometry.offset_groups, geometry.taps, length)
-    return per_group.permute(0, 3, 2, 1).contiguous()
-
-
-def _input_table(input: Tensor, offset_groups: int) -> Tensor:
-    """``[N, Cin, H, W] -> [N * og * H * W, Cin / og]``: one row per pixel and offset group."""
-    batch, channels, height, width = input.shape
-    per_group = input.reshape(batch, offset_groups, channels // offset_groups, height * width)
-    return per_group.transpose(2, 3).reshape(-1, channels // offset_groups)
-
-
-def _gather_corners(table: Tensor, rows: Tensor) -> Iterator[Tensor]:
-    """Yield the table rows of each corner in turn, ``[N, L, K, og, Cin / og]``.
-
-    The four gathers share one buffer, so each yielded tensor is only valid until the next:
-    allocating a fresh columns-sized tensor per corner costs more (first touch of new memory)
-    than the gather itself.
-    """
-    buffer = table.new_empty(rows[0].numel(), table.shape[1])
-    for corner_rows in rows:
-        torch.index_select(table, 0, corner_rows.flatten(), out=buffer)
-        yield buffer.view(*corner_rows.shape, table.shape[1])
-
-
-def _columns(table: Tensor, corners: _Corners, corner_weight: Tensor) -> Tensor:
-    """Sampled input ``[N, L, K, og, Cin / og]``: the corners' rows times their weights."""
-    columns = None
-    for values, weight in zip(
-        _gather_corners(table, corners.row), corner_weight.unsqueeze(-1), strict=True
-    ):
-        if columns is None:
-            columns = values * weight
-        else:
-            columns.addcmul_(values, weight)
-    return columns
-
-
-def _grouped_columns(columns: Tensor, groups: int) -> Tensor:
-    """``[N, L, K, og, Cin / og] -> [N, groups, L, K * Cin / groups]`` (a view if groups is 1)."""
-    batch, length, taps, offset_groups, channels = columns.shape
-    in_per_group = offset_groups * channels // groups
-    per_group = columns.reshape(batch, length, taps, groups, in_per_group).permute(0, 3, 1, 2, 4)
-    return per_group.reshape(batch, groups, length, taps * in_per_group)
-
-
-def _grouped_weight(weight: Tensor, groups: int) -> Tensor:
-    """``[Cout, Cin / groups, kh, kw] -> [groups, Cout / groups, kh * kw * Cin / groups]``."""
-    out_channels, in_per_group = weight.shape[:2]
-    taps_last = weight.view(groups, out_channels // groups, in_per_group, -1).transpose(2, 3)
-    return taps_last.reshape(groups, out_channels // groups, -1)
+def _padded_side(size: int) -> int:
+    """The smallest 2^k + 1 that holds ``size`` pixels and a zero pixel on each side."""
+    return 2 ** math.ceil(math.log2(size + 1)) + 1
 
 
 # --------------------------------------------------------------------------------------------
-# The custom op
+# The custom op: one node for export (ONNX DeformConv, the TensorRT plugin); its backward
+# recomputes the forward under autograd, which keeps no columns alive between the passes.
 
 
 @torch.library.custom_op("psearch::deform_conv2d", mutates_args=())
@@ -468,18 +377,7 @@ def _deform_conv2d_op(
     dilation: Sequence[int],
     mask: Tensor | None,
 ) -> Tensor:
-    geometry = _geometry(input, offset, weight)
-    rows, cols = _sampling_points(offset, geometry, stride, padding, dilation)
-    corners = _bilinear_corners(rows, cols, input.shape[2], input.shape[3])
-    table = _input_table(input, geometry.offset_groups)
-    columns = _columns(table, corners, _modulate(corners.weight, mask, geometry))
-    # [groups, Cout / groups, K * Cin / groups] @ [N, groups, K * Cin / groups, L]
-    grouped = _grouped_columns(columns, geometry.groups).transpose(2, 3)
-    out = _grouped_weight(weight, geometry.groups) @ grouped
-    out = out.view(input.shape[0], weight.shape[0], *geometry.out_size)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
+    return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
 @_deform_conv2d_op.register_fake
@@ -488,91 +386,29 @@ def _(input, offset, weight, bias, stride, padding, dilation, mask):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, offset, weight, _, stride, padding, dilation, mask = inputs
-    ctx.save_for_backward(input, offset, weight, mask)
+    input, offset, weight, bias, stride, padding, dilation, mask = inputs
+    ctx.save_for_backward(input, offset, weight, bias, mask)
     ctx.stride, ctx.padding, ctx.dilation = stride, padding, dilation
 
 
 def _backward(ctx, grad_out: Tensor):
-    input, offset, weight, mask = ctx.saved_tensors
-    need_input, need_offset, need_weight, need_bias = ctx.needs_input_grad[:4]
-    need_mask = ctx.needs_input_grad[7]
-    geometry = _geometry(input, offset, weight)
-    rows, cols = _sampling_points(offset, geometry, ctx.stride, ctx.padding, ctx.dilation)
-    corners = _bilinear_corners(rows, cols, input.shape[2], input.shape[3])
-    corner_weight = _modulate(corners.weight, mask, geometry)
-    table = _input_table(input, geometry.offset_groups)
-    batch, out_channels = input.shape[0], weight.shape[0]
-    # [N, groups, Cout / groups, L]
-    length = geometry.out_size[0] * geometry.out_size[1]
-    grad_out = grad_out.reshape(batch, geometry.groups, out_channels // geometry.groups, length)
-
-    grad_input = grad_offset = grad_weight = grad_bias = grad_mask = None
-    if need_bias:
-        grad_bias = grad_out.sum((0, 3)).flatten()
-    if need_weight:
-        columns = _grouped_columns(_columns(table, corners, corner_weight), geometry.groups)
-        grad_weight = _weight_grad((grad_out @ columns).sum(0), weight)
-    if need_input or need_offset or need_mask:
-        grad_columns = _columns_grad(grad_out, weight, geometry)
-    if need_input:
-        grad_input = _input_grad(grad_columns, corners.row, corner_weight, input)
-    if need_offset or need_mask:
-        # Gradient reaching each corner's weight: [4, N, L, K, og]
-        corner_grad = torch.stack(
-            [(grad_columns * values).sum(-1) for values in _gather_corners(table, corners.row)]
+    saved = ctx.saved_tensors  # input, offset, weight, bias, mask
+    wanted = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 7)]
+    with torch.enable_grad():
+        leaves = [
+            None if tensor is None else tensor.detach().requires_grad_(need)
+            for tensor, need in zip(saved, wanted, strict=True)
+        ]
+        input, offset, weight, bias, mask = leaves
+        out = _deform_conv2d(
+            input, offset, weight, bias, ctx.stride, ctx.padding, ctx.dilation, mask
         )
-        if need_offset:
-            grad_offset = _offset_grad(corner_grad, corners, mask, geometry).view_as(offset)
-        if need_mask:
-            grad_mask = (corner_grad * corners.weight).sum(0).permute(0, 3, 2, 1).reshape_as(mask)
-    return grad_input, grad_offset, grad_weight, grad_bias, None, None, None, grad_mask
-
-
-def _weight_grad(grouped_grad: Tensor, weight: Tensor) -> Tensor:
-    """``[groups, Cout / groups, K * Cin / groups]`` back to the layout of ``weight``."""
-    out_channels, in_per_group, kh, kw = weight.shape
-    return grouped_grad.view(out_channels, kh, kw, in_per_group).permute(0, 3, 1, 2).contiguous()
-
-
-def _columns_grad(grad_out: Tensor, weight: Tensor, geometry: _Geometry) -> Tensor:
-    """Gradient w.r.t. the sampled columns: ``[N, L, K, og, Cin / og]``."""
-    batch, groups, _, length = grad_out.shape
-    in_channels = weight.shape[1] * groups
-    # [N, groups, L, Cout / groups] @ [groups, Cout / groups, K * Cin / groups]
-    grouped = grad_out.transpose(2, 3) @ _grouped_weight(weight, groups)
-    per_group = grouped.view(batch, groups, length, geometry.taps, weight.shape[1])
-    return per_group.permute(0, 2, 3, 1, 4).reshape(
-        batch, length, geometry.taps, geometry.offset_groups, in_channels // geometry.offset_groups
+        targets = [leaf for leaf, need in zip(leaves, wanted, strict=True) if need]
+        grads = iter(torch.autograd.grad(out, targets, grad_out, allow_unused=True))
+    input_grad, offset_grad, weight_grad, bias_grad, mask_grad = (
+        next(grads) if need else None for need in wanted
     )
-
-
-def _input_grad(
-    grad_columns: Tensor, table_rows: Tensor, corner_weight: Tensor, input: Tensor
-) -> Tensor:
-    """Add each column's gradient to its four corners, scaled by their weights."""
-    channels = grad_columns.shape[-1]
-    grad_table = input.new_zeros(input.numel() // channels, channels)
-    for rows, weight in zip(table_rows, corner_weight.unsqueeze(-1), strict=True):
-        grad_table.index_add_(0, rows.flatten(), (grad_columns * weight).reshape(-1, channels))
-    batch, _, height, width = input.shape
-    # [N * og * H * W, Cin / og] -> [N, og, Cin / og, H * W] -> [N, Cin, H, W]
-    offset_groups = input.shape[1] // channels
-    per_group = grad_table.view(batch, offset_groups, height * width, channels).transpose(2, 3)
-    return per_group.reshape(input.shape)
-
-
-def _offset_grad(
-    corner_grad: Tensor, corners: _Corners, mask: Tensor | None, geometry: _Geometry
-) -> Tensor:
-    """Gradient w.r.t. ``offset``, ``[N, og, K, 2, L]`` (its memory layout)."""
-    grad = torch.stack(
-        [(corner_grad * corners.d_weight_dy).sum(0), (corner_grad * corners.d_weight_dx).sum(0)],
-        dim=-1,
-    )  # [N, L, K, og, 2]
-    if mask is not None:
-        grad = grad * _sample_major_mask(mask, geometry).unsqueeze(-1)
-    return grad.permute(0, 3, 2, 4, 1).contiguous()
+    return input_grad, offset_grad, weight_grad, bias_grad, None, None, None, mask_grad
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
