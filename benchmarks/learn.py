@@ -4,15 +4,17 @@ score the trained model next to the same model before training, in one run.
     python benchmarks/learn.py --config configs/tiny/alignps_synthetic.yaml \\
         [--config configs/tiny/leaps_synthetic.yaml ...] [--minutes 15] [--threads 2] \\
         [--data-seed 0] [--data-dir data/synthetic] [--synthetic KEY=VALUE ...] \\
-        [--set KEY=VALUE ...] [--max-iters N]
+        [--set KEY=VALUE ...] [--runs-dir runs/learn]
 
 For each config: the synthetic dataset in the config's format (``data.dataset``: prw, cuhk_sysu
 or crowdhuman) is generated with the generator's default size and difficulty, or taken from the
 cache folder ``--data-dir/<format>-seed<S>-<hash of the options>`` when an earlier run wrote it.
 The model is built with the config's seed and scored on the held-out test split (the test
-identities are disjoint from the training ones) before training; it is then trained with the
-config's optimizer and schedule until ``--minutes`` of training time are spent or the config's
-epochs are done, whichever comes first, and scored again. Person search configs report mAP and
+identities are disjoint from the training ones) before training; it is then trained by the
+trainer (``training.trainer.Trainer``, as ``psearch-train`` does) with a time budget of
+``--minutes`` (``schedule.max_minutes``): the trainer times its first iterations, keeps the
+config's epochs that fit with the learning rate milestones moved alike, and stops when the budget
+is spent. The trained model is scored again. Person search configs report mAP and
 top-1 over all cameras and across cameras (PRW protocol, ``training.inference``); detector
 configs (CrowdHuman format) report MR^-2, AP and recall.
 
@@ -27,12 +29,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,16 +48,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import build_model
+from training.checkpoint import WEIGHTS_FILE, load_weights
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import TrainLoader, load_split
 from training.datasets import DatasetError, PersonSearchSplit
 from training.inference import evaluate_model, load_test_split
 from training.synthetic import FORMATS, generate, make_options
 from training.trainer import (
     ProcessGroup,
+    Trainer,
     build_model_checked,
-    build_optimizer,
-    lr_factor,
     seed_everything,
     select_device,
 )
@@ -129,111 +131,46 @@ def synthetic_dataset(
 # --- training -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Budget:
-    """When training stops: after `seconds` of training, after `max_iters` iterations (None:
-    no limit) or at the end of the config's epochs, whichever comes first."""
-
-    seconds: float
-    max_iters: int | None = None
-
-
 @dataclass
 class TrainingRecord:
-    """What a budgeted training run did; losses are the per-iteration values by name."""
+    """What a budgeted training run did; ``first_losses`` and ``last_losses`` are the mean
+    losses of its first and last logging windows (``log_every`` iterations)."""
 
     iterations: int = 0
     epochs: float = 0.0
     seconds: float = 0.0
     stopped_by: str = "epochs"
-    losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-
-    def mean_losses(self, first: bool, window: int) -> dict[str, float]:
-        """Mean of each loss over the first (or last) `window` iterations."""
-        part = slice(0, window) if first else slice(-window, None)
-        return {name: sum(v[part]) / len(v[part]) for name, v in self.losses.items()}
+    planned_epochs: int = 0
+    first_losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    run_dir: Path | None = None
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batch: tuple[torch.Tensor, list[dict[str, torch.Tensor]]],
-    device: torch.device,
-    clip_grad_norm: float | None,
-) -> dict[str, float]:
-    """One optimisation step as the trainer takes it (in float32, on one process); returns the
-    losses by name and their sum as ``loss``."""
-    images, targets = batch
-    images = images.to(device)
-    targets = [{key: value.to(device) for key, value in t.items()} for t in targets]
-    losses = model(images, targets)
-    total = sum(losses.values())
-    if not torch.isfinite(total):
-        values = {name: float(value.detach()) for name, value in losses.items()}
-        raise FloatingPointError(f"non-finite loss: {values}")
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if clip_grad_norm is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    return {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in losses.items()}
-
-
-def batches(loader: TrainLoader, epochs: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) over the config's epochs, in the trainer's order."""
-    for epoch in range(epochs):
-        for batch in loader.epoch(epoch):
-            yield epoch, batch
-
-
-def train_within_budget(
-    model: nn.Module,
-    config: TrainConfig,
-    device: torch.device,
-    budget: Budget,
-) -> TrainingRecord:
-    """Train `model` in place with the config's data, optimizer and learning rate schedule
-    (``training.trainer``'s pieces) until the budget is spent or the epochs are done."""
-    split = load_split(config.data, config.data.train_split)
-    loader = TrainLoader(split, config.data, model.preprocess, config.seed)
-    optimizer = build_optimizer(model, config)
-    iters_per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, config)
-    )
-    epochs = config.schedule.epochs
+def train_within_budget(config: TrainConfig, minutes: float, run_dir: Path) -> TrainingRecord:
+    """Train with ``training.trainer.Trainer`` under a time budget of `minutes`: it plans the
+    epochs of the config that fit and stops when the budget is spent. The run folder keeps the
+    checkpoint (weights, config, state) for ``psearch-export`` or ``--resume``."""
+    config = config.model_copy(deep=True)
+    config.schedule.max_minutes = minutes
+    config.eval.at_end = False  # scored below, beside the untrained model
+    config.output_dir = run_dir
+    trainer = Trainer(config, build_model)
     log(
-        f"training: {len(loader.dataset)} images, {iters_per_epoch} iterations per epoch, "
-        f"{epochs} epochs planned ({epochs * iters_per_epoch} iterations)"
+        f"training: {len(trainer.loader.dataset)} images, {len(trainer.loader)} iterations per "
+        f"epoch, up to {config.schedule.epochs} epochs in {minutes:g} min; run folder {run_dir}"
     )
-    seed_everything(config.seed)  # the trainer's random streams, whatever evaluation drew
-    record = TrainingRecord()
-    model.train()
-    start = time.perf_counter()
-    for epoch, batch in batches(loader, epochs):
-        if time.perf_counter() - start >= budget.seconds:
-            record.stopped_by = "time budget"
-            break
-        if budget.max_iters is not None and record.iterations >= budget.max_iters:
-            record.stopped_by = "max iterations"
-            break
-        losses = train_step(model, optimizer, scheduler, batch, device, config.optim.clip_grad_norm)
-        record.iterations += 1
-        for name, value in losses.items():
-            record.losses.setdefault(name, []).append(value)
-        if record.iterations % config.log_every == 0:
-            window = record.mean_losses(first=False, window=config.log_every)
-            seconds_per_iter = (time.perf_counter() - start) / record.iterations
-            log(
-                f"  iter {record.iterations:>5}  epoch {epoch + 1}/{epochs}  "
-                f"{seconds_per_iter:.2f} s/it  "
-                f"lr {optimizer.param_groups[0]['lr']:.2e}  {format_losses(window)}"
-            )
-    record.seconds = time.perf_counter() - start
-    record.epochs = record.iterations / iters_per_epoch
-    return record
+    trainer.run()
+    history = [{k: v for k, v in window.items() if k != "iteration"} for window in trainer.history]
+    return TrainingRecord(
+        iterations=trainer.iteration,
+        epochs=trainer.iteration / len(trainer.loader),
+        seconds=trainer.train_seconds,
+        stopped_by=trainer.stopped_by,
+        planned_epochs=trainer.schedule.epochs,
+        first_losses=history[0] if history else {},
+        last_losses=history[-1] if history else {},
+        run_dir=run_dir,
+    )
 
 
 def format_losses(losses: dict[str, float]) -> str:
@@ -292,30 +229,37 @@ def run_config(config_path: Path, args: argparse.Namespace) -> ConfigResult:
     log(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
 
     device = select_device(config, ProcessGroup())
-    seed_everything(config.seed)  # the same initial weights as psearch-train builds
+    seed_everything(config.seed)  # the initial weights the trainer builds from the same seed
     model = build_model_checked(build_model, config.model).to(device)
     log(f"model: {type(model).__name__}, {count_parameters(model):,} parameters, on {device}")
     test_split = load_test_split(config)
     untrained = evaluate_timed(model, config, device, test_split)
     log(f"untrained ({untrained.seconds:.1f} s): {format_metrics(untrained.metrics)}")
 
-    budget = Budget(seconds=60 * args.minutes, max_iters=args.max_iters)
-    training = train_within_budget(model, config, device, budget)
-    window = min(config.log_every, training.iterations)
-    for first, which in ((True, "first"), (False, "last")):
-        if window:
-            losses = format_losses(training.mean_losses(first, window))
-            log(f"loss, {which} {window} iterations: {losses}")
+    run_dir = args.runs_dir / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    training = train_within_budget(config, args.minutes, run_dir)
+    for which, losses in (("first", training.first_losses), ("last", training.last_losses)):
+        if losses:
+            log(f"loss, {which} {config.log_every} iterations: {format_losses(losses)}")
     log(
-        f"trained {training.iterations} iterations ({training.epochs:.2f} epochs) in "
-        f"{training.seconds:.1f} s; stopped by {training.stopped_by}"
+        f"trained {training.iterations} iterations ({training.epochs:.2f} of "
+        f"{training.planned_epochs} planned epochs) in {training.seconds:.1f} s; stopped by "
+        f"{training.stopped_by}"
     )
+    model = load_trained(run_dir, config, device)
     trained = evaluate_timed(model, config, device, test_split)
     log(f"trained ({trained.seconds:.1f} s): {format_metrics(trained.metrics)}")
     parameters = count_parameters(model)
     return ConfigResult(
         config_path, config.data.dataset, root, parameters, untrained, trained, training
     )
+
+
+def load_trained(run_dir: Path, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The model with the weights of the run's last checkpoint."""
+    model = build_model_checked(build_model, config.model).to(device)
+    load_weights(model, run_dir / WEIGHTS_FILE)
+    return model
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -433,10 +377,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--minutes", type=float, default=15.0, help="training time budget per config (15)"
     )
-    parser.add_argument(
-        "--max-iters", type=int, default=None, help="also stop after this many iterations"
-    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs/learn"),
+        help="where each training run's folder is written (runs/learn)",
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (0)")
     parser.add_argument(
         "--data-dir",
@@ -463,8 +410,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
-    if args.max_iters is not None and args.max_iters < 0:
-        parser.error("--max-iters must be >= 0")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     try:
@@ -478,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's plan and stop
     start = time.perf_counter()
     print(f"command: python benchmarks/learn.py {shlex.join(argv)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")

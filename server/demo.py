@@ -7,10 +7,11 @@
 
 1. **data**: a synthetic dataset in PRW's file format (the generator's default size and
    difficulty), cached under ``--data-dir`` by seed and options;
-2. **training**: a tiny model (``--config``) trained on it within ``--minutes``: the pace of a
-   few training steps decides how many epochs fit in the budget (at least one, at most the
-   config's own, with its learning rate milestones scaled alike). The run is cached, keyed by
-   the config, the seed, the data and the budget; an interrupted run continues next time;
+2. **training**: a tiny model (``--config``) trained on it within ``--minutes``
+   (``schedule.max_minutes``: the trainer times its first iterations and keeps as many of the
+   config's epochs as fit, at least one, with its learning rate milestones moved alike). The run
+   is cached, keyed by the config, the seed, the data and the budget; an interrupted run
+   continues next time;
 3. **export** of the run to an ONNX model folder (checked against PyTorch);
 4. **index**: the ingest pipeline puts every test frame in a gallery;
 5. **service**: the API on 127.0.0.1, and a check. Every query of the test split is searched
@@ -32,7 +33,6 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import itertools
 import json
 import shlex
 import shutil
@@ -62,16 +62,9 @@ from server.inference import box_iou
 from server.settings import ServerSettings
 from training.checkpoint import CONFIG_FILE, STATE_FILE
 from training.config import TrainConfig, load_config
-from training.data import TrainLoader, load_split
 from training.datasets import PersonSearchSplit, Query, SceneAnnotation, load_dataset
 from training.synthetic import generate, make_options
-from training.trainer import (
-    TrainingInterrupted,
-    build_model_checked,
-    build_optimizer,
-    seed_everything,
-    train,
-)
+from training.trainer import Trainer, TrainingInterrupted
 
 PROGRAM = "psearch demo"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -84,8 +77,6 @@ MATCH_IOU = 0.5  # a hit is a person when it overlaps an annotated box this much
 TOP_K = 5  # hits shown for the printed search
 INGEST_BATCH = 8
 COMPLETE_MARKER = "demo-complete.json"  # written last: a folder without it is unfinished
-PLAN_FILE = "demo-plan.json"  # the epochs a run was planned for
-PACE_STEPS = 4  # training steps timed to plan the epochs
 READY_TIMEOUT_S = 120.0
 
 
@@ -186,34 +177,13 @@ def synthetic_dataset(options: DemoOptions, stage: Stage) -> Path:
 # --- 2. training ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainingPlan:
-    """How long a run trains: ``epochs`` (with learning rate ``milestones``), chosen from the
-    pace measured before training, ``epoch_s`` seconds per epoch."""
-
-    epochs: int
-    milestones: list[int]
-    epoch_s: float
-
-
-def plan_epochs(epoch_s: float, budget_s: float, config_epochs: int) -> int:
-    """The epochs that fit in ``budget_s`` at ``epoch_s`` each: at least one (the trainer
-    trains whole epochs), at most the config's schedule."""
-    return max(1, min(config_epochs, int(budget_s // max(epoch_s, 1e-9))))
-
-
-def scale_milestones(milestones: Sequence[int], config_epochs: int, epochs: int) -> list[int]:
-    """The config's learning rate milestones at the same fractions of a shorter schedule; a
-    milestone that would fall on or after the last epoch is dropped."""
-    scaled = {max(1, round(m * epochs / config_epochs)) for m in milestones}
-    return sorted(m for m in scaled if m < epochs)
-
-
 def run_config(options: DemoOptions, data_root: Path, run_dir: Path) -> TrainConfig:
-    """The config file with the demo's data, seed and run folder, and no evaluation."""
+    """The config file with the demo's data, seed, run folder and time budget, and no
+    evaluation."""
     overrides = [
         f"data.root={data_root}",
         f"seed={options.seed}",
+        f"schedule.max_minutes={options.minutes}",
         "eval.at_end=false",  # the demo's own check searches the test split through the API
         "tensorboard=false",
         *options.overrides,
@@ -237,65 +207,30 @@ def run_folder(options: DemoOptions, data_root: Path) -> Path:
 
 def trained_run(options: DemoOptions, data_root: Path, stage: Stage) -> Path:
     """The run folder of a model trained within the budget: cached, continued from its last
-    checkpoint when an earlier demo was interrupted, else planned and trained now."""
+    checkpoint when an earlier demo was interrupted, else trained now. The trainer times its
+    first iterations and keeps the config's epochs that fit the budget."""
     run_dir = run_folder(options, data_root)
     if (run_dir / COMPLETE_MARKER).is_file():
         stage.note = f"reusing {run_dir}"
         log(f"      reusing {run_dir}")
         return run_dir
-    config = run_config(options, data_root, run_dir)
-    plan_path = run_dir / PLAN_FILE
-    if plan_path.is_file():
-        plan = TrainingPlan(**json.loads(plan_path.read_text()))
-        log(f"      continuing {run_dir}: {plan.epochs} epochs planned")
+    resume = (run_dir / STATE_FILE).is_file()
+    if resume:
+        log(f"      continuing {run_dir}")
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-        plan = plan_training(config, options.minutes * 60)
-        run_dir.mkdir(parents=True)
-        plan_path.write_text(json.dumps(dataclasses.asdict(plan)) + "\n")
-    config.schedule.epochs, config.schedule.milestones = plan.epochs, plan.milestones
-    start = time.perf_counter()
-    train(config, build_model, resume=(run_dir / STATE_FILE).is_file())
-    seconds = time.perf_counter() - start
-    (run_dir / COMPLETE_MARKER).write_text(json.dumps({"train_seconds": seconds}) + "\n")
-    epochs = f"{plan.epochs} epoch" + ("s" if plan.epochs > 1 else "")
+    trainer = Trainer(run_config(options, data_root, run_dir), build_model, resume=resume)
+    trainer.run()
+    record = {
+        "train_seconds": trainer.train_seconds,
+        "iterations": trainer.iteration,
+        "epochs": trainer.schedule.epochs,
+        "stopped_by": trainer.stopped_by,
+    }
+    (run_dir / COMPLETE_MARKER).write_text(json.dumps(record) + "\n")
+    epochs = f"{trainer.schedule.epochs} epoch" + ("s" if trainer.schedule.epochs > 1 else "")
     stage.note = f"{epochs} of {options.config.name} in {run_dir}"
     return run_dir
-
-
-def plan_training(config: TrainConfig, budget_s: float) -> TrainingPlan:
-    """Measure the pace of a few training steps, then plan the epochs that fit the budget."""
-    step_s, steps_per_epoch = measure_pace(config)
-    epoch_s = step_s * steps_per_epoch
-    epochs = plan_epochs(epoch_s, budget_s, config.schedule.epochs)
-    milestones = scale_milestones(config.schedule.milestones, config.schedule.epochs, epochs)
-    log(
-        f"      {step_s:.2f} s per iteration here, {steps_per_epoch} iterations per epoch: "
-        f"{epochs} of the config's {config.schedule.epochs} epochs fit in "
-        f"{budget_s / 60:g} min (learning rate milestones {milestones})"
-    )
-    if epoch_s > budget_s:
-        log(f"      one epoch takes ~{epoch_s / 60:.1f} min here, over the budget: training one")
-    return TrainingPlan(epochs, milestones, epoch_s)
-
-
-def measure_pace(config: TrainConfig) -> tuple[float, int]:
-    """(seconds per training iteration, iterations per epoch) of ``config`` on this machine:
-    the mean of up to PACE_STEPS steps (data loading included) after a first, warm-up one."""
-    seed_everything(config.seed)
-    model = build_model_checked(build_model, config.model).train()
-    split = load_split(config.data, config.data.train_split)
-    loader = TrainLoader(split, config.data, model.preprocess, config.seed)
-    optimizer = build_optimizer(model, config)
-    marks = [time.perf_counter()]
-    for images, targets in itertools.islice(loader.epoch(0), PACE_STEPS + 1):
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-        marks.append(time.perf_counter())
-    steps = np.diff(marks)
-    return float(np.mean(steps[1:] if len(steps) > 1 else steps)), len(loader)
 
 
 # --- 3. export ----------------------------------------------------------------------------------

@@ -117,6 +117,14 @@ class ScheduleConfig(StrictModel):
         description="Epochs after which the learning rate is multiplied by gamma.",
     )
     gamma: float = Field(0.1, gt=0, description="Decay factor at each milestone.")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget for the training iterations (evaluation not counted); "
+        "None = no budget. The trainer times its first iterations, keeps as many of `epochs` as "
+        "fit (at least one) with the milestones at the same fractions of the shorter schedule, "
+        "and stops when the budget is spent.",
+    )
 
     @model_validator(mode="after")
     def _check_milestones(self) -> ScheduleConfig:

@@ -9,6 +9,11 @@ Per iteration: forward under autocast (CUDA with ``amp``), a sum of the model's 
 backward through a GradScaler, optional gradient clipping, an optimizer step and a per-iteration
 learning rate: linear warmup, then step decay at epoch milestones.
 
+With a time budget (``schedule.max_minutes``) the trainer times its first iterations and plans
+the epochs that fit, moving the milestones to the same fractions of the shorter schedule, so the
+learning rate still decays before the end; it also stops when the budget is spent, whatever the
+plan said (a machine that got busier). The plan and the time spent are part of the checkpoint.
+
 SIGINT and SIGTERM end the current iteration, save a checkpoint and raise TrainingInterrupted;
 ``--resume`` continues from it with the same weights, optimizer, schedule, data order and
 random streams, so an interrupted run ends where an uninterrupted one would have.
@@ -22,6 +27,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,7 +52,7 @@ from training.checkpoint import (
     set_rng_state,
     unwrap,
 )
-from training.config import ConfigError, TrainConfig, describe_validation_error
+from training.config import ConfigError, ScheduleConfig, TrainConfig, describe_validation_error
 from training.data import TrainLoader, load_split
 from training.datasets import PersonSearchSplit
 from training.inference import evaluate_model, load_test_split
@@ -56,6 +62,7 @@ logger = logging.getLogger(__name__)
 ModelBuilder = Callable[[dict[str, Any]], nn.Module]
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
+PACE_ITERATIONS = 10  # timed iterations, after a first warm-up one, that plan a budgeted schedule
 
 
 class TrainingInterrupted(Exception):
@@ -127,16 +134,30 @@ def build_model_checked(builder: ModelBuilder, model_config: dict[str, Any]) -> 
     return model
 
 
-def lr_factor(iteration: int, iters_per_epoch: int, config: TrainConfig) -> float:
+def lr_factor(iteration: int, iters_per_epoch: int, schedule: ScheduleConfig) -> float:
     """Learning rate multiplier at a global iteration: linear warmup from warmup_factor to 1
     over warmup_iters, times gamma for every milestone epoch already completed."""
-    schedule = config.schedule
     epoch = iteration // iters_per_epoch
     decay = schedule.gamma ** sum(epoch >= milestone for milestone in schedule.milestones)
     if iteration >= schedule.warmup_iters:
         return decay
     progress = iteration / schedule.warmup_iters
     return decay * (schedule.warmup_factor + (1 - schedule.warmup_factor) * progress)
+
+
+def fit_schedule(
+    schedule: ScheduleConfig, seconds_per_iteration: float, iters_per_epoch: int
+) -> ScheduleConfig:
+    """The schedule cut to the epochs that fit its time budget at the given pace: at least one
+    epoch, at most the configured ones, with each milestone at the same fraction of the new
+    length (one that would fall on or after the last epoch is dropped)."""
+    assert schedule.max_minutes is not None
+    epoch_seconds = seconds_per_iteration * iters_per_epoch
+    fit = int(schedule.max_minutes * 60 // max(epoch_seconds, 1e-9))
+    epochs = max(1, min(schedule.epochs, fit))
+    scaled = {max(1, round(m * epochs / schedule.epochs)) for m in schedule.milestones}
+    milestones = sorted(m for m in scaled if m < epochs)
+    return schedule.model_copy(update={"epochs": epochs, "milestones": milestones})
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -216,9 +237,11 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.optimizer = build_optimizer(self.model, config)
-        iters_per_epoch = len(self.loader)
+        # The schedule in force: the config's, or the part of it that fits the time budget.
+        self.schedule = config.schedule.model_copy()
+        self.planned = config.schedule.max_minutes is None  # nothing to plan without a budget
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: lr_factor(it, iters_per_epoch, config)
+            self.optimizer, lambda it: lr_factor(it, len(self.loader), self.schedule)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if self.group.distributed:
@@ -229,6 +252,11 @@ class Trainer:
             )
 
         self.epoch, self.batch, self.iteration = 0, 0, 0
+        self.train_seconds = 0.0  # spent in training iterations, across resumes
+        self.stopped_by = "epochs"  # or "time budget"
+        self.history: list[dict[str, float]] = []  # rank 0: mean losses per logging window
+        self._pace: list[float] = []  # iteration end times while the budget is being planned
+        self.clock: Callable[[], float] = time.perf_counter  # what the budget is measured with
         seed_everything(config.seed + self.group.rank)  # distinct random streams per rank
         if resume_state is not None:
             self._restore(resume_state)
@@ -238,19 +266,28 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> dict[str, float]:
-        """Train the remaining epochs; returns the final evaluation's metrics (or {})."""
+        """Train the remaining epochs (or until the time budget is spent); returns the final
+        evaluation's metrics (or {})."""
         metrics: dict[str, float] = {}
-        epochs = self.config.schedule.epochs
         self.model.train()
         try:
             with StopSignal().installed() as stop:
-                while self.epoch < epochs:
-                    self._train_epoch(stop)
+                while self.epoch < self.schedule.epochs:
+                    if not self._train_epoch(stop):
+                        self.stopped_by = "time budget"
+                        self.save()
+                        logger.info(
+                            "time budget of %g min spent after %d iterations",
+                            self.config.schedule.max_minutes,
+                            self.iteration,
+                        )
+                        break
                     self.epoch, self.batch = self.epoch + 1, 0
-                    if self.epoch % self.config.checkpoint_every == 0 or self.epoch == epochs:
+                    last = self.epoch == self.schedule.epochs
+                    if self.epoch % self.config.checkpoint_every == 0 or last:
                         self.save()
                     every = self.config.eval.every
-                    if every and self.epoch % every == 0 and self.epoch < epochs:
+                    if every and self.epoch % every == 0 and not last:
                         metrics = self.evaluate()
                 if self.config.eval.at_end:
                     metrics = self.evaluate()
@@ -259,20 +296,24 @@ class Trainer:
                 self.writer.close()
         return metrics
 
-    def _train_epoch(self, stop: StopSignal) -> None:
-        epochs = self.config.schedule.epochs
+    def _train_epoch(self, stop: StopSignal) -> bool:
+        """Train the rest of the current epoch; False if the time budget ran out first."""
         progress = tqdm(
             total=len(self.loader),
             initial=self.batch,
-            desc=f"epoch {self.epoch + 1}/{epochs}",
+            desc=f"epoch {self.epoch + 1}/{self.schedule.epochs}",
             disable=not self.group.is_main,
             dynamic_ncols=True,
         )
         window: dict[str, list[Tensor]] = {}
+        last_mark = self.clock()
         for images, targets in self.loader.epoch(self.epoch, self.batch):
-            losses, stop_now = self._step(images, targets, stop)
+            losses, stop_now, out_of_time = self._step(images, targets, stop)
             self.batch += 1
             self.iteration += 1
+            now = self.clock()
+            self.train_seconds += now - last_mark
+            last_mark = now
             progress.update()
             for name, value in losses.items():
                 window.setdefault(name, []).append(value)
@@ -283,13 +324,54 @@ class Trainer:
                 self.save()
                 progress.close()
                 raise TrainingInterrupted(stop_now, self.run_dir)
+            if out_of_time:
+                progress.close()
+                return False
+            if not self.planned:
+                self._pace.append(now)
+                if len(self._pace) == PACE_ITERATIONS + 1:
+                    self._plan(progress)
+        if not self.planned:  # an epoch shorter than the pacing window: plan with what it gave
+            self._plan(progress)
         progress.close()
+        return True
+
+    def _plan(self, progress: tqdm) -> None:
+        """Fit the schedule to the time budget at the pace of the iterations timed so far (the
+        first one, which warms up, left out when there are others); rank 0 decides for all."""
+        if len(self._pace) > 1:
+            pace = (self._pace[-1] - self._pace[0]) / (len(self._pace) - 1)
+        else:
+            pace = self.train_seconds / max(self.iteration, 1)
+        schedule = fit_schedule(self.config.schedule, pace, len(self.loader))
+        if self.group.distributed:
+            chosen = [schedule]
+            dist.broadcast_object_list(chosen, src=0)
+            schedule = chosen[0]
+        self.schedule, self.planned, self._pace = schedule, True, []
+        progress.set_description(f"epoch {self.epoch + 1}/{schedule.epochs}")
+        if self.group.is_main:
+            logger.info(
+                "%.2f s per iteration, %d per epoch: %d of %d epochs fit in %g min "
+                "(learning rate milestones %s)",
+                pace,
+                len(self.loader),
+                schedule.epochs,
+                self.config.schedule.epochs,
+                self.config.schedule.max_minutes,
+                schedule.milestones,
+            )
+
+    def _out_of_time(self) -> bool:
+        budget = self.config.schedule.max_minutes
+        return budget is not None and self.train_seconds >= 60 * budget
 
     def _step(
         self, images: Tensor, targets: list[dict[str, Tensor]], stop: StopSignal
-    ) -> tuple[dict[str, Tensor], int]:
-        """One optimisation step; returns the detached losses (and their sum as ``loss``) and
-        the signal number every rank agreed to stop on (0 = go on)."""
+    ) -> tuple[dict[str, Tensor], int, bool]:
+        """One optimisation step; returns the detached losses (and their sum as ``loss``), the
+        signal number every rank agreed to stop on (0 = go on) and whether every rank agreed
+        that the time budget is spent (the step is still taken)."""
         images = images.to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -299,7 +381,9 @@ class Trainer:
                 f"in training mode the model must return a dict of losses, got {type(losses)}"
             )
         total = sum(losses.values())
-        finite, stop_now = self._agree(bool(torch.isfinite(total)), stop.signum or 0)
+        finite, stop_now, out_of_time = self._agree(
+            bool(torch.isfinite(total)), stop.signum or 0, self._out_of_time()
+        )
         if not finite:
             values = {name: float(value.detach()) for name, value in losses.items()}
             raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {values}")
@@ -314,16 +398,17 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         detached = {name: value.detach().float() for name, value in losses.items()}
-        return {"loss": total.detach().float(), **detached}, stop_now
+        return {"loss": total.detach().float(), **detached}, stop_now, out_of_time
 
-    def _agree(self, finite: bool, signum: int) -> tuple[bool, int]:
-        """Make every rank take the same decision: stop if any rank saw a non-finite loss or a
-        signal (a rank that left alone would leave the others waiting in a collective)."""
+    def _agree(self, finite: bool, signum: int, out_of_time: bool) -> tuple[bool, int, bool]:
+        """Make every rank take the same decision: stop if any rank saw a non-finite loss, a
+        signal or the end of its time budget (a rank that left alone would leave the others
+        waiting in a collective)."""
         if not self.group.distributed:
-            return finite, signum
-        flags = torch.tensor([int(not finite), signum], device=self.device)
+            return finite, signum, out_of_time
+        flags = torch.tensor([int(not finite), signum, int(out_of_time)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return not flags[0].item(), int(flags[1].item())
+        return not flags[0].item(), int(flags[1].item()), bool(flags[2].item())
 
     # --- logging, checkpoints, evaluation -------------------------------------------------
 
@@ -331,6 +416,7 @@ class Trainer:
         if not self.group.is_main:
             return
         means = {name: torch.stack(values).mean().item() for name, values in window.items()}
+        self.history.append({"iteration": self.iteration, **means})
         lr = self.optimizer.param_groups[0]["lr"]
         progress.set_postfix({**{k: f"{v:.4f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
         if self.writer is not None:
@@ -350,6 +436,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": states,
+                "train_seconds": self.train_seconds,
+                "schedule": self.schedule.model_dump() if self.planned else None,
             }
             save_checkpoint(self.run_dir, self.model, self.config, state)
         if self.group.distributed:
@@ -360,6 +448,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.train_seconds = state.get("train_seconds", 0.0)
+        if state.get("schedule") is not None and self.config.schedule.max_minutes is not None:
+            # The budget was planned once; a resumed run keeps that plan.
+            self.schedule = ScheduleConfig(**state["schedule"])
+            self.planned = True
         states = state["rng"]
         # Each rank resumes its own streams; with another world size, rank r takes r mod saved.
         set_rng_state(states[self.group.rank % len(states)])

@@ -22,8 +22,10 @@ def test_main_prints_untrained_and_trained_rows_for_a_detector_config(tmp_path, 
         str(TINY_DETECTOR),
         "--data-dir",
         str(tmp_path),
-        "--max-iters",
-        "1",  # of the 2 the config plans (2 epochs of 1 batch of 2 images)
+        "--set",
+        "schedule.epochs=1",  # of 1 batch of 2 images: one iteration
+        "--runs-dir",
+        str(tmp_path / "runs"),
         "--threads",
         "1",
         "--synthetic",
@@ -38,7 +40,9 @@ def test_main_prints_untrained_and_trained_rows_for_a_detector_config(tmp_path, 
     assert set(rows) == {"untrained", "trained", "ratio"}
     # Columns: config, model, MR^-2, AP, recall, iterations, training seconds.
     assert rows["untrained"][5] == "0" and rows["trained"][5] == "1"
-    assert "stopped by max iterations" in output
+    assert "stopped by epochs" in output
+    (run,) = (tmp_path / "runs").iterdir()  # the trainer's run folder, checkpoint included
+    assert (run / "model.safetensors").is_file() and (run / "state.pt").is_file()
     assert f"command: python benchmarks/learn.py --config {TINY_DETECTOR}" in output
     assert "1 threads" in output
 

@@ -48,37 +48,10 @@ def tiny_options(tmp_path: Path, **changes) -> demo.DemoOptions:
     return demo.DemoOptions(**(values | changes))
 
 
-# --- the training plan ------------------------------------------------------------------------
+# --- training ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("epoch_s", "budget_s", "config_epochs", "expected"),
-    [
-        (70.0, 600.0, 12, 8),  # 600 // 70 = 8 whole epochs
-        (10.0, 600.0, 12, 12),  # 60 would fit: the config's schedule is the most
-        (900.0, 600.0, 12, 1),  # not even one fits: one anyway (the trainer runs whole epochs)
-    ],
-)
-def test_plan_fits_whole_epochs_in_the_budget(epoch_s, budget_s, config_epochs, expected):
-    assert demo.plan_epochs(epoch_s, budget_s, config_epochs) == expected
-
-
-@pytest.mark.parametrize(
-    ("milestones", "config_epochs", "epochs", "expected"),
-    [
-        ([10], 12, 12, [10]),  # the full schedule keeps its milestones
-        ([10], 12, 8, [7]),  # 10 * 8 / 12 = 6.67 -> 7
-        ([16, 22], 24, 12, [8, 11]),
-        ([10], 12, 2, []),  # 10 * 2 / 12 = 1.67 -> 2, the last epoch: no decay at all
-    ],
-)
-def test_milestones_keep_their_place_in_a_shorter_schedule(
-    milestones, config_epochs, epochs, expected
-):
-    assert demo.scale_milestones(milestones, config_epochs, epochs) == expected
-
-
-def test_training_is_planned_run_and_then_reused(tmp_path, capsys):
+def test_training_fits_the_budget_and_is_then_reused(tmp_path, capsys):
     options = tiny_options(tmp_path, minutes=1e-4, synthetic=TINY_DATA | {"test_images": 2})
     data_root = demo.synthetic_dataset(options, demo.Stage("data"))
 
@@ -86,10 +59,10 @@ def test_training_is_planned_run_and_then_reused(tmp_path, capsys):
 
     # 4 images in batches of 4 (the config's): one iteration per epoch, and a budget of 6 ms
     # is less than one epoch, so exactly one epoch is planned and trained.
-    plan = json.loads((run_dir / demo.PLAN_FILE).read_text())
-    assert (plan["epochs"], plan["milestones"]) == (1, [])
+    record = json.loads((run_dir / demo.COMPLETE_MARKER).read_text())
+    assert (record["epochs"], record["iterations"]) == (1, 1)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["schedule"]["epochs"] == 1
+    assert saved["schedule"]["max_minutes"] == 1e-4
     assert Path(saved["data"]["root"]) == data_root
     assert (run_dir / demo.COMPLETE_MARKER).is_file()
 

@@ -145,10 +145,10 @@ def test_learning_rate_warms_up_linearly_then_steps_down_at_milestones():
     )
     iters_per_epoch = 20
     # Warmup: 0.1 at iteration 0, halfway (0.1 + 0.9 * 0.5 = 0.55) at 5, then 1.
-    assert lr_factor(0, iters_per_epoch, config) == pytest.approx(0.1)
-    assert lr_factor(5, iters_per_epoch, config) == pytest.approx(0.55)
-    assert lr_factor(10, iters_per_epoch, config) == 1.0
+    assert lr_factor(0, iters_per_epoch, config.schedule) == pytest.approx(0.1)
+    assert lr_factor(5, iters_per_epoch, config.schedule) == pytest.approx(0.55)
+    assert lr_factor(10, iters_per_epoch, config.schedule) == 1.0
     # Epoch 2 starts at iteration 40: one milestone passed; epoch 3 (iteration 60): two.
-    assert lr_factor(39, iters_per_epoch, config) == 1.0
-    assert lr_factor(40, iters_per_epoch, config) == pytest.approx(0.1)
-    assert lr_factor(60, iters_per_epoch, config) == pytest.approx(0.01)
+    assert lr_factor(39, iters_per_epoch, config.schedule) == 1.0
+    assert lr_factor(40, iters_per_epoch, config.schedule) == pytest.approx(0.1)
+    assert lr_factor(60, iters_per_epoch, config.schedule) == pytest.approx(0.01)

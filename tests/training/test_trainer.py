@@ -30,7 +30,8 @@ from training.cli import main
 from training.config import ConfigError, load_config
 from training.inference import evaluate_model
 from training.synthetic.writers import SceneRecord, write_prw
-from training.trainer import Trainer, train
+from training.config import ScheduleConfig
+from training.trainer import Trainer, fit_schedule, train
 
 # ---------------------------------------------------------------------------------------------
 # A tiny PRW dataset: 8 training frames (4 batches of 2), 4 test frames, 2 queries.
@@ -272,6 +273,72 @@ def test_training_ends_with_an_evaluation_written_to_the_run_folder(tmp_path, pr
         assert 0.0 <= metrics[name] <= 1.0
     assert (run / "predictions.npz").is_file()
     assert any((run / "tensorboard").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# A time budget: the schedule fitted to the pace, and a hard stop.
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_iteration", "epochs", "milestones"),
+    [
+        (1.0, 10, [8]),  # 100 s per epoch: all 10 configured epochs fit in 1000 s
+        (2.0, 5, [4]),  # 200 s per epoch: 5 fit, the milestone moves from 8/10 to 4/5
+        (4.0, 2, []),  # 2 epochs: 8 * 2 / 10 rounds to 2, not before the end, so dropped
+        (50.0, 1, []),  # one epoch takes longer than the budget: still one, without decay
+    ],
+)
+def test_a_budget_keeps_the_epochs_that_fit_and_moves_the_milestones(
+    seconds_per_iteration, epochs, milestones
+):
+    schedule = ScheduleConfig(epochs=10, milestones=[8], max_minutes=1000 / 60)
+    fitted = fit_schedule(schedule, seconds_per_iteration, iters_per_epoch=100)
+    assert (fitted.epochs, fitted.milestones) == (epochs, milestones)
+    assert fitted.warmup_iters == schedule.warmup_iters  # the rest is the config's
+
+
+class FakeClock:
+    """One second passes between two readings."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_budgeted_run_plans_from_its_pace_and_keeps_the_plan_in_its_checkpoint(
+    tmp_path, prw_root
+):
+    # 4 iterations per epoch at 1 s each (the fake clock): 12 s hold 3 of the 6 epochs, and the
+    # milestone at epoch 4 of 6 moves to epoch 2 of 3.
+    schedule = {"epochs": 6, "milestones": [4], "max_minutes": 12 / 60}
+    config = load_config(config_file(tmp_path, prw_root, schedule=schedule))
+    config.output_dir = tmp_path / "run"
+    trainer = Trainer(config, ToyPersonSearch)
+    trainer.clock = FakeClock()
+    trainer.run()
+    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (3, [2])
+    assert (trainer.iteration, trainer.stopped_by, trainer.train_seconds) == (12, "epochs", 12.0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.1)  # decayed
+    state = load_state(tmp_path / "run")
+    assert (state["schedule"]["epochs"], state["train_seconds"]) == (3, 12.0)
+    assert load_config(tmp_path / "run" / "config.yaml").schedule.epochs == 6  # the user's
+
+
+def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
+    tmp_path, prw_root
+):
+    # 2.5 s of budget: the third step sees 3 s spent and is the last one.
+    schedule = {"epochs": 6, "milestones": [4], "max_minutes": 2.5 / 60}
+    config = load_config(config_file(tmp_path, prw_root, schedule=schedule, eval={"at_end": True}))
+    config.output_dir = tmp_path / "run"
+    trainer = Trainer(config, ToyPersonSearch)
+    trainer.clock = FakeClock()
+    metrics = trainer.run()
+    assert (trainer.iteration, trainer.stopped_by) == (4, "time budget")
+    assert (load_state(tmp_path / "run")["iteration"], metrics["num_queries"]) == (4, 2)
 
 
 # ---------------------------------------------------------------------------------------------
