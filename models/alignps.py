@@ -14,7 +14,6 @@ AlignPS+ is the same model with deformable 3x3 convs in res3-res5 of the backbon
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,35 +22,13 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from models.assigners import CenterSamplingConfig
-from models.backbones import STAGE_NAMES, build_backbone
+from models.backbones import STAGE_NAMES, BackboneConfig, backbone_from_config
 from models.config import StrictModel
 from models.heads.fcos import FCOSHead, FCOSHeadConfig, FCOSInferenceConfig, flatten_levels
 from models.losses import OIMLoss, TripletMining
 from models.necks.afa import AFA, AFAConfig
 from models.preprocess import PreprocessConfig
 from models.types import Detections
-
-StageName = Literal["res2", "res3", "res4", "res5"]
-
-
-class AlignPSBackboneConfig(StrictModel):
-    name: Literal["resnet18", "resnet34", "resnet50"] = Field(
-        "resnet50", description="ResNet depth (models.backbones registry name)."
-    )
-    frozen_stages: int = Field(
-        1, ge=0, le=4, description="Stem + first k stages frozen (1 = stem and res2)."
-    )
-    norm: Literal["frozen_bn", "bn"] = Field("frozen_bn", description="Backbone normalisation.")
-    base_width: int = Field(64, gt=0, description="Stem channels; 64 is the standard ResNet.")
-    dcn_stages: tuple[StageName, ...] = Field(
-        (), description="Stages with deformable 3x3 convs (AlignPS+: res3, res4, res5; Table 5)."
-    )
-    dcn_modulated: bool = Field(
-        False, description="Modulated deformable convs (DCNv2) in dcn_stages."
-    )
-    pretrained: Path | None = Field(
-        None, description="Local torchvision-layout ImageNet weights; null = random init."
-    )
 
 
 def _alignps_head() -> FCOSHeadConfig:
@@ -97,9 +74,7 @@ class AlignPSConfig(StrictModel):
     preprocess: PreprocessConfig = Field(
         default_factory=PreprocessConfig, description="Input preprocessing (travels with exports)."
     )
-    backbone: AlignPSBackboneConfig = Field(
-        default_factory=AlignPSBackboneConfig, description="ResNet backbone."
-    )
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="ResNet backbone.")
     afa: AFAConfig = Field(default_factory=AFAConfig, description="Aligned feature aggregation.")
     head: FCOSHeadConfig = Field(
         default_factory=_alignps_head, description="FCOS head on the single AFA output."
@@ -109,6 +84,11 @@ class AlignPSConfig(StrictModel):
     )
     inference: FCOSInferenceConfig = Field(
         default_factory=_alignps_inference, description="Top-k, thresholds and NMS at inference."
+    )
+    subtract_image_mean: bool = Field(
+        False,
+        description="Subtract each image's mean AFA feature before the head and the re-id loss "
+        "(the authors' released code does; not in the paper).",
     )
 
     @model_validator(mode="after")
@@ -137,17 +117,7 @@ class AlignPS(nn.Module):
         self.config = config
         self.preprocess = config.preprocess
         self.embedding_dim = config.afa.channels
-        backbone = config.backbone
-        self.backbone = build_backbone(
-            backbone.name,
-            pretrained=backbone.pretrained,
-            out_stages=config.afa.in_stages,
-            frozen_stages=backbone.frozen_stages,
-            norm=backbone.norm,
-            base_width=backbone.base_width,
-            dcn_stages=backbone.dcn_stages,
-            dcn_modulated=backbone.dcn_modulated,
-        )
+        self.backbone = backbone_from_config(config.backbone, config.afa.in_stages)
         self.afa = AFA(self.backbone.out_channels, self.backbone.strides, config.afa)
         self.strides = [self.afa.stride]
         self.head = FCOSHead(config.head)
@@ -171,6 +141,9 @@ class AlignPS(nn.Module):
         ``loss_oim`` and (unless its weight is 0) ``loss_triplet``. Without: fixed-size
         Detections in the pixels of ``images`` (B, 3, H, W), unused slots all zero."""
         embedding_map = self.afa(self.backbone(images))  # (B, D, H / 8, W / 8)
+        if self.config.subtract_image_mean:
+            # Removes what every location of an image shares (lighting, a camera's colour cast).
+            embedding_map = embedding_map - embedding_map.mean(dim=(2, 3), keepdim=True)
         outputs = self.head([embedding_map])
         if targets is not None:
             losses, assigned = self.head.loss(outputs, targets, self.strides)

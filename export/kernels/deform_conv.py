@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.ops.deform_conv import _check_arguments, _pair
+from models.ops.deform_conv import as_pair, check_deform_conv_arguments
 
 IM2COL_BLOCK_L = 64
 IM2COL_BLOCK_C = 16
@@ -311,11 +311,11 @@ def deform_conv2d_triton(
         ``[N, Cout, oH, oW]`` in the dtype of ``input``.
     """
     stride, padding, dilation = (
-        _pair(stride, "stride"),
-        _pair(padding, "padding"),
-        _pair(dilation, "dilation"),
+        as_pair(stride, "stride"),
+        as_pair(padding, "padding"),
+        as_pair(dilation, "dilation"),
     )
-    _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
+    check_deform_conv_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     if input.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton kernels take float32 or float16 tensors, got {input.dtype}")
     if gemm not in ("torch", "triton"):

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.ops.roi_align import _check_roi_values
+from models.ops.dynamic_roi_align import check_dynamic_roi_values
 
 BLOCK_C = 64
 BLOCK_S = 16
@@ -177,9 +177,7 @@ def dynamic_roi_align_triton(
     output = input.new_empty(num_rois, channels, *pooled_size)
     if num_rois == 0:
         return output
-    _check_roi_values(rois, input.shape[0])
-    if not bool(torch.isfinite(offsets).all()):
-        raise ValueError("offsets contain NaN or infinite values")
+    check_dynamic_roi_values(rois, offsets, input.shape[0])
     dynamic_roi_align_kernel[roi_align_grid(num_rois, pooled_size, channels)](
         input.contiguous(),
         rois.contiguous(),

@@ -2,17 +2,19 @@
 
 A model folder holds plugin graphs such as ``model.plugins.onnx`` (see :mod:`export.onnx`).
 Engines are specific to a GPU architecture and a TensorRT version, so each lives beside its
-graph under a name that says both, with a JSON sidecar saying the rest::
+graph under a name that says the graph, the architecture and the TensorRT version, with a JSON
+sidecar saying the rest::
 
-    model.sm90-trt10.9.0.34.engine        the serialized engine
-    model.sm90-trt10.9.0.34.engine.json   schema, model fingerprint, TensorRT version, GPU name
-                                          and architecture, build settings, engine SHA-256
+    model.sm90-trt10.9.0.34.engine        the serialized engine of model.plugins.onnx
+    model.sm90-trt10.9.0.34.engine.json   schema, the graph's file name and SHA-256, model
+                                          fingerprint, TensorRT version, GPU name and
+                                          architecture, build settings, engine SHA-256
     timing.sm90-trt10.9.0.34.cache        TensorRT's timing cache (faster rebuilds), shared
     embed.sm90-trt10.9.0.34.engine        the engine of embed.plugins.onnx, and so on
 
 :func:`ensure_engine` reuses a cached engine only when :func:`decide_cache` finds nothing changed
-(architecture, TensorRT version, fingerprint, settings, engine bytes); anything else is rebuilt,
-with the reasons logged. :func:`load_engine` refuses an engine built for another GPU
+(graph bytes, architecture, TensorRT version, fingerprint, settings, engine bytes); anything else
+is rebuilt, with the reasons logged. :func:`load_engine` refuses an engine built for another GPU
 architecture or TensorRT version with :class:`EngineMismatchError`, instead of TensorRT's
 deserialization error or, worse, an engine that loads and misbehaves.
 
@@ -55,7 +57,9 @@ from export.tensorrt.plugins import (
 logger = logging.getLogger(__name__)
 
 PLUGIN_GRAPH = "model.plugins.onnx"
-SIDECAR_SCHEMA = 1
+# 2: the sidecar records the ONNX graph's SHA-256 (schema 1 engines are rebuilt: nothing says
+# which graph they came from).
+SIDECAR_SCHEMA = 2
 # The ONNX node export.onnx writes for a deformable convolution (export.onnx.PLUGIN_OPS).
 DEFORM_CONV2D = "DeformConv2d"
 DEFORM_CONV2D_INPUTS = ("input", "offset", "weight", "bias", "mask")
@@ -128,9 +132,13 @@ class GpuInfo:
         return f"sm{self.capability[0]}{self.capability[1]}"
 
 
-def engine_file_name(arch: str, tensorrt_version: str, graph: str = "model") -> str:
-    """``model.sm90-trt10.9.0.34.engine``: the cache key of the engine of graph ``model``
-    (``model.plugins.onnx``; ``embed`` for ``embed.plugins.onnx``)."""
+def engine_file_name(onnx_name: str, arch: str, tensorrt_version: str) -> str:
+    """The cache key of the engine of graph ``onnx_name`` for a GPU architecture and TensorRT:
+    ``model.plugins.onnx`` -> ``model.sm90-trt10.9.0.34.engine``, ``embed.plugins.onnx`` ->
+    ``embed.sm90-trt10.9.0.34.engine``, so the graphs of one folder never share an engine."""
+    if not onnx_name.endswith(".onnx") or "/" in onnx_name:
+        raise ValueError(f"expected the file name of an ONNX graph, got {onnx_name!r}")
+    graph = onnx_name.split(".", 1)[0]
     return f"{graph}.{arch}-trt{tensorrt_version}.engine"
 
 
@@ -144,6 +152,8 @@ def timing_cache_path(model_dir: Path, arch: str, tensorrt_version: str) -> Path
 
 def make_sidecar(
     *,
+    onnx_name: str,
+    onnx_sha256: str,
     fingerprint: str,
     tensorrt_version: str,
     gpu: GpuInfo,
@@ -153,6 +163,7 @@ def make_sidecar(
     """What is recorded beside an engine."""
     return {
         "schema": SIDECAR_SCHEMA,
+        "onnx": {"file": onnx_name, "sha256": onnx_sha256},
         "fingerprint": fingerprint,
         "tensorrt_version": tensorrt_version,
         "gpu": {"name": gpu.name, "arch": gpu.arch, "compute_capability": list(gpu.capability)},
@@ -208,6 +219,7 @@ def decide_cache(
     tensorrt_version: str,
     fingerprint: str,
     settings: Mapping[str, Any],
+    onnx_sha256: str | None,
     engine_sha256: str | None,
 ) -> CacheDecision:
     """Reuse the cached engine only if nothing it was built from has changed.
@@ -217,6 +229,7 @@ def decide_cache(
         arch, tensorrt_version: this machine's GPU architecture (``sm90``) and TensorRT.
         fingerprint: the model's fingerprint now.
         settings: :meth:`BuildSettings.as_dict` of the settings asked for now.
+        onnx_sha256: SHA-256 of the ONNX graph the engine is asked for; None when it is missing.
         engine_sha256: SHA-256 of the engine file on disk; None when it is missing.
     """
     if sidecar is None:
@@ -234,6 +247,10 @@ def decide_cache(
     )
     if changed:
         reasons.append(f"build settings changed: {', '.join(changed)}")
+    # The fingerprint covers weights and config, not how the graph was exported.
+    built_from = sidecar.get("onnx", {})
+    if built_from.get("sha256") != onnx_sha256:
+        reasons.append(f"the ONNX graph is not the {built_from.get('file')} it was built from")
     if sidecar.get("engine_sha256") != engine_sha256:
         reasons.append("the engine file is not the one its sidecar describes")
     return CacheDecision(not reasons, tuple(reasons))
@@ -438,7 +455,9 @@ def build_engine(
     builder = trt.Builder(trt_logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, trt_logger)
-    graph = prepare_plugin_graph(onnx.load(str(onnx_path)))
+    # Hashed as read, so the sidecar names exactly the bytes the engine was built from.
+    onnx_bytes = onnx_path.read_bytes()
+    graph = prepare_plugin_graph(onnx.load_model_from_string(onnx_bytes))
     if not parser.parse(graph.SerializeToString(), str(onnx_path)):
         errors = "\n".join(str(parser.get_error(index)) for index in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT could not parse {onnx_path}:\n{errors}")
@@ -457,6 +476,8 @@ def build_engine(
         _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
     _write_atomically(engine_path, engine_bytes)
     sidecar = make_sidecar(
+        onnx_name=onnx_path.name,
+        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         fingerprint=fingerprint,
         tensorrt_version=trt.__version__,
         gpu=gpu,
@@ -475,14 +496,14 @@ def ensure_engine(
     (``embed.plugins.onnx`` -> ``embed.sm90-trt<version>.engine``)."""
     trt = require_tensorrt()
     gpu = current_gpu()
-    graph = onnx_name.split(".", 1)[0]
-    engine_path = model_dir / engine_file_name(gpu.arch, trt.__version__, graph)
+    engine_path = model_dir / engine_file_name(onnx_name, gpu.arch, trt.__version__)
     decision = decide_cache(
         read_sidecar(sidecar_path(engine_path)),
         arch=gpu.arch,
         tensorrt_version=trt.__version__,
         fingerprint=fingerprint,
         settings=settings.as_dict(),
+        onnx_sha256=file_sha256(model_dir / onnx_name),
         engine_sha256=file_sha256(engine_path),
     )
     if decision.reuse:

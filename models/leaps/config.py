@@ -15,30 +15,16 @@ its ablation tables:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from models.backbones import BackboneConfig
 from models.config import StrictModel
 from models.necks.fpn import FPNConfig
 from models.preprocess import PreprocessConfig
 
 ReidBranch = Literal["prm", "hirm"]
-
-
-class LeapsBackboneConfig(StrictModel):
-    name: Literal["resnet18", "resnet34", "resnet50"] = Field(
-        "resnet50", description="ResNet depth (models.backbones registry name)."
-    )
-    frozen_stages: int = Field(
-        1, ge=0, le=4, description="Stem + first k stages frozen (1 = stem and res2)."
-    )
-    norm: Literal["frozen_bn", "bn"] = Field("frozen_bn", description="Backbone normalisation.")
-    base_width: int = Field(64, gt=0, description="Stem channels; 64 is the standard ResNet.")
-    pretrained: Path | None = Field(
-        None, description="Local torchvision-layout ImageNet weights; null = random init."
-    )
 
 
 def _default_fpn() -> FPNConfig:
@@ -139,9 +125,7 @@ class LeapsConfig(StrictModel):
     preprocess: PreprocessConfig = Field(
         default_factory=PreprocessConfig, description="Test-time resizing and normalisation."
     )
-    backbone: LeapsBackboneConfig = Field(
-        default_factory=LeapsBackboneConfig, description="ResNet backbone."
-    )
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="ResNet backbone.")
     fpn: FPNConfig = Field(
         default_factory=_default_fpn, description="Feature pyramid giving F_s8 and F_s16."
     )

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from models.backbones import build_backbone
+from models.backbones import backbone_from_config
 from models.leaps.config import LeapsConfig
 from models.leaps.criterion import ReidCriterion, detection_losses
 from models.leaps.detection_head import DetectionStage, StageOutput
@@ -54,14 +54,7 @@ class Leaps(nn.Module):
         self.embedding_dim = cfg.embedding_dim
         det = cfg.detection
 
-        self.backbone = build_backbone(
-            cfg.backbone.name,
-            pretrained=cfg.backbone.pretrained,
-            out_stages=cfg.fpn.in_stages,
-            frozen_stages=cfg.backbone.frozen_stages,
-            norm=cfg.backbone.norm,
-            base_width=cfg.backbone.base_width,
-        )
+        self.backbone = backbone_from_config(cfg.backbone, cfg.fpn.in_stages)
         self.fpn = FPN(self.backbone.out_channels, self.backbone.strides, cfg.fpn)
 
         # Learnable proposals: boxes as normalised (cx, cy, w, h), all starting as the whole

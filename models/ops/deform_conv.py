@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DeformConv2d", "DeformConvPack", "deform_conv2d"]
+__all__ = [
+    "DeformConv2d",
+    "DeformConvPack",
+    "as_pair",
+    "check_deform_conv_arguments",
+    "deform_conv2d",
+]
 
 IntPair = int | tuple[int, int]
 
@@ -58,11 +64,11 @@ def deform_conv2d(
         // stride_h + 1`` (and likewise ``oW``).
     """
     stride, padding, dilation = (
-        _pair(stride, "stride"),
-        _pair(padding, "padding"),
-        _pair(dilation, "dilation"),
+        as_pair(stride, "stride"),
+        as_pair(padding, "padding"),
+        as_pair(dilation, "dilation"),
     )
-    _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
+    check_deform_conv_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     return torch.ops.psearch.deform_conv2d(
         input, offset, weight, bias, stride, padding, dilation, mask
     )
@@ -94,10 +100,10 @@ class DeformConv2d(nn.Module):
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.padding = as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
         self.groups = groups
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
@@ -205,7 +211,8 @@ class DeformConvPack(DeformConv2d):
 # Argument checks
 
 
-def _pair(value: IntPair | Sequence[int], name: str) -> tuple[int, int]:
+def as_pair(value: IntPair | Sequence[int], name: str) -> tuple[int, int]:
+    """``value`` as an ``(h, w)`` pair of ints (an int is both); ``name`` is for the error."""
     if isinstance(value, int):
         return value, value
     pair = tuple(value)
@@ -218,7 +225,7 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _check_arguments(
+def check_deform_conv_arguments(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,

@@ -29,14 +29,21 @@ from models.ops.roi_align import (
     _bilinear_plan,
     _BilinearPlan,
     _check_roi_align_args,
-    _check_roi_values,
     _compute_in_float32_under_autocast,
     _normalize_output_size,
     _pool,
     _pool_backward_input,
     _sample_position_grad,
     boxes_to_rois,
+    check_roi_values,
 )
+
+
+def check_dynamic_roi_values(rois: Tensor, offsets: Tensor, batch_size: int) -> None:
+    """Checks on the RoI and offset values, in the eager kernels (they read data)."""
+    check_roi_values(rois, batch_size)
+    if not bool(torch.isfinite(offsets).all()):
+        raise ValueError("offsets contain NaN or infinite values")
 
 
 def _contiguous_zeros_like(tensor: Tensor) -> Tensor:
@@ -69,9 +76,7 @@ def dynamic_roi_align_op(
     num_rois, pooled_size = rois.shape[0], (offsets.shape[1], offsets.shape[2])
     if num_rois == 0:
         return input.new_zeros(0, input.shape[1], *pooled_size)
-    _check_roi_values(rois, input.shape[0])
-    if not bool(torch.isfinite(offsets).all()):
-        raise ValueError("offsets contain NaN or infinite values")
+    check_dynamic_roi_values(rois, offsets, input.shape[0])
     plan = _bilinear_plan(
         rois, offsets, input.shape, spatial_scale, pooled_size, sampling_ratio, aligned
     )

@@ -74,7 +74,7 @@ def _check_roi_align_args(input: Tensor, rois: Tensor) -> None:
         raise ValueError(f"rois are on {rois.device} but input is on {input.device}")
 
 
-def _check_roi_values(rois: Tensor, batch_size: int) -> None:
+def check_roi_values(rois: Tensor, batch_size: int) -> None:
     """Checks on the RoI values, in the eager kernels (they read data)."""
     if not bool(torch.isfinite(rois).all()):
         raise ValueError("rois contain NaN or infinite values")
@@ -338,7 +338,7 @@ def roi_align_op(
     num_rois, channels = rois.shape[0], input.shape[1]
     if num_rois == 0:
         return input.new_zeros(0, channels, *pooled_size)
-    _check_roi_values(rois, input.shape[0])
+    check_roi_values(rois, input.shape[0])
     plan = _bilinear_plan(
         rois, None, input.shape, spatial_scale, pooled_size, sampling_ratio, aligned
     )

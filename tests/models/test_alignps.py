@@ -12,6 +12,7 @@ from models.ops.deform_conv import DeformConvPack
 from models.types import Detections
 from training.config import load_config
 
+SUBTRACT = "model.subtract_image_mean"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = CONFIGS / "tiny" / "alignps_synthetic.yaml"
 PAPER_CONFIGS = [
@@ -143,6 +144,23 @@ def test_each_detection_embeds_the_afa_feature_at_its_location():
         row, col = divmod(int(locations[0, slot]), 12)  # row-major flattening
         expected = F.normalize(embedding_map[0, :, row, col], dim=0)
         torch.testing.assert_close(detections.embeddings[0, slot], expected)
+
+
+def test_subtracting_the_image_mean_makes_outputs_blind_to_what_all_locations_share():
+    # A vector added to every location of the AFA output (a camera's colour cast, say) changes
+    # nothing downstream when the image's mean feature is subtracted, and changes things
+    # when it is not.
+    images = torch.randn(1, 3, 64, 96)
+    for subtract in (True, False):
+        model = _model(TINY, "model.inference.score_thresh=0.0", f"{SUBTRACT}={subtract}").eval()
+        shift = torch.randn(1, 64, 1, 1)
+        with torch.no_grad():
+            plain = model(images)
+            hook = model.afa.register_forward_hook(lambda module, args, out: out + shift)
+            shifted = model(images)
+            hook.remove()
+        same = torch.allclose(plain.embeddings, shifted.embeddings, atol=1e-5)
+        assert same == subtract
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

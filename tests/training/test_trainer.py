@@ -27,10 +27,9 @@ from models.preprocess import PreprocessConfig
 from models.types import Detections
 from training.checkpoint import load_state, load_weights, save_weights
 from training.cli import main
-from training.config import ConfigError, load_config
+from training.config import ConfigError, ScheduleConfig, load_config
 from training.inference import evaluate_model
 from training.synthetic.writers import SceneRecord, write_prw
-from training.config import ScheduleConfig
 from training.trainer import Trainer, fit_schedule, train
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from export.tensorrt.builder import (
     engine_file_name,
     engine_mismatches,
     ensure_engine,
+    file_sha256,
     load_engine,
     make_sidecar,
     read_sidecar,
@@ -35,13 +36,21 @@ TRT = "10.9.0.34"
 SETTINGS = BuildSettings({"images": InputShapes((1, 3, 64, 64), (1, 3, 128, 96), (2, 3, 256, 256))})
 ENGINE = b"serialized engine"
 DIGEST = hashlib.sha256(ENGINE).hexdigest()
+GRAPHS = {"model.plugins.onnx": b"detect graph", "embed.plugins.onnx": b"embed graph"}
+GRAPH_DIGEST = hashlib.sha256(GRAPHS["model.plugins.onnx"]).hexdigest()
 
 
 def sidecar(**changes) -> dict:
-    """The sidecar of an engine built on an H100 with TRT for model 'abc' and SETTINGS, as read
-    back from disk (JSON: lists, not tuples)."""
+    """The sidecar of an engine built from the detect graph on an H100 with TRT for model 'abc'
+    and SETTINGS, as read back from disk (JSON: lists, not tuples)."""
     recorded = make_sidecar(
-        fingerprint="abc", tensorrt_version=TRT, gpu=H100, settings=SETTINGS, engine_sha256=DIGEST
+        onnx_name="model.plugins.onnx",
+        onnx_sha256=GRAPH_DIGEST,
+        fingerprint="abc",
+        tensorrt_version=TRT,
+        gpu=H100,
+        settings=SETTINGS,
+        engine_sha256=DIGEST,
     )
     recorded.update(changes)
     return json.loads(json.dumps(recorded))
@@ -53,16 +62,31 @@ def decide(recorded, **now):
         "tensorrt_version": TRT,
         "fingerprint": "abc",
         "settings": SETTINGS.as_dict(),
+        "onnx_sha256": GRAPH_DIGEST,
         "engine_sha256": DIGEST,
     }
     return decide_cache(recorded, **{**arguments, **now})
 
 
-def test_the_cache_key_names_the_architecture_and_tensorrt_version():
+def test_the_cache_key_names_the_graph_the_architecture_and_tensorrt_version():
     assert H100.arch == "sm90" and A100.arch == "sm80"
-    assert engine_file_name("sm90", TRT) == "model.sm90-trt10.9.0.34.engine"
-    path = Path("/models/leaps") / engine_file_name("sm90", TRT)
+    name = engine_file_name("model.plugins.onnx", "sm90", TRT)
+    assert name == "model.sm90-trt10.9.0.34.engine"
+    path = Path("/models/leaps") / name
     assert sidecar_path(path) == Path("/models/leaps/model.sm90-trt10.9.0.34.engine.json")
+
+
+def test_two_graphs_of_one_model_folder_have_two_engine_files():
+    detect = engine_file_name("model.plugins.onnx", "sm90", TRT)
+    embed = engine_file_name("embed.plugins.onnx", "sm90", TRT)
+    assert embed == "embed.sm90-trt10.9.0.34.engine" != detect
+    assert sidecar_path(Path(embed)) != sidecar_path(Path(detect))
+
+
+@pytest.mark.parametrize("onnx_name", ["model", "model.plugins", "sub/model.plugins.onnx"])
+def test_the_cache_key_needs_the_file_name_of_an_onnx_graph(onnx_name):
+    with pytest.raises(ValueError, match="file name of an ONNX graph"):
+        engine_file_name(onnx_name, "sm90", TRT)
 
 
 def test_an_engine_built_from_the_same_everything_is_reused():
@@ -90,10 +114,12 @@ def test_an_engine_built_from_the_same_everything_is_reused():
             },
             "build settings changed: input_shapes",
         ),
+        (sidecar(), {"onnx_sha256": "0" * 64}, "not the model.plugins.onnx it was built from"),
+        (sidecar(), {"onnx_sha256": None}, "not the model.plugins.onnx it was built from"),
         (sidecar(), {"engine_sha256": "0" * 64}, "not the one its sidecar describes"),
         (sidecar(), {"engine_sha256": None}, "the engine file is missing"),
         (None, {}, "no readable sidecar"),
-        (sidecar(schema=0), {}, "sidecar schema 0 is not 1"),
+        (sidecar(schema=1), {}, "sidecar schema 1 is not 2"),
     ],
 )
 def test_an_engine_is_rebuilt_when_anything_it_was_built_from_changed(recorded, now, reason):
@@ -154,8 +180,11 @@ def test_settings_are_recorded_with_inputs_sorted_and_shapes_as_lists():
 
 
 @pytest.fixture
-def machine(monkeypatch):
-    """This machine: an H100 with TensorRT TRT; builds are recorded and write ENGINE."""
+def machine(monkeypatch, tmp_path):
+    """This machine: an H100 with TensorRT TRT, and a model folder ``tmp_path`` holding GRAPHS;
+    builds are recorded and write ENGINE."""
+    for name, graph in GRAPHS.items():
+        (tmp_path / name).write_bytes(graph)
     state = SimpleNamespace(gpu=H100, builds=[])
     monkeypatch.setattr(builder, "require_tensorrt", lambda: SimpleNamespace(__version__=TRT))
     monkeypatch.setattr(builder, "current_gpu", lambda: state.gpu)
@@ -164,6 +193,8 @@ def machine(monkeypatch):
         state.builds.append((onnx_path.name, engine_path.name, timing_cache.name))
         engine_path.write_bytes(ENGINE)
         recorded = make_sidecar(
+            onnx_name=onnx_path.name,
+            onnx_sha256=file_sha256(onnx_path),
             fingerprint=fingerprint,
             tensorrt_version=TRT,
             gpu=state.gpu,
@@ -201,6 +232,17 @@ def test_each_graph_has_its_own_engine(machine, tmp_path):
         "embed.sm90-trt10.9.0.34.engine",
     )
     assert [build[0] for build in machine.builds] == ["model.plugins.onnx", "embed.plugins.onnx"]
+    # Building the embed engine left the detect engine as it was: still reused.
+    assert ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS) == detect
+    assert len(machine.builds) == 2
+    assert read_sidecar(sidecar_path(embed))["onnx"]["file"] == "embed.plugins.onnx"
+
+
+def test_a_re_exported_graph_is_rebuilt_even_with_the_same_model_fingerprint(machine, tmp_path):
+    path = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
+    (tmp_path / "model.plugins.onnx").write_bytes(b"the same weights, exported otherwise")
+    assert ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS) == path
+    assert len(machine.builds) == 2
 
 
 def test_ensure_engine_on_another_gpu_builds_its_own_engine_beside_the_first(machine, tmp_path):
@@ -212,11 +254,9 @@ def test_ensure_engine_on_another_gpu_builds_its_own_engine_beside_the_first(mac
 
 
 def test_loading_an_engine_built_for_another_gpu_says_so(machine, tmp_path):
-    engine_path = tmp_path / engine_file_name("sm80", TRT)
+    engine_path = tmp_path / engine_file_name("model.plugins.onnx", "sm80", TRT)
     engine_path.write_bytes(ENGINE)
-    recorded = make_sidecar(
-        fingerprint="abc", tensorrt_version=TRT, gpu=A100, settings=SETTINGS, engine_sha256=DIGEST
-    )
+    recorded = sidecar(gpu={"name": A100.name, "arch": A100.arch, "compute_capability": [8, 0]})
     sidecar_path(engine_path).write_text(json.dumps(recorded))
     with pytest.raises(
         EngineMismatchError,
@@ -226,15 +266,9 @@ def test_loading_an_engine_built_for_another_gpu_says_so(machine, tmp_path):
 
 
 def test_loading_an_engine_of_another_tensorrt_or_model_says_so(machine, tmp_path):
-    engine_path = tmp_path / engine_file_name("sm90", "10.8.0.43")
+    engine_path = tmp_path / engine_file_name("model.plugins.onnx", "sm90", "10.8.0.43")
     engine_path.write_bytes(ENGINE)
-    recorded = make_sidecar(
-        fingerprint="abc",
-        tensorrt_version="10.8.0.43",
-        gpu=H100,
-        settings=SETTINGS,
-        engine_sha256=DIGEST,
-    )
+    recorded = sidecar(tensorrt_version="10.8.0.43")
     sidecar_path(engine_path).write_text(json.dumps(recorded))
     with pytest.raises(
         EngineMismatchError,
@@ -246,7 +280,7 @@ def test_loading_an_engine_of_another_tensorrt_or_model_says_so(machine, tmp_pat
 
 
 def test_loading_an_engine_without_its_sidecar_is_refused(machine, tmp_path):
-    engine_path = tmp_path / engine_file_name("sm90", TRT)
+    engine_path = tmp_path / engine_file_name("model.plugins.onnx", "sm90", TRT)
     engine_path.write_bytes(ENGINE)
     with pytest.raises(EngineMismatchError, match="no readable sidecar"):
         load_engine(engine_path)

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from models.leaps import Leaps, LeapsConfig
 from models.leaps.reid_head import HierarchicalInteractionReidModule, PlainReidModule
+from models.ops.deform_conv import DeformConvPack
 from models.types import Detections
 
 STAGE_LOSSES = ("loss_cls", "loss_l1", "loss_giou")
@@ -140,6 +141,16 @@ def test_model_exposes_its_config_and_preprocessing(make_config):
     assert model.config == config
     assert model.preprocess == config.preprocess
     assert model.embedding_dim == config.embedding_dim == 16
+
+
+def test_backbone_dcn_stages_make_those_stages_deformable(make_model):
+    model = make_model(backbone={"dcn_stages": ["res4", "res5"], "dcn_modulated": True})
+    deformable = [
+        stage
+        for stage in ("res2", "res3", "res4", "res5")
+        if any(isinstance(m, DeformConvPack) for m in model.backbone.stage(stage).modules())
+    ]
+    assert deformable == ["res4", "res5"]
 
 
 # --- ablation switches (Tables 3-7) -------------------------------------------------------
