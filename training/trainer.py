@@ -146,15 +146,21 @@ def lr_factor(iteration: int, iters_per_epoch: int, schedule: ScheduleConfig) ->
 
 
 def fit_schedule(
-    schedule: ScheduleConfig, seconds_per_iteration: float, iters_per_epoch: int
+    schedule: ScheduleConfig,
+    seconds_per_iteration: float,
+    iters_per_epoch: int,
+    iterations_done: int = 0,
+    seconds_spent: float = 0.0,
 ) -> ScheduleConfig:
-    """The schedule cut to the epochs that fit its time budget at the given pace: at least one
-    epoch, at most the configured ones, with each milestone at the same fraction of the new
-    length (one that would fall on or after the last epoch is dropped)."""
+    """The schedule cut to the epochs that fit its time budget: the iterations done so far plus
+    those the rest of the budget holds at the given pace, in whole epochs (at least one and the
+    epochs already begun, at most the configured ones), with each milestone at the same fraction
+    of the new length (one that would fall on or after the last epoch is dropped)."""
     assert schedule.max_minutes is not None
-    epoch_seconds = seconds_per_iteration * iters_per_epoch
-    fit = int(schedule.max_minutes * 60 // max(epoch_seconds, 1e-9))
-    epochs = max(1, min(schedule.epochs, fit))
+    remaining = max(0.0, schedule.max_minutes * 60 - seconds_spent)
+    fit = (iterations_done + remaining / max(seconds_per_iteration, 1e-9)) // iters_per_epoch
+    begun = -(-iterations_done // iters_per_epoch)  # an epoch that has begun is finished
+    epochs = max(1, begun, min(schedule.epochs, int(fit)))
     scaled = {max(1, round(m * epochs / schedule.epochs)) for m in schedule.milestones}
     milestones = sorted(m for m in scaled if m < epochs)
     return schedule.model_copy(update={"epochs": epochs, "milestones": milestones})
@@ -255,7 +261,7 @@ class Trainer:
         self.train_seconds = 0.0  # spent in training iterations, across resumes
         self.stopped_by = "epochs"  # or "time budget"
         self.history: list[dict[str, float]] = []  # rank 0: mean losses per logging window
-        self._pace: list[float] = []  # iteration end times while the budget is being planned
+        self._pace: list[float] = []  # iteration end times of the first, planning, window
         self.clock: Callable[[], float] = time.perf_counter  # what the budget is measured with
         seed_everything(config.seed + self.group.rank)  # distinct random streams per rank
         if resume_state is not None:
@@ -306,6 +312,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window: dict[str, list[Tensor]] = {}
+        epoch_start = (self.iteration, self.train_seconds)
         last_mark = self.clock()
         for images, targets in self.loader.epoch(self.epoch, self.batch):
             losses, stop_now, out_of_time = self._step(images, targets, stop)
@@ -330,27 +337,46 @@ class Trainer:
             if not self.planned:
                 self._pace.append(now)
                 if len(self._pace) == PACE_ITERATIONS + 1:
-                    self._plan(progress)
+                    self._plan(self._window_pace(), progress)
         if not self.planned:  # an epoch shorter than the pacing window: plan with what it gave
-            self._plan(progress)
+            self._plan(self._window_pace(), progress)
+        elif self._replanning():
+            iterations = self.iteration - epoch_start[0]
+            if iterations > 0:
+                self._plan((self.train_seconds - epoch_start[1]) / iterations, progress)
         progress.close()
         return True
 
-    def _plan(self, progress: tqdm) -> None:
-        """Fit the schedule to the time budget at the pace of the iterations timed so far (the
-        first one, which warms up, left out when there are others); rank 0 decides for all."""
+    def _window_pace(self) -> float:
+        """Seconds per iteration over the planning window, without its first iteration (which
+        warms up) when there are others."""
         if len(self._pace) > 1:
-            pace = (self._pace[-1] - self._pace[0]) / (len(self._pace) - 1)
-        else:
-            pace = self.train_seconds / max(self.iteration, 1)
-        schedule = fit_schedule(self.config.schedule, pace, len(self.loader))
+            return (self._pace[-1] - self._pace[0]) / (len(self._pace) - 1)
+        return self.train_seconds / max(self.iteration, 1)
+
+    def _replanning(self) -> bool:
+        """Whether a budgeted plan may still change at the end of this epoch: until the learning
+        rate first decays, each epoch's pace corrects the plan (the first iterations are slower
+        than the rest, and a machine's load changes)."""
+        if self.config.schedule.max_minutes is None:
+            return False
+        milestones = self.schedule.milestones
+        return not milestones or self.epoch + 1 < milestones[0]
+
+    def _plan(self, pace: float, progress: tqdm) -> None:
+        """Fit the schedule to the rest of the time budget at `pace` seconds per iteration; rank
+        0 decides for all."""
+        schedule = fit_schedule(
+            self.config.schedule, pace, len(self.loader), self.iteration, self.train_seconds
+        )
         if self.group.distributed:
             chosen = [schedule]
             dist.broadcast_object_list(chosen, src=0)
             schedule = chosen[0]
+        news = not self.planned or schedule != self.schedule
         self.schedule, self.planned, self._pace = schedule, True, []
         progress.set_description(f"epoch {self.epoch + 1}/{schedule.epochs}")
-        if self.group.is_main:
+        if self.group.is_main and news:
             logger.info(
                 "%.2f s per iteration, %d per epoch: %d of %d epochs fit in %g min "
                 "(learning rate milestones %s)",

@@ -297,13 +297,14 @@ def test_a_budget_keeps_the_epochs_that_fit_and_moves_the_milestones(
 
 
 class FakeClock:
-    """One second passes between two readings."""
+    """One second passes between two readings; two seconds for the first `slow` readings."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, slow: int = 0) -> None:
+        self.now, self.readings, self.slow = 0.0, 0, slow
 
     def __call__(self) -> float:
-        self.now += 1.0
+        self.readings += 1
+        self.now += 2.0 if self.readings <= self.slow else 1.0
         return self.now
 
 
@@ -324,6 +325,22 @@ def test_a_budgeted_run_plans_from_its_pace_and_keeps_the_plan_in_its_checkpoint
     state = load_state(tmp_path / "run")
     assert (state["schedule"]["epochs"], state["train_seconds"]) == (3, 12.0)
     assert load_config(tmp_path / "run" / "config.yaml").schedule.epochs == 6  # the user's
+
+
+def test_a_budgeted_plan_follows_the_pace_until_the_learning_rate_decays(tmp_path, prw_root):
+    # The first epoch runs at 2 s per iteration (its 5 readings: the start and 4 iterations),
+    # then 1 s. After epoch 1: 8 s spent, 12 s left hold 6 more iterations, 10 in all: 2 epochs
+    # (no milestone fits). After epoch 2, at its pace: 12 s spent, 8 left, 16 iterations: 4
+    # epochs, the milestone at 5 of 6 moves to 3 of 4. After epoch 3 the plan is kept: the
+    # decay starts at the next one.
+    schedule = {"epochs": 6, "milestones": [5], "max_minutes": 20 / 60}
+    config = load_config(config_file(tmp_path, prw_root, schedule=schedule))
+    config.output_dir = tmp_path / "run"
+    trainer = Trainer(config, ToyPersonSearch)
+    trainer.clock = FakeClock(slow=5)
+    trainer.run()
+    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (4, [3])
+    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (16, 20.0, "epochs")
 
 
 def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
