@@ -261,7 +261,8 @@ class Trainer:
         self.train_seconds = 0.0  # spent in training iterations, across resumes
         self.stopped_by = "epochs"  # or "time budget"
         self.history: list[dict[str, float]] = []  # rank 0: mean losses per logging window
-        self._pace: list[float] = []  # iteration end times of the first, planning, window
+        self._warm: tuple[int, float] | None = None  # (iteration, seconds) after this process's
+        # first iteration, which is slower (lazy imports, allocations): the pace is timed from it
         self.clock: Callable[[], float] = time.perf_counter  # what the budget is measured with
         seed_everything(config.seed + self.group.rank)  # distinct random streams per rank
         if resume_state is not None:
@@ -312,7 +313,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         window: dict[str, list[Tensor]] = {}
-        epoch_start = (self.iteration, self.train_seconds)
         last_mark = self.clock()
         for images, targets in self.loader.epoch(self.epoch, self.batch):
             losses, stop_now, out_of_time = self._step(images, targets, stop)
@@ -334,38 +334,36 @@ class Trainer:
             if out_of_time:
                 progress.close()
                 return False
-            if not self.planned:
-                self._pace.append(now)
-                if len(self._pace) == PACE_ITERATIONS + 1:
-                    self._plan(self._window_pace(), progress)
-        if not self.planned:  # an epoch shorter than the pacing window: plan with what it gave
-            self._plan(self._window_pace(), progress)
-        elif self._replanning():
-            iterations = self.iteration - epoch_start[0]
-            if iterations > 0:
-                self._plan((self.train_seconds - epoch_start[1]) / iterations, progress)
+            self._warm = self._warm or (self.iteration, self.train_seconds)
+            if not self.planned and self.iteration - self._warm[0] == PACE_ITERATIONS:
+                self._plan(progress)
+        if not self.planned or self._replanning():  # the first plan of a short epoch, or news
+            self._plan(progress)
         progress.close()
         return True
 
-    def _window_pace(self) -> float:
-        """Seconds per iteration over the planning window, without its first iteration (which
-        warms up) when there are others."""
-        if len(self._pace) > 1:
-            return (self._pace[-1] - self._pace[0]) / (len(self._pace) - 1)
-        return self.train_seconds / max(self.iteration, 1)
+    def _pace(self) -> float:
+        """Seconds per iteration in this process, after its first iteration when there were
+        others: an average over everything so far, so a moment of load moves it little."""
+        assert self._warm is not None
+        iterations, seconds = self.iteration - self._warm[0], self.train_seconds - self._warm[1]
+        if iterations == 0:
+            return self.train_seconds / max(self.iteration, 1)
+        return seconds / iterations
 
     def _replanning(self) -> bool:
         """Whether a budgeted plan may still change at the end of this epoch: until the learning
         rate first decays, each epoch's pace corrects the plan (the first iterations are slower
         than the rest, and a machine's load changes)."""
-        if self.config.schedule.max_minutes is None:
+        if self.config.schedule.max_minutes is None or self._warm is None:
             return False
         milestones = self.schedule.milestones
         return not milestones or self.epoch + 1 < milestones[0]
 
-    def _plan(self, pace: float, progress: tqdm) -> None:
-        """Fit the schedule to the rest of the time budget at `pace` seconds per iteration; rank
-        0 decides for all."""
+    def _plan(self, progress: tqdm) -> None:
+        """Fit the schedule to the rest of the time budget at the pace so far; rank 0 decides
+        for all."""
+        pace = self._pace()
         schedule = fit_schedule(
             self.config.schedule, pace, len(self.loader), self.iteration, self.train_seconds
         )
@@ -374,7 +372,7 @@ class Trainer:
             dist.broadcast_object_list(chosen, src=0)
             schedule = chosen[0]
         news = not self.planned or schedule != self.schedule
-        self.schedule, self.planned, self._pace = schedule, True, []
+        self.schedule, self.planned = schedule, True
         progress.set_description(f"epoch {self.epoch + 1}/{schedule.epochs}")
         if self.group.is_main and news:
             logger.info(

@@ -329,18 +329,19 @@ def test_a_budgeted_run_plans_from_its_pace_and_keeps_the_plan_in_its_checkpoint
 
 def test_a_budgeted_plan_follows_the_pace_until_the_learning_rate_decays(tmp_path, prw_root):
     # The first epoch runs at 2 s per iteration (its 5 readings: the start and 4 iterations),
-    # then 1 s. After epoch 1: 8 s spent, 12 s left hold 6 more iterations, 10 in all: 2 epochs
-    # (no milestone fits). After epoch 2, at its pace: 12 s spent, 8 left, 16 iterations: 4
-    # epochs, the milestone at 5 of 6 moves to 3 of 4. After epoch 3 the plan is kept: the
-    # decay starts at the next one.
+    # then 1 s. The pace is timed from the end of the first iteration (2 s). After epoch 1: 2 s
+    # per iteration, 8 s spent, 12 s left hold 6 more iterations, 10 in all: 2 epochs (no
+    # milestone fits). After epoch 2: 10 s for 7 iterations, 12 s spent, 8 s left hold 5.6
+    # more, 13.6 in all: 3 epochs, and the milestone at 5 of 6 moves to 2 of 3 (round(2.5)).
+    # After epoch 2 the plan is kept: the decay starts at the next epoch.
     schedule = {"epochs": 6, "milestones": [5], "max_minutes": 20 / 60}
     config = load_config(config_file(tmp_path, prw_root, schedule=schedule))
     config.output_dir = tmp_path / "run"
     trainer = Trainer(config, ToyPersonSearch)
     trainer.clock = FakeClock(slow=5)
     trainer.run()
-    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (4, [3])
-    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (16, 20.0, "epochs")
+    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (3, [2])
+    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (12, 16.0, "epochs")
 
 
 def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
