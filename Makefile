@@ -2,16 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: install browser demo test lint format bench-ops clean
 
-# Reinstall whenever the dependency list changes.
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall whenever the dependency list changes. The demo needs the package with ONNX export
+# and ONNX Runtime only; the tests also need the dev tools and Ray.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[export]'
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,export,distributed]'
-	touch $(STAMP)
+	touch $@ $(DEMO_STAMP)
 
 # The browser test drives Debian's chromium (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
@@ -21,12 +29,12 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
 browser: $(CHROMIUM)
 
 # Generate data, train (or reuse) a tiny model, export, index, serve on localhost.
-demo: install
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m server.demo
 
 lint: install
