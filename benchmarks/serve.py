@@ -19,7 +19,9 @@ The script starts the real service (``python -m server``, uvicorn) on 127.0.0.1 
 2. with batches of one (``max_batch_size=1``) at the highest level.
 
 It prints the ratio of the two throughputs at the highest level (the target is >= 1.5x at 16
-clients on CPU) and the service overhead: the end-to-end latency of searches from one client
+clients on CPU), beside what batching buys the engine alone (``Engine.detect`` on
+``--max-batch-size`` query frames, one at a time and as one batch: micro-batching cannot gain
+more than that), and the service overhead: the end-to-end latency of searches from one client
 minus the latency of the engine alone on the same searches (``Engine.embed_query``, what the
 service runs for a query, called in this process), the two taken in turns before the load
 starts. A script, not a test: the numbers depend on the machine and on whatever else runs on
@@ -320,6 +322,38 @@ async def paired_overhead(
     return overhead
 
 
+@dataclass(frozen=True)
+class BatchGain:
+    """Median seconds of the engine alone on the same frames, one at a time and in one batch."""
+
+    frames: int
+    one_at_a_time: float
+    batched: float
+
+    @property
+    def ratio(self) -> float:
+        return self.one_at_a_time / self.batched
+
+
+def engine_batch_gain(
+    engine: Engine, queries: Sequence[SearchQuery], frames: int, repeat: int = 3
+) -> BatchGain:
+    """What batching buys the engine itself on this machine, the ceiling of what micro-batching
+    can buy the service: ``engine.detect`` on `frames` query frames, one at a time and then as
+    one batch, in turns, `repeat` times."""
+    images = [queries[i % len(queries)].pixels for i in range(frames)]
+    times: dict[int, list[float]] = {1: [], frames: []}
+    for _ in range(repeat):
+        for batch_size in times:
+            engine.batch_size = batch_size
+            start = time.perf_counter()
+            engine.detect(images)
+            times[batch_size].append(time.perf_counter() - start)
+            time.sleep(SETTLE_S)
+    engine.batch_size = 1
+    return BatchGain(frames, statistics.median(times[1]), statistics.median(times[frames]))
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -353,6 +387,14 @@ def overhead_report(overhead: Overhead) -> str:
             f"{server['search_ms']:.1f} ms, total {server['total_ms']:.1f} ms; the remaining "
             f"{end_to_end - server['total_ms']:.1f} ms are HTTP, multipart parsing and the client",
         ]
+    )
+
+
+def batch_gain_report(gain: BatchGain) -> str:
+    return (
+        f"the engine alone on {gain.frames} query frames: one at a time "
+        f"{gain.one_at_a_time * 1000:.0f} ms, in one batch {gain.batched * 1000:.0f} ms: "
+        f"{gain.ratio:.2f}x, the most micro-batching can gain here"
     )
 
 
@@ -418,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with running_service(batched_settings, folder / "batched.log") as url:
             calls = max(len(queries), min(args.requests, 32))
             overhead = asyncio.run(paired_overhead(url, engine, queries, calls))
+            gain = engine_batch_gain(engine, queries, args.max_batch_size)
             del engine  # its threads would compete with the service's
             batched = [
                 asyncio.run(load_level(url, queries, clients, args.requests, args.seconds))
@@ -435,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nthroughput at {top} clients, micro-batching / batches of one: {ratio:.2f}x "
         "(target >= 1.5x at 16 clients on CPU)"
     )
+    log(batch_gain_report(gain))
     log(overhead_report(overhead))
     return 0
 

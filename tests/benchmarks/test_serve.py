@@ -70,3 +70,23 @@ def test_a_tiny_run_prints_both_tables_the_ratio_and_the_overhead(tmp_path, caps
     assert rows[2][-1] == "1.00"  # batches of one: the mean batch is 1
     assert "micro-batching / batches of one" in output
     assert "service overhead, one client" in output
+    assert "the most micro-batching can gain here" in output
+
+
+def test_the_engine_batch_gain_is_timed_on_the_same_frames_both_ways():
+    class CountingEngine:
+        """Records the batch size of every detect call; one batch takes as long as one image."""
+
+        def __init__(self) -> None:
+            self.batch_size, self.calls = 1, []
+
+        def detect(self, images):
+            self.calls.append((len(images), self.batch_size))
+            time.sleep(0.01 * -(-len(images) // self.batch_size))
+
+    queries = [serve.SearchQuery(f"q{i}", b"", None, (0, 0, 1, 1)) for i in range(3)]
+    engine = CountingEngine()
+    gain = serve.engine_batch_gain(engine, queries, frames=4, repeat=2)
+
+    assert engine.calls == [(4, 1), (4, 4)] * 2 and engine.batch_size == 1
+    assert gain.frames == 4 and gain.ratio == pytest.approx(4.0, rel=0.5)
