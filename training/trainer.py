@@ -337,7 +337,8 @@ class Trainer:
             self._warm = self._warm or (self.iteration, self.train_seconds)
             if not self.planned and self.iteration - self._warm[0] == PACE_ITERATIONS:
                 self._plan(progress)
-        if not self.planned or self._replanning():  # the first plan of a short epoch, or news
+        budgeted = self.config.schedule.max_minutes is not None
+        if not self.planned or (budgeted and self._warm is not None):  # each epoch corrects it
             self._plan(progress)
         progress.close()
         return True
@@ -351,22 +352,22 @@ class Trainer:
             return self.train_seconds / max(self.iteration, 1)
         return seconds / iterations
 
-    def _replanning(self) -> bool:
-        """Whether a budgeted plan may still change at the end of this epoch: until the learning
-        rate first decays, each epoch's pace corrects the plan (the first iterations are slower
-        than the rest, and a machine's load changes)."""
-        if self.config.schedule.max_minutes is None or self._warm is None:
-            return False
+    def _decay_begun(self) -> bool:
+        """Whether the epoch after the current one runs at a decayed learning rate."""
         milestones = self.schedule.milestones
-        return not milestones or self.epoch + 1 < milestones[0]
+        return bool(milestones) and self.epoch + 1 >= milestones[0]
 
     def _plan(self, progress: tqdm) -> None:
-        """Fit the schedule to the rest of the time budget at the pace so far; rank 0 decides
-        for all."""
+        """Fit the schedule to the rest of the time budget at the pace so far (the first
+        iterations are slower than the rest, and a machine's load changes, so every epoch end
+        plans again). Once the learning rate has begun to decay its milestones stay; only the
+        length still follows the pace, to spend the budget. Rank 0 decides for all."""
         pace = self._pace()
         schedule = fit_schedule(
             self.config.schedule, pace, len(self.loader), self.iteration, self.train_seconds
         )
+        if self.planned and self._decay_begun():
+            schedule = schedule.model_copy(update={"milestones": self.schedule.milestones})
         if self.group.distributed:
             chosen = [schedule]
             dist.broadcast_object_list(chosen, src=0)

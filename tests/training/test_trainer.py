@@ -327,21 +327,25 @@ def test_a_budgeted_run_plans_from_its_pace_and_keeps_the_plan_in_its_checkpoint
     assert load_config(tmp_path / "run" / "config.yaml").schedule.epochs == 6  # the user's
 
 
-def test_a_budgeted_plan_follows_the_pace_until_the_learning_rate_decays(tmp_path, prw_root):
+def test_a_budgeted_plan_follows_the_pace_and_keeps_its_milestones_once_decay_begins(
+    tmp_path, prw_root
+):
     # The first epoch runs at 2 s per iteration (its 5 readings: the start and 4 iterations),
     # then 1 s. The pace is timed from the end of the first iteration (2 s). After epoch 1: 2 s
-    # per iteration, 8 s spent, 12 s left hold 6 more iterations, 10 in all: 2 epochs (no
-    # milestone fits). After epoch 2: 10 s for 7 iterations, 12 s spent, 8 s left hold 5.6
-    # more, 13.6 in all: 3 epochs, and the milestone at 5 of 6 moves to 2 of 3 (round(2.5)).
-    # After epoch 2 the plan is kept: the decay starts at the next epoch.
-    schedule = {"epochs": 6, "milestones": [5], "max_minutes": 20 / 60}
+    # per iteration, 8 s spent, 20 s left hold 10 more iterations, 14 in all: 3 epochs, and the
+    # milestone at 3 of 6 moves to 2 of 3 (round(1.5)). Epoch 3 will decay: from now on the
+    # milestone stays. After epoch 2: 10 s for 7 iterations, 12 s spent, 16 s left hold 11.2
+    # more, 19.2 in all: 4 epochs, milestone still 2. After epoch 3: 14 s for 11, 16 s spent,
+    # 12 s left hold 9.4 more: 5 epochs. After epoch 4: 18 s for 15, 20 s spent, 8 s left hold
+    # 6.7 more, 22.7 in all: 5 epochs, the last ending at 24 s, within the 28 s budget.
+    schedule = {"epochs": 6, "milestones": [3], "max_minutes": 28 / 60}
     config = load_config(config_file(tmp_path, prw_root, schedule=schedule))
     config.output_dir = tmp_path / "run"
     trainer = Trainer(config, ToyPersonSearch)
     trainer.clock = FakeClock(slow=5)
     trainer.run()
-    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (3, [2])
-    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (12, 16.0, "epochs")
+    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (5, [2])
+    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (20, 24.0, "epochs")
 
 
 def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
