@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.artifact import GraphFiles, build_manifest, write_manifest, write_weights
 from export.artifact import build_model as build_model_without_weights
 from export.onnx import write_onnx_graphs
-from export.runtime import BackendUnavailableError, Engine, load_engine
+from export.runtime import BackendUnavailableError, Engine, load_engine, whole_batch_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = {
@@ -140,7 +140,7 @@ def profile_onnxruntime(model_dir: Path, batch: np.ndarray, threads: int, top: i
     session = onnxruntime.InferenceSession(
         str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
-    session.run(None, {"images": batch})
+    session.run(None, {"images": batch, "image_sizes": whole_batch_sizes(batch)})
     events = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)
     for event in events:

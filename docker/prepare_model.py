@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from export.artifact import ArtifactError, read_manifest
-from export.cli import UsageError, build_tensorrt_engine, check_tensorrt_available
+from export.cli import UsageError, check_tensorrt_available
+from export.runtime import ensure_tensorrt_engines
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -90,9 +91,9 @@ def prepare(model_dir: Path, *, backend: str, device: str, cache_dir: Path) -> P
     mirror = mirror_model_dir(
         model_dir, cache_dir / cache_folder_name(manifest.name, manifest.fingerprint)
     )
-    log(f"TensorRT engine of {manifest.name} ({manifest.fingerprint[:19]}...) in {mirror}")
-    engine = build_tensorrt_engine(mirror, manifest)
-    log(f"engine ready: {engine.name}")
+    log(f"TensorRT engines of {manifest.name} ({manifest.fingerprint[:19]}...) in {mirror}")
+    engines = ensure_tensorrt_engines(mirror, manifest)
+    log("engines ready: " + ", ".join(f"{name} {path.name}" for name, path in engines.items()))
     return mirror
 
 

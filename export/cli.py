@@ -48,7 +48,7 @@ from export.parity import (
     onnxruntime_embed,
     parity_inputs,
 )
-from export.runtime import MAX_TENSORRT_BATCH, tensorrt_settings
+from export.runtime import ensure_tensorrt_engines
 
 USER_ERROR = 2
 PARITY_FAILED = 1
@@ -99,18 +99,6 @@ def check_tensorrt_available() -> None:
             "--format tensorrt: engines are built on the GPU that runs them, and no CUDA GPU "
             "is visible here; export with --format onnx and build the engine on the GPU machine"
         )
-
-
-def build_tensorrt_engine(out: Path, manifest: Manifest) -> Path:
-    """The engine of the plugin graph for this GPU (cached in the model folder)."""
-    from export.tensorrt import ensure_engine
-
-    return ensure_engine(
-        out,
-        fingerprint=manifest.fingerprint,
-        settings=tensorrt_settings(manifest, batch_size=MAX_TENSORRT_BATCH),
-        onnx_name=manifest.onnx.detect_plugins,
-    )
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
@@ -184,5 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return PARITY_FAILED
     if engine:
-        print(f"built {build_tensorrt_engine(args.out, manifest).name}")
+        for path in ensure_tensorrt_engines(args.out, manifest).values():
+            print(f"built {path.name}")
     return 0

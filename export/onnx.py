@@ -33,6 +33,10 @@ Why these forms (see shared/reference/export-notes.md):
   ``align_corners=1`` make ``GridSample`` an exact bilinear read.
 - Plugin nodes carry only int, float and 1-D int array attributes, as TensorRT's Python plugins
   accept. Their contracts are in :data:`PLUGIN_OPS`.
+- ``image_sizes`` (B, 2), each image's (height, width) in the padded batch, is a float32 input:
+  the models use it as floats (to scale proposals, clip boxes, compare with location centres),
+  float32 holds every pixel count exactly up to 2^24, and TensorRT takes float32 inputs as they
+  are, where int64 ones are narrowed to int32 or need casts around every use.
 """
 
 from __future__ import annotations
@@ -57,10 +61,10 @@ OPSET = 19
 # ONNX Runtime 1.31 loads IR versions up to 13; onnx 1.23 writes 14 by default.
 IR_VERSION = 10
 PLUGIN_DOMAIN = "psearch"
-INPUT_NAMES = ("images",)
+INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("boxes", "scores", "embeddings")
 # The query graph of models that embed given boxes: one image, (R, 4) boxes in its pixels.
-EMBED_INPUT_NAMES = ("images", "boxes")
+EMBED_INPUT_NAMES = ("images", "boxes", "image_sizes")
 EMBED_OUTPUT_NAMES = ("embeddings",)
 
 # GridSample modes that opset 20 renamed; TensorRT reads "linear" as nearest-neighbour.
@@ -563,26 +567,28 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
 
 
 class DetectGraph(nn.Module):
-    """``images (B, 3, H, W) -> (boxes, scores, embeddings)``: the model's Detections as a tuple."""
+    """``images (B, 3, H, W), image_sizes (B, 2) -> (boxes, scores, embeddings)``: the model's
+    Detections as a tuple."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        detections = self.model(images)
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        detections = self.model(images, image_sizes=image_sizes)
         return detections.boxes, detections.scores, detections.embeddings
 
 
 class EmbedGraph(nn.Module):
-    """``images (1, 3, H, W), boxes (R, 4) -> embeddings (R, D)``: ``model.embed_boxes``."""
+    """``images (1, 3, H, W), boxes (R, 4), image_sizes (1, 2) -> embeddings (R, D)``:
+    ``model.embed_boxes``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor, boxes: Tensor) -> Tensor:
-        return self.model.embed_boxes(images, [boxes])
+    def forward(self, images: Tensor, boxes: Tensor, image_sizes: Tensor) -> Tensor:
+        return self.model.embed_boxes(images, [boxes], image_sizes=image_sizes)
 
 
 def has_embed_graph(model: nn.Module) -> bool:
@@ -590,12 +596,16 @@ def has_embed_graph(model: nn.Module) -> bool:
     return callable(getattr(model, "embed_boxes", None))
 
 
-def _example_images(model: nn.Module, batch: int) -> Tensor:
+def _example_images(model: nn.Module, batch: int) -> tuple[Tensor, Tensor]:
     """A small example batch whose sizes equal no other dimension of the model, so that
-    torch.export keeps them symbolic."""
+    torch.export keeps them symbolic, and its float32 ``image_sizes``: the first image fills
+    the batch, the others are smaller (padded)."""
     divisor = model.preprocess.size_divisor
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, 9 * divisor, 11 * divisor, generator=generator)
+    height, width = 9 * divisor, 11 * divisor
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    sizes = torch.tensor([[height - 7.0 * i, width - 5.0 * i] for i in range(batch)])
+    return images, sizes
 
 
 def _capture(
@@ -687,27 +697,28 @@ def export_graphs(
 
 
 def export_detect_graphs(model: nn.Module) -> ExportedGraphs:
-    """The inference graph ``images (B, 3, H, W) -> boxes, scores, embeddings`` with a dynamic
-    batch, height and width."""
+    """The inference graph ``images (B, 3, H, W), image_sizes (B, 2) -> boxes, scores,
+    embeddings`` with a dynamic batch, height and width."""
     batch, height, width = torch.export.Dim("batch"), _image_dim("height"), _image_dim("width")
     return export_graphs(
         DetectGraph(model),
-        (_example_images(model, batch=2),),
-        {"images": {0: batch, 2: height, 3: width}},
+        _example_images(model, batch=2),
+        {"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}},
         INPUT_NAMES,
         OUTPUT_NAMES,
     )
 
 
 def export_embed_graphs(model: nn.Module) -> ExportedGraphs:
-    """The query graph ``images (1, 3, H, W), boxes (R, 4) -> embeddings (R, D)`` of a model
-    with ``embed_boxes``; height, width and R are dynamic."""
+    """The query graph ``images (1, 3, H, W), boxes (R, 4), image_sizes (1, 2) -> embeddings
+    (R, D)`` of a model with ``embed_boxes``; height, width and R are dynamic."""
     height, width, count = _image_dim("height"), _image_dim("width"), torch.export.Dim("count")
     boxes = torch.tensor([[10.0, 20.0, 60.0, 140.0], [100.0, 30.0, 180.0, 150.0]])
+    images, image_sizes = _example_images(model, batch=1)
     return export_graphs(
         EmbedGraph(model),
-        (_example_images(model, batch=1), boxes),
-        {"images": {2: height, 3: width}, "boxes": {0: count}},
+        (images, boxes, image_sizes),
+        {"images": {2: height, 3: width}, "boxes": {0: count}, "image_sizes": None},
         EMBED_INPUT_NAMES,
         EMBED_OUTPUT_NAMES,
     )

@@ -1,7 +1,7 @@
 """Parity of an exported graph with the PyTorch model it came from.
 
-Both run on the same preprocessed batches; their fixed-size outputs are compared detection by
-detection:
+Both run on the same preprocessed batches (padded images and each image's size in them,
+``models.preprocess.PaddedBatch``); their fixed-size outputs are compared detection by detection:
 
 - the number of valid detections (score > 0) of every image must agree;
 - both must be sorted by descending score;
@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.preprocess import PreprocessConfig, normalize_and_resize, pad_batch
+from models.preprocess import PaddedBatch, PreprocessConfig, normalize_and_resize, pad_batch
 
 # Outputs of one batch: boxes (B, K, 4), scores (B, K), embeddings (B, K, D), as numpy.
 BatchOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
-DetectFn = Callable[[Tensor], BatchOutputs]
-EmbedFn = Callable[[Tensor, Tensor], np.ndarray]
+# (images (B, 3, H, W), image_sizes (B, 2)) -> outputs.
+DetectFn = Callable[[Tensor, Tensor], BatchOutputs]
+# (image (1, 3, H, W), boxes (R, 4), image_sizes (1, 2)) -> embeddings (R, D).
+EmbedFn = Callable[[Tensor, Tensor, Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,9 @@ def compare_query_embeddings(
 def eager_detect(model: nn.Module) -> DetectFn:
     """The PyTorch model as a batch -> numpy outputs function."""
 
-    def run(images: Tensor) -> BatchOutputs:
+    def run(images: Tensor, image_sizes: Tensor) -> BatchOutputs:
         with torch.no_grad():
-            detections = model(images)
+            detections = model(images, image_sizes=image_sizes)
         return tuple(t.float().numpy() for t in detections)  # type: ignore[return-value]
 
     return run
@@ -200,9 +202,9 @@ def eager_detect(model: nn.Module) -> DetectFn:
 def eager_embed(model: nn.Module) -> EmbedFn:
     """``model.embed_boxes`` on one image and its (R, 4) boxes, as numpy."""
 
-    def run(image: Tensor, boxes: Tensor) -> np.ndarray:
+    def run(image: Tensor, boxes: Tensor, image_sizes: Tensor) -> np.ndarray:
         with torch.no_grad():
-            return model.embed_boxes(image, [boxes]).float().numpy()
+            return model.embed_boxes(image, [boxes], image_sizes=image_sizes).float().numpy()
 
     return run
 
@@ -210,25 +212,25 @@ def eager_embed(model: nn.Module) -> EmbedFn:
 def check_parity(
     reference: DetectFn,
     candidate: DetectFn,
-    batches: Sequence[Tensor],
+    batches: Sequence[PaddedBatch],
     tolerances: Tolerances | None = None,
-    queries: Sequence[tuple[Tensor, Tensor]] = (),
+    queries: Sequence[tuple[PaddedBatch, Tensor]] = (),
     reference_embed: EmbedFn | None = None,
     candidate_embed: EmbedFn | None = None,
 ) -> ParityReport:
-    """Run both backends on every batch (B, 3, H, W) (and on every (image, boxes) query when
+    """Run both backends on every batch (and on every (one-image batch, boxes) query when
     both embed functions are given) and compare them (see the module docstring)."""
     report = ParityReport(tolerances or Tolerances())
     for index, batch in enumerate(batches):
-        size = max(batch.shape[-2:])
-        compare_batch(report, f"batch {index}", reference(batch), candidate(batch), size)
+        size = max(batch.images.shape[-2:])
+        compare_batch(report, f"batch {index}", reference(*batch), candidate(*batch), size)
     if reference_embed is not None and candidate_embed is not None:
-        for index, (image, boxes) in enumerate(queries):
+        for index, ((image, image_sizes), boxes) in enumerate(queries):
             compare_query_embeddings(
                 report,
                 f"query {index}",
-                reference_embed(image, boxes),
-                candidate_embed(image, boxes),
+                reference_embed(image, boxes, image_sizes),
+                candidate_embed(image, boxes, image_sizes),
             )
     return report
 
@@ -251,7 +253,7 @@ def synthetic_images(sizes: Sequence[tuple[int, int]], seed: int = 0) -> list[np
 
 def parity_inputs(
     preprocess: PreprocessConfig, seed: int = 0
-) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+) -> tuple[list[PaddedBatch], list[tuple[PaddedBatch, Tensor]]]:
     """The default parity inputs for a model: a batch of two images of different sizes and
     aspect ratios (padded together), a batch of one, and queries of one image with two boxes."""
     short, long = preprocess.min_size, preprocess.max_size
@@ -276,8 +278,9 @@ def onnxruntime_detect(path: str) -> DetectFn:
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-    def run(images: Tensor) -> BatchOutputs:
-        boxes, scores, embeddings = session.run(None, {"images": images.numpy()})
+    def run(images: Tensor, image_sizes: Tensor) -> BatchOutputs:
+        inputs = {"images": images.numpy(), "image_sizes": image_sizes.float().numpy()}
+        boxes, scores, embeddings = session.run(None, inputs)
         return boxes, scores, embeddings
 
     return run
@@ -289,7 +292,12 @@ def onnxruntime_embed(path: str) -> EmbedFn:
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-    def run(image: Tensor, boxes: Tensor) -> np.ndarray:
-        return session.run(None, {"images": image.numpy(), "boxes": boxes.numpy()})[0]
+    def run(image: Tensor, boxes: Tensor, image_sizes: Tensor) -> np.ndarray:
+        inputs = {
+            "images": image.numpy(),
+            "boxes": boxes.numpy(),
+            "image_sizes": image_sizes.float().numpy(),
+        }
+        return session.run(None, inputs)[0]
 
     return run

@@ -12,14 +12,18 @@
 - ``info``: name, fingerprint, embedding dim, backend, device.
 
 Every backend gets the same preprocessed batch (``models/preprocess.py``: resize, normalise,
-pad to a multiple of 32 and to the graph's smallest input side), so their answers differ only
-by the arithmetic of the backends; ``export/parity.py`` states by how much.
+pad to a multiple of 32 and to the graph's smallest input side) with each image's size in it
+(``image_sizes``, so that an image's results do not depend on the padding or on the other images
+of its batch), so their answers differ only by the arithmetic of the backends;
+``export/parity.py`` states by how much.
 
 Backends: ``torch`` (the PyTorch model from ``checkpoint.safetensors``), ``onnxruntime``
-(``model.onnx``; CPU, or CUDA with onnxruntime-gpu) and ``tensorrt`` (``model.plugins.onnx`` as
-an engine built for this GPU by ``export.tensorrt``; needs TensorRT and an NVIDIA GPU, and its
-first load builds the engine, which takes minutes). ``auto`` is ONNX Runtime where it is
-installed for the device and the folder has its graphs, else PyTorch.
+(``model.onnx``; CPU, or CUDA with onnxruntime-gpu) and ``tensorrt`` (``model.plugins.onnx``,
+and ``embed.plugins.onnx`` for RoI models, as engines built for this GPU by ``export.tensorrt``;
+needs TensorRT and an NVIDIA GPU, and its first load builds the engines, which takes minutes).
+``auto`` is ONNX Runtime where it is installed for the device and the folder has its graphs,
+else PyTorch. Graphs exported before
+``image_sizes`` became an input are refused with a message to re-export the folder.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.artifact import ArtifactError, Manifest, load_model, read_manifest
+from export.artifact import ArtifactError, GraphFiles, Manifest, load_model, read_manifest
 from models.preprocess import normalize_and_resize, pad_batch, unscale_boxes
 
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
@@ -44,8 +48,12 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 GPU_EXTRA = "pip install 'psearch[gpu]'"
 EXPORT_EXTRA = "pip install 'psearch[export]'"
 OUTPUT_NAMES = ("boxes", "scores", "embeddings")
+EMBED_OUTPUT = "embeddings"  # the embed graph's one output
+# The graphs' (B, 2) float32 input of each image's (height, width) in the batch (export/onnx.py).
+IMAGE_SIZES = "image_sizes"
 # Images per TensorRT batch: the engine's optimization profile is built for up to this many.
 MAX_TENSORRT_BATCH = 8
+MAX_TENSORRT_QUERY_BOXES = 16  # boxes per embed call the TensorRT embed engine is built for
 
 
 class BackendUnavailableError(RuntimeError):
@@ -73,13 +81,18 @@ class EngineInfo:
 
 
 class _Runner(Protocol):
-    """A backend: the exported model's two functions on preprocessed float32 arrays."""
+    """A backend: the exported model's two functions on preprocessed float32 arrays, with
+    image_sizes (B, 2) float32 the (height, width) of each image in its padded batch."""
 
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def detect(
+        self, images: np.ndarray, image_sizes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """images (B, 3, H, W) -> boxes (B, K, 4), scores (B, K), embeddings (B, K, D)."""
         ...
 
-    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def embed_boxes(
+        self, image: np.ndarray, boxes: np.ndarray, image_sizes: np.ndarray
+    ) -> np.ndarray:
         """image (1, 3, H, W), boxes (R, 4) in its pixels -> embeddings (R, D)."""
         ...
 
@@ -98,15 +111,24 @@ class TorchRunner:
         self.device = torch.device(device)
         self.model = load_model(model_dir, manifest).to(self.device)
 
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def detect(
+        self, images: np.ndarray, image_sizes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            detections = self.model(torch.from_numpy(images).to(self.device))
+            detections = self.model(
+                torch.from_numpy(images).to(self.device),
+                image_sizes=torch.from_numpy(image_sizes).to(self.device),
+            )
         return tuple(t.float().cpu().numpy() for t in detections)  # type: ignore[return-value]
 
-    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def embed_boxes(
+        self, image: np.ndarray, boxes: np.ndarray, image_sizes: np.ndarray
+    ) -> np.ndarray:
         with torch.inference_mode():
             embeddings = self.model.embed_boxes(
-                torch.from_numpy(image).to(self.device), [torch.from_numpy(boxes).to(self.device)]
+                torch.from_numpy(image).to(self.device),
+                [torch.from_numpy(boxes).to(self.device)],
+                image_sizes=torch.from_numpy(image_sizes).to(self.device),
             )
         return embeddings.float().cpu().numpy()
 
@@ -127,6 +149,7 @@ class OnnxRuntimeRunner:
                 f"{model_dir}: the manifest lists no ONNX graphs; export them with "
                 "`psearch-export --format onnx`"
             )
+        check_graph_inputs(model_dir, manifest.onnx)
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
         if provider not in onnxruntime.get_available_providers():
             raise BackendUnavailableError(
@@ -154,20 +177,42 @@ class OnnxRuntimeRunner:
             reason = " ".join(str(error).split())[:300]
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it: {reason}") from None
 
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        boxes, scores, embeddings = self.detect_session.run(None, {"images": images})
+    def detect(
+        self, images: np.ndarray, image_sizes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inputs = {"images": images, IMAGE_SIZES: image_sizes}
+        boxes, scores, embeddings = self.detect_session.run(None, inputs)
         return boxes, scores, embeddings
 
-    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def embed_boxes(
+        self, image: np.ndarray, boxes: np.ndarray, image_sizes: np.ndarray
+    ) -> np.ndarray:
         if self.embed_session is None:
             raise ArtifactError("this model folder has no embed graph")
-        return self.embed_session.run(None, {"images": image, "boxes": boxes})[0]
+        inputs = {"images": image, "boxes": boxes, IMAGE_SIZES: image_sizes}
+        return self.embed_session.run(None, inputs)[0]
+
+
+def whole_batch_sizes(batch: np.ndarray) -> np.ndarray:
+    """The float32 ``image_sizes`` (B, 2) of a batch (B, 3, H, W) whose images fill it."""
+    return np.tile(np.float32(batch.shape[-2:]), (batch.shape[0], 1))
+
+
+def check_graph_inputs(model_dir: Path, graphs: GraphFiles) -> None:
+    """Refuse ONNX graphs exported before ``image_sizes`` was an input: they scale LEAPS'
+    proposals by the padded batch, so their answers would depend on the batch."""
+    if IMAGE_SIZES not in graphs.inputs:
+        raise ArtifactError(
+            f"{model_dir}: its ONNX graphs take {graphs.inputs}, without {IMAGE_SIZES!r} "
+            "(exported by an older psearch); re-export the folder with psearch-export"
+        )
 
 
 def tensorrt_settings(manifest: Manifest, batch_size: int) -> Any:
     """The engine's input shape ranges, from the model's preprocessing: a side is at most
     ``max_size`` (rounded up to the padding multiple), at least the graph's smallest input
-    side, and TensorRT tunes for a full batch of ``min_size x max_size`` landscape images."""
+    side, and TensorRT tunes for a full batch of ``min_size x max_size`` landscape images;
+    ``image_sizes`` has one (height, width) row per image."""
     from export.tensorrt import BuildSettings, InputShapes
 
     pre = manifest.preprocess
@@ -183,16 +228,56 @@ def tensorrt_settings(manifest: Manifest, batch_size: int) -> Any:
         opt=(batch_size, 3, *typical),
         max=(batch_size, 3, largest, largest),
     )
-    return BuildSettings(input_shapes={"images": shapes})
+    sizes = InputShapes(min=(1, 2), opt=(batch_size, 2), max=(batch_size, 2))
+    return BuildSettings(input_shapes={"images": shapes, IMAGE_SIZES: sizes})
+
+
+def tensorrt_embed_settings(manifest: Manifest) -> Any:
+    """The embed engine's shape ranges: one image (sides as in :func:`tensorrt_settings`) and
+    1 to ``MAX_TENSORRT_QUERY_BOXES`` boxes, tuned for one (a query)."""
+    from export.tensorrt import BuildSettings, InputShapes
+
+    detect = tensorrt_settings(manifest, batch_size=1).input_shapes
+    boxes = InputShapes(min=(1, 4), opt=(1, 4), max=(MAX_TENSORRT_QUERY_BOXES, 4))
+    return BuildSettings(
+        input_shapes={"images": detect["images"], "boxes": boxes, IMAGE_SIZES: detect[IMAGE_SIZES]}
+    )
+
+
+def ensure_tensorrt_engines(model_dir: Path, manifest: Manifest) -> dict[str, Path]:
+    """The TensorRT engines of a model folder for this GPU, built unless cached
+    (``export.tensorrt.ensure_engine``): ``detect``, and ``embed`` for models that embed given
+    boxes. A folder without ONNX graphs, or exported before ``image_sizes``, is refused."""
+    if manifest.onnx is None:
+        raise ArtifactError(
+            f"{model_dir}: no ONNX graphs to build a TensorRT engine from; export the model "
+            "with psearch-export --format onnx"
+        )
+    check_graph_inputs(model_dir, manifest.onnx)
+    from export.tensorrt import ensure_engine
+
+    detect_settings = tensorrt_settings(manifest, MAX_TENSORRT_BATCH)
+    graphs = {"detect": (manifest.onnx.detect_plugins, detect_settings)}
+    if manifest.onnx.embed_plugins is not None:
+        graphs["embed"] = (manifest.onnx.embed_plugins, tensorrt_embed_settings(manifest))
+    return {
+        name: ensure_engine(
+            model_dir, fingerprint=manifest.fingerprint, settings=settings, onnx_name=onnx_name
+        )
+        for name, (onnx_name, settings) in graphs.items()
+    }
 
 
 class TensorRTRunner:
-    """The plugin graph (``model.plugins.onnx``) as a TensorRT engine built for this GPU and
-    cached in the model folder (``export.tensorrt``); built on first use, which takes minutes."""
+    """The plugin graphs (``model.plugins.onnx``, and ``embed.plugins.onnx`` for RoI models) as
+    TensorRT engines built for this GPU and cached in the model folder (``export.tensorrt``);
+    built on first use, which takes minutes."""
 
     def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
         from export.tensorrt import TensorRTUnavailableError, require_tensorrt
 
+        if manifest.onnx is not None:
+            check_graph_inputs(model_dir, manifest.onnx)
         try:
             require_tensorrt()
         except TensorRTUnavailableError as error:
@@ -201,32 +286,40 @@ class TensorRTRunner:
             raise BackendUnavailableError(
                 "backend 'tensorrt' runs on an NVIDIA GPU: use device='cuda' on a machine with one"
             )
-        from export.tensorrt import ensure_engine
         from export.tensorrt import load_engine as load_tensorrt_engine
 
-        if manifest.onnx is None:
-            raise ArtifactError(f"{model_dir}: no ONNX graphs to build a TensorRT engine from")
-        path = ensure_engine(
-            model_dir,
-            fingerprint=manifest.fingerprint,
-            settings=tensorrt_settings(manifest, batch_size=MAX_TENSORRT_BATCH),
-            onnx_name=manifest.onnx.detect_plugins,
-        )
-        self.engine = load_tensorrt_engine(path, fingerprint=manifest.fingerprint)
+        self.engines = {
+            name: load_tensorrt_engine(path, fingerprint=manifest.fingerprint)
+            for name, path in ensure_tensorrt_engines(model_dir, manifest).items()
+        }
 
-    def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        return self.engines[engine](
+            {name: torch.from_numpy(array).cuda() for name, array in inputs.items()}
+        )
+
+    def detect(
+        self, images: np.ndarray, image_sizes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if images.shape[0] > MAX_TENSORRT_BATCH:
             raise ValueError(
                 f"the TensorRT engine takes at most {MAX_TENSORRT_BATCH} images per batch"
             )
-        outputs = self.engine({"images": torch.from_numpy(images).cuda()})
+        outputs = self._run("detect", {"images": images, IMAGE_SIZES: image_sizes})
         return tuple(outputs[name].float().cpu().numpy() for name in OUTPUT_NAMES)  # type: ignore[return-value]
 
-    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        raise BackendUnavailableError(
-            "the TensorRT backend runs the detect graph only; embed given boxes with "
-            "backend='onnxruntime' or 'torch', or use mode='max_iou'"
-        )
+    def embed_boxes(
+        self, image: np.ndarray, boxes: np.ndarray, image_sizes: np.ndarray
+    ) -> np.ndarray:
+        if "embed" not in self.engines:
+            raise ArtifactError("this model folder has no embed graph")
+        if not 1 <= boxes.shape[0] <= MAX_TENSORRT_QUERY_BOXES:
+            raise ValueError(
+                f"the TensorRT embed engine takes 1 to {MAX_TENSORRT_QUERY_BOXES} boxes per call, "
+                f"got {boxes.shape[0]}"
+            )
+        inputs = {"images": image, "boxes": boxes, IMAGE_SIZES: image_sizes}
+        return self._run("embed", inputs)[EMBED_OUTPUT].float().cpu().numpy()
 
 
 _RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "tensorrt": TensorRTRunner}
@@ -263,27 +356,36 @@ class Engine:
         self._runner = runner
         self._min_side = manifest.onnx.min_input_side if manifest.onnx else 1
 
-    def _batch(self, pixels: Sequence[Tensor]) -> np.ndarray:
+    def _batch(self, pixels: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Pad preprocessed (3, h, w) images into one float32 batch, at least min_side high
-        and wide (the smallest input the graphs were exported for)."""
+        and wide (the smallest input the graphs were exported for), and the float32 (B, 2)
+        (h, w) of each image in it."""
         divisor = self.manifest.preprocess.size_divisor
-        batch = pad_batch(list(pixels), divisor)
+        batch, image_sizes = pad_batch(list(pixels), divisor)
         height, width = batch.shape[-2:]
         side = -(-self._min_side // divisor) * divisor
         if height < side or width < side:
             batch = torch.nn.functional.pad(
                 batch, (0, max(side - width, 0), 0, max(side - height, 0))
             )
-        return batch.numpy().astype(np.float32, copy=False)
+        return batch.numpy().astype(np.float32, copy=False), image_sizes.numpy().astype(np.float32)
 
     def _preprocess(self, image: np.ndarray) -> tuple[Tensor, tuple[float, float]]:
         return normalize_and_resize(image, self.manifest.preprocess)
 
-    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The backend alone, on a preprocessed batch (B, 3, H, W) (``models/preprocess.py``):
-        the model's fixed-size outputs boxes (B, K, 4) in the batch's pixels, scores (B, K),
-        embeddings (B, K, D)."""
-        return self._runner.detect(np.ascontiguousarray(batch, dtype=np.float32))
+    def forward(
+        self, batch: np.ndarray, image_sizes: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The backend alone, on a preprocessed batch (B, 3, H, W) (``models/preprocess.py``)
+        and the (B, 2) (height, width) of each image in it (None: every image fills the
+        batch): the model's fixed-size outputs boxes (B, K, 4) in the batch's pixels, scores
+        (B, K), embeddings (B, K, D)."""
+        if image_sizes is None:
+            image_sizes = whole_batch_sizes(batch)
+        return self._runner.detect(
+            np.ascontiguousarray(batch, dtype=np.float32),
+            np.ascontiguousarray(image_sizes, dtype=np.float32),
+        )
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of every image (see the module docstring), batched ``batch_size`` at a
@@ -294,7 +396,7 @@ class Engine:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             prepared = [self._preprocess(image) for image in chunk]
-            boxes, scores, embeddings = self._runner.detect(self._batch([p for p, _ in prepared]))
+            boxes, scores, embeddings = self._runner.detect(*self._batch([p for p, _ in prepared]))
             for index, (image, (_, scale)) in enumerate(zip(chunk, prepared, strict=True)):
                 used = scores[index] > 0
                 image_boxes = unscale_boxes(boxes[index][used], scale)
@@ -332,7 +434,8 @@ class Engine:
                 )
             pixels, scale = self._preprocess(image)
             scaled = np.asarray(query * np.asarray([*scale, *scale]), dtype=np.float32)
-            return self._runner.embed_boxes(self._batch([pixels]), scaled[None])[0]
+            batch, image_sizes = self._batch([pixels])
+            return self._runner.embed_boxes(batch, scaled[None], image_sizes)[0]
         if mode != "max_iou":
             raise ValueError(f"mode must be 'auto', 'gt_box' or 'max_iou', got {mode!r}")
         detections = self.detect([image])[0]

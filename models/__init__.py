@@ -2,6 +2,21 @@
 
 `build_model(config)` turns the `model` section of a YAML config into a network; `MODELS` maps
 each config `name` to the method's config class and network class.
+
+Every network has the same contract:
+
+- `model(images, targets, *, image_sizes=None) -> dict[str, Tensor]` in training mode: named,
+  already weighted losses. `images` (B, 3, H, W) is a zero-padded float batch
+  (`models.preprocess.pad_batch`); `targets[i]` holds `boxes` (n, 4) x1 y1 x2 y2 in input pixels
+  and `pids` (n,) long, -1 = unlabeled.
+- `model(images, *, image_sizes=None) -> Detections` in eval mode (`models.types`).
+- `image_sizes` (B, 2) is the (height, width) of each image's valid region, at the top left of
+  its slot in the batch (any real dtype; exported graphs take float32). Models treat the rest
+  as outside the image: no detection there, boxes clipped to the image, proposals relative to
+  the image; so an image's results do not depend on what it is batched with. None means every
+  image fills the whole batch.
+- Models that embed a given box (RoI heads) also have
+  `embed_boxes(images, boxes, *, image_sizes=None) -> (R, D)`, `boxes` a list of (r_i, 4).
 """
 
 from __future__ import annotations

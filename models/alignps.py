@@ -27,7 +27,7 @@ from models.config import StrictModel
 from models.heads.fcos import FCOSHead, FCOSHeadConfig, FCOSInferenceConfig, flatten_levels
 from models.losses import OIMLoss, TripletMining
 from models.necks.afa import AFA, AFAConfig
-from models.preprocess import PreprocessConfig
+from models.preprocess import PreprocessConfig, valid_sizes
 from models.types import Detections
 
 
@@ -135,15 +135,23 @@ class AlignPS(nn.Module):
         )
 
     def forward(
-        self, images: Tensor, targets: Sequence[dict[str, Tensor]] | None = None
+        self,
+        images: Tensor,
+        targets: Sequence[dict[str, Tensor]] | None = None,
+        *,
+        image_sizes: Tensor | None = None,
     ) -> dict[str, Tensor] | Detections:
         """With targets: the weighted losses ``loss_cls``, ``loss_box``, ``loss_quality``,
         ``loss_oim`` and (unless its weight is 0) ``loss_triplet``. Without: fixed-size
-        Detections in the pixels of ``images`` (B, 3, H, W), unused slots all zero."""
+        Detections in the pixels of ``images`` (B, 3, H, W), unused slots all zero, each image's
+        boxes inside its ``image_sizes`` (B, 2) (height, width; None = the whole batch) and no
+        detection in its padding. In training the padding holds no person, so its locations
+        are negatives anyway; ``image_sizes`` only keeps it out of ``subtract_image_mean``."""
         embedding_map = self.afa(self.backbone(images))  # (B, D, H / 8, W / 8)
         if self.config.subtract_image_mean:
             # Removes what every location of an image shares (lighting, a camera's colour cast).
-            embedding_map = embedding_map - embedding_map.mean(dim=(2, 3), keepdim=True)
+            sizes = valid_sizes(images, image_sizes)
+            embedding_map = embedding_map - image_mean(embedding_map, sizes, self.afa.stride)
         outputs = self.head([embedding_map])
         if targets is not None:
             losses, assigned = self.head.loss(outputs, targets, self.strides)
@@ -156,7 +164,7 @@ class AlignPS(nn.Module):
         boxes, scores, locations = self.head.predict(
             outputs,
             self.strides,
-            images.shape[-2:],
+            valid_sizes(images, image_sizes),
             max_detections=inference.max_detections,
             score_thresh=inference.score_thresh,
             nms_thresh=inference.nms_thresh,
@@ -165,6 +173,24 @@ class AlignPS(nn.Module):
         embeddings = gather_embeddings(embedding_map, locations)
         embeddings = torch.where((scores > 0)[..., None], embeddings, 0.0)
         return Detections(boxes, scores, embeddings)
+
+
+def image_mean(embedding_map: Tensor, image_sizes: Tensor, stride: int) -> Tensor:
+    """(B, D, 1, 1) mean feature of each image of a map (B, D, h, w) over the locations whose
+    centre lies in its valid region ``image_sizes`` (B, 2) (height, width): the padding of a
+    batch left out, so that an image's features do not depend on what it is batched with."""
+    height, width = embedding_map.shape[-2:]
+    options = {"dtype": embedding_map.dtype, "device": embedding_map.device}
+    # Location centres as the FCOS head places them: stride * index + stride // 2.
+    rows = torch.arange(height, **options) * stride + stride // 2
+    cols = torch.arange(width, **options) * stride + stride // 2
+    sizes = image_sizes.to(embedding_map.dtype)
+    inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (
+        cols[None, None, :] < sizes[:, 1, None, None]
+    )  # (B, h, w)
+    mask = inside[:, None].to(embedding_map.dtype)  # (B, 1, h, w)
+    count = mask.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    return (embedding_map * mask).sum(dim=(2, 3), keepdim=True) / count
 
 
 def gather_embeddings(embedding_map: Tensor, locations: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from models.backbones import BackboneConfig, backbone_from_config
 from models.config import StrictModel
 from models.heads.fcos import FCOSHead, FCOSHeadConfig, FCOSInferenceConfig
 from models.necks.fpn import FPN, FPNConfig
-from models.preprocess import PreprocessConfig
+from models.preprocess import PreprocessConfig, valid_sizes
 from models.types import Detections
 
 
@@ -69,10 +69,17 @@ class FCOSDetector(nn.Module):
         self.head = FCOSHead(config.head)
 
     def forward(
-        self, images: Tensor, targets: Sequence[dict[str, Tensor]] | None = None
+        self,
+        images: Tensor,
+        targets: Sequence[dict[str, Tensor]] | None = None,
+        *,
+        image_sizes: Tensor | None = None,
     ) -> dict[str, Tensor] | Detections:
         """With targets: the weighted losses (``loss_cls``, ``loss_box``, ``loss_quality``).
-        Without: fixed-size Detections in the pixels of ``images`` (B, 3, H, W)."""
+        Without: fixed-size Detections in the pixels of ``images`` (B, 3, H, W), each image's
+        boxes inside its ``image_sizes`` (B, 2) (height, width; None = the whole batch) and no
+        detection in its padding. Training ignores ``image_sizes``: the padding holds no
+        person, so its locations are negatives anyway."""
         outputs = self.head(list(self.fpn(self.backbone(images)).values()))
         if targets is not None:
             losses, _ = self.head.loss(outputs, targets, self.strides)
@@ -81,7 +88,7 @@ class FCOSDetector(nn.Module):
         boxes, scores, _ = self.head.predict(
             outputs,
             self.strides,
-            images.shape[-2:],
+            valid_sizes(images, image_sizes),
             max_detections=inference.max_detections,
             score_thresh=inference.score_thresh,
             nms_thresh=inference.nms_thresh,

@@ -6,6 +6,8 @@ the same pixels wherever it runs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,9 +68,17 @@ def normalize_and_resize(
     return (pixels - mean) / std, (new_w / width, new_h / height)
 
 
-def pad_batch(images: list[Tensor], size_divisor: int) -> Tensor:
+class PaddedBatch(NamedTuple):
+    """Images stacked into one zero-padded batch, and where each image lies in it."""
+
+    images: Tensor  # (B, 3, H, W)
+    image_sizes: Tensor  # (B, 2) int64 (height, width) of each image, at the top left
+
+
+def pad_batch(images: list[Tensor], size_divisor: int) -> PaddedBatch:
     """Stack (3, h_i, w_i) images into (B, 3, H, W), zero-padded at the bottom and right, with
-    H and W multiples of size_divisor."""
+    H and W multiples of size_divisor; ``image_sizes`` keeps each (h_i, w_i), which models
+    need to treat the padding as outside the image."""
     if not images:
         raise ValueError("cannot batch an empty list of images")
     height = max(img.shape[-2] for img in images)
@@ -78,7 +88,26 @@ def pad_batch(images: list[Tensor], size_divisor: int) -> Tensor:
     batch = images[0].new_zeros((len(images), 3, height, width))
     for i, img in enumerate(images):
         batch[i, :, : img.shape[-2], : img.shape[-1]] = img
-    return batch
+    sizes = torch.tensor([tuple(img.shape[-2:]) for img in images], dtype=torch.int64)
+    return PaddedBatch(batch, sizes)
+
+
+def valid_sizes(images: Tensor, image_sizes: Tensor | None) -> Tensor:
+    """(B, 2) (height, width) of each image's valid region in ``images`` (B, 3, H, W), in the
+    images' dtype: ``image_sizes`` checked, or (H, W) for every image when it is None.
+
+    Tensor ops only, so that an exported graph keeps B, H and W dynamic.
+    """
+    batch = images.shape[0]
+    if image_sizes is None:
+        ones = images.new_ones(batch, 1)
+        return torch.cat((ones * images.shape[-2], ones * images.shape[-1]), dim=1)
+    if image_sizes.dim() != 2 or image_sizes.shape[0] != batch or image_sizes.shape[1] != 2:
+        raise ValueError(
+            f"image_sizes must be ({batch}, 2) (height, width) per image, "
+            f"got {tuple(image_sizes.shape)}"
+        )
+    return image_sizes.to(images.dtype)
 
 
 def scale_boxes(boxes: Tensor | np.ndarray, scale: tuple[float, float]) -> Tensor | np.ndarray:

@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +33,15 @@ from training.datasets import (
 from training.transforms import TrainTransform
 
 Target = dict[str, Tensor]
-Batch = tuple[Tensor, list[Target]]
+
+
+class Batch(NamedTuple):
+    """A training batch: images zero-padded into one (B, 3, H, W) tensor, the (height, width)
+    (B, 2) int64 of each image after its resize (the model's ``image_sizes``), and targets."""
+
+    images: Tensor
+    image_sizes: Tensor
+    targets: list[Target]
 
 
 def load_split(data: DataConfig, split: str, **options: object) -> PersonSearchSplit:
@@ -108,14 +117,15 @@ class TrainingImages(Dataset):
 
 
 class PadCollate:
-    """Stack images into a zero-padded (B, 3, H, W) batch; targets stay a list of dicts."""
+    """Stack images into a zero-padded (B, 3, H, W) batch with each image's size; targets stay
+    a list of dicts."""
 
     def __init__(self, size_divisor: int) -> None:
         self.size_divisor = size_divisor
 
     def __call__(self, samples: Sequence[tuple[Tensor, Target]]) -> Batch:
-        images = pad_batch([image for image, _ in samples], self.size_divisor)
-        return images, [target for _, target in samples]
+        images, image_sizes = pad_batch([image for image, _ in samples], self.size_divisor)
+        return Batch(images, image_sizes, [target for _, target in samples])
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -187,7 +197,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 class TrainLoader:
-    """Batches ``(images (B, 3, H, W), targets)`` of a training split, one epoch at a time."""
+    """Training batches (:class:`Batch`) of a split, one epoch at a time."""
 
     def __init__(
         self,

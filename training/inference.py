@@ -74,6 +74,7 @@ class InferenceSettings:
 @dataclass(frozen=True)
 class PreparedBatch:
     images: Tensor  # (B, 3, H, W), padded
+    image_sizes: Tensor  # (B, 2) int64, per image (height, width) in input pixels
     scales: list[tuple[float, float]]  # per image, original -> input pixels
     sizes: list[tuple[int, int]]  # per image, original (width, height)
 
@@ -105,7 +106,8 @@ class BatchCollate:
 
     def __call__(self, items: Sequence[tuple[Tensor, tuple[float, float], tuple[int, int]]]):
         images, scales, sizes = zip(*items, strict=True)
-        return PreparedBatch(pad_batch(list(images), self.size_divisor), list(scales), list(sizes))
+        padded, image_sizes = pad_batch(list(images), self.size_divisor)
+        return PreparedBatch(padded, image_sizes, list(scales), list(sizes))
 
 
 def prepared_batches(
@@ -160,8 +162,10 @@ def detect_images(
     batches = prepared_batches([paths[n] for n in names], model.preprocess, settings)
     progress = tqdm(total=len(names), desc="detect", disable=not settings.show_progress)
     for batch in batches:
+        images = batch.images.to(settings.device, non_blocking=True)
+        image_sizes = batch.image_sizes.to(settings.device, non_blocking=True)
         with torch.autocast(settings.device.type, dtype=torch.float16, enabled=settings.amp):
-            result = model(batch.images.to(settings.device, non_blocking=True))
+            result = model(images, image_sizes=image_sizes)
         for i, (scale, size) in enumerate(zip(batch.scales, batch.sizes, strict=True)):
             name = names[len(outputs)]  # batches come in order
             outputs[name] = detections_to_original(
@@ -203,8 +207,11 @@ def embed_query_boxes(
             for q, scale in zip(chunk, batch.scales, strict=True)
         ]
         images = batch.images.to(settings.device, non_blocking=True)
+        image_sizes = batch.image_sizes.to(settings.device, non_blocking=True)
         with torch.autocast(settings.device.type, dtype=torch.float16, enabled=settings.amp):
-            embeddings = model.embed_boxes(images, [b.to(settings.device) for b in boxes])
+            embeddings = model.embed_boxes(
+                images, [b.to(settings.device) for b in boxes], image_sizes=image_sizes
+            )
         vectors.append(F.normalize(embeddings.float(), dim=1).cpu().numpy())
         progress.update(len(chunk))
     progress.close()

@@ -314,8 +314,8 @@ class Trainer:
         )
         window: dict[str, list[Tensor]] = {}
         last_mark = self.clock()
-        for images, targets in self.loader.epoch(self.epoch, self.batch):
-            losses, stop_now, out_of_time = self._step(images, targets, stop)
+        for images, image_sizes, targets in self.loader.epoch(self.epoch, self.batch):
+            losses, stop_now, out_of_time = self._step(images, image_sizes, targets, stop)
             self.batch += 1
             self.iteration += 1
             now = self.clock()
@@ -392,15 +392,21 @@ class Trainer:
         return budget is not None and self.train_seconds >= 60 * budget
 
     def _step(
-        self, images: Tensor, targets: list[dict[str, Tensor]], stop: StopSignal
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        targets: list[dict[str, Tensor]],
+        stop: StopSignal,
     ) -> tuple[dict[str, Tensor], int, bool]:
-        """One optimisation step; returns the detached losses (and their sum as ``loss``), the
-        signal number every rank agreed to stop on (0 = go on) and whether every rank agreed
-        that the time budget is spent (the step is still taken)."""
+        """One optimisation step on a padded batch and each image's (height, width) in it;
+        returns the detached losses (and their sum as ``loss``), the signal number every rank
+        agreed to stop on (0 = go on) and whether every rank agreed that the time budget is
+        spent (the step is still taken)."""
         images = images.to(self.device, non_blocking=True)
+        image_sizes = image_sizes.to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            losses = self.model(images, targets)
+            losses = self.model(images, targets, image_sizes=image_sizes)
         if not isinstance(losses, dict) or not losses:
             raise TypeError(
                 f"in training mode the model must return a dict of losses, got {type(losses)}"

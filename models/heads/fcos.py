@@ -315,7 +315,7 @@ class FCOSHead(nn.Module):
         self,
         outputs: FCOSOutputs,
         strides: Sequence[int],
-        image_size: Sequence[int],
+        image_sizes: Tensor,
         max_detections: int = 100,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
@@ -325,7 +325,8 @@ class FCOSHead(nn.Module):
         the ``max_detections`` best survivors.
 
         Args:
-            image_size: (height, width) of the input batch; boxes are clipped to it.
+            image_sizes: (B, 2) (height, width) of each image in the padded batch: its boxes
+                are clipped to it, and its locations in the padding score 0 (never detected).
 
         Returns:
             boxes (B, K, 4) in input pixels, scores (B, K) in descending order, and the location
@@ -336,9 +337,10 @@ class FCOSHead(nn.Module):
             raise ValueError(
                 f"pre_nms_top_k ({pre_nms_top_k}) must be >= max_detections ({max_detections})"
             )
-        _, boxes = self.decode(outputs, strides)
-        boxes = clip_boxes_to_image(boxes, (image_size[0], image_size[1]))
+        anchors, boxes = self.decode(outputs, strides)
+        boxes = clip_boxes_to_image(boxes, image_sizes[:, None, :])
         scores = self.scores(outputs)
+        scores = torch.where(_inside(anchors.points, image_sizes), scores, 0.0)
         # Pad with empty candidates so that top-k never asks for more than there are (small
         # inputs), without Python branches on tensor sizes that an exported graph cannot keep.
         scores = F.pad(scores, (0, pre_nms_top_k))
@@ -363,6 +365,12 @@ class FCOSHead(nn.Module):
         locations = locations.gather(1, order)
         locations = torch.where(used, locations, 0)
         return boxes, scores, locations
+
+
+def _inside(points: Tensor, image_sizes: Tensor) -> Tensor:
+    """(B, N) whether each location (N, 2) x, y lies inside each image (B, 2) height, width."""
+    x, y = points[None, :, 0], points[None, :, 1]
+    return (x < image_sizes[:, 1:2]) & (y < image_sizes[:, 0:1])
 
 
 def _target_boxes(target: dict[str, Tensor], index: int) -> Tensor:

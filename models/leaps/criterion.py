@@ -21,6 +21,7 @@ from models.leaps.matcher import Match, ReidSamples
 from models.leaps.reid_head import ReidOutput
 from models.losses import OIMLoss
 from models.losses.detection import iou_loss, sigmoid_focal_loss
+from models.ops.boxes import box_scale
 
 
 def branch_names(branches: Sequence[str]) -> list[str]:
@@ -35,11 +36,12 @@ def detection_losses(
     output: StageOutput,
     targets: Sequence[dict[str, Tensor]],
     matches: Sequence[Match],
-    image_size: tuple[int, int],
+    image_sizes: Tensor,
     cfg: DetectionConfig,
 ) -> dict[str, Tensor]:
-    """Focal, L1 (on boxes divided by the image size) and GIoU losses of one stage, each summed
-    over the batch and divided by its number of ground-truth persons (at least 1)."""
+    """Focal, L1 (on boxes divided by their image's size, ``image_sizes`` (B, 2) (height,
+    width)) and GIoU losses of one stage, each summed over the batch and divided by its number
+    of ground-truth persons (at least 1)."""
     num_targets = max(sum(int(t["boxes"].shape[0]) for t in targets), 1)
     labels = torch.zeros_like(output.logits)
     for image, match in enumerate(matches):
@@ -53,8 +55,9 @@ def detection_losses(
     )  # (K, 4)
     matched = torch.cat([t["boxes"][m.targets] for t, m in zip(targets, matches, strict=True)])
     matched = matched.to(predicted.dtype)
-    height, width = image_size
-    scale = predicted.new_tensor([width, height, width, height])
+    per_image = torch.tensor([len(m.proposals) for m in matches], device=predicted.device)
+    # (K, 4): each matched box is normalised by its own image's size.
+    scale = box_scale(image_sizes.to(predicted.dtype)).repeat_interleave(per_image, dim=0)
     l1 = F.l1_loss(predicted / scale, matched / scale, reduction="sum")
     giou = iou_loss(predicted, matched, kind="giou", reduction="sum")
     return {

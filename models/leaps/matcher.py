@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from models.ops.boxes import box_iou, elementwise_box_iou, generalized_box_iou
+from models.ops.boxes import box_iou, box_scale, elementwise_box_iou, generalized_box_iou
 
 _EPS = 1e-8
 
@@ -38,7 +38,7 @@ def hungarian_match(
     logits: Tensor,
     boxes: Tensor,
     target_boxes: Tensor,
-    image_size: tuple[int, int],
+    image_size: Tensor | tuple[float, float],
     *,
     class_weight: float,
     l1_weight: float,
@@ -48,12 +48,13 @@ def hungarian_match(
 ) -> Match:
     """The one-to-one assignment of least total cost between N proposals and M ground truths.
 
-    cost = class_weight * focal cost + l1_weight * L1 of the boxes divided by the image size
+    cost = class_weight * focal cost + l1_weight * L1 of the boxes divided by the image's size
            - giou_weight * GIoU.
 
     Args:
         logits: (N,) person logits; boxes (N, 4) and target_boxes (M, 4) x1y1x2y2 in pixels.
-        image_size: (height, width) that normalises the L1 distance.
+        image_size: (2,) this image's own (height, width) (not the padded batch's), which
+            normalises the L1 distance.
 
     Returns:
         min(N, M) pairs, sorted by proposal index.
@@ -61,8 +62,7 @@ def hungarian_match(
     if target_boxes.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
         return Match(empty, empty)
-    height, width = image_size
-    scale = boxes.new_tensor([width, height, width, height])
+    scale = box_scale(torch.as_tensor(image_size, dtype=torch.float32, device=boxes.device))
     cost = (
         class_weight * focal_cost(logits.float(), focal_alpha, focal_gamma)[:, None]
         + l1_weight * torch.cdist(boxes.float() / scale, target_boxes.float() / scale, p=1)

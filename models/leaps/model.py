@@ -1,12 +1,12 @@
 """LEAPS: end-to-end one-step person search with learnable proposals (Dong et al., ICCV 2023).
 
 Pipeline (Fig. 3): ResNet + FPN give F_s8 (P3) and F_s16 (P4). N learnable proposals (boxes in
-normalised cx, cy, w, h, initialised to the whole image as in Sparse R-CNN, and 256-d features)
-enter S cascaded dynamic person search heads. Each stage's detection head refines the boxes and
-features, which become the next stage's proposals (boxes detached, as in Sparse R-CNN); the last
-``reid.stages`` stages also run a flexible re-id head on their proposals. Inference takes the last
-stage's N boxes and scores and the re-id embeddings of the same proposals, sorted by score,
-without NMS.
+cx, cy, w, h relative to each image's own size, not to the padded batch, initialised to the whole
+image as in Sparse R-CNN; and 256-d features) enter S cascaded dynamic person search heads. Each
+stage's detection head refines the boxes and features, which become the next stage's proposals
+(boxes detached, as in Sparse R-CNN); the last ``reid.stages`` stages also run a flexible re-id
+head on their proposals. Inference takes the last stage's N boxes and scores and the re-id
+embeddings of the same proposals, sorted by score, without NMS.
 
 Training is one-to-one Hungarian matching per stage for detection and DRSM for re-id, with the
 losses of eq. 2 (see ``criterion.py``).
@@ -27,7 +27,8 @@ from models.leaps.detection_head import DetectionStage, StageOutput
 from models.leaps.matcher import diverse_reid_samples, hungarian_match
 from models.leaps.reid_head import FlexibleReidHead, ReidOutput
 from models.necks.fpn import FPN
-from models.ops.boxes import box_cxcywh_to_xyxy
+from models.ops.boxes import box_cxcywh_to_xyxy, box_scale, clip_boxes_to_image
+from models.preprocess import valid_sizes
 from models.types import Detections
 
 
@@ -44,6 +45,9 @@ class Leaps(nn.Module):
 
     ``model(images, targets)`` in training mode returns the weighted losses; ``model(images)``
     in eval mode returns fixed-size :class:`Detections` with K = N (every proposal, sorted).
+    Both take ``image_sizes`` (B, 2), each image's (height, width) inside the padded batch:
+    proposals, output boxes and the box losses are relative to the image, not to the batch, so
+    an image's detections do not depend on what it is batched with.
     """
 
     def __init__(self, config: LeapsConfig | dict[str, Any]) -> None:
@@ -91,39 +95,43 @@ class Leaps(nn.Module):
             head.reset_offsets()
 
     def forward(
-        self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
+        self,
+        images: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        *,
+        image_sizes: Tensor | None = None,
     ) -> dict[str, Tensor] | Detections:
         """Training: ``images`` (B, 3, H, W) and per-image ``targets`` (boxes (n, 4) x1y1x2y2 in
         input pixels, pids (n,) long, -1 = unlabeled) -> named losses. Eval: ``images`` ->
-        Detections with boxes (B, N, 4), scores (B, N), embeddings (B, N, D)."""
+        Detections with boxes (B, N, 4), scores (B, N), embeddings (B, N, D). ``image_sizes``
+        (B, 2): (height, width) of each image in the batch; None = every image fills it."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        sizes = valid_sizes(images, image_sizes)  # (B, 2)
         features = self.fpn(self.backbone(images))
         if not self.training:
             # Only the last stage's re-id features are used at inference.
-            results = self._run_stages(images, features, self.reid_stages[-1:])
-            return self._detections(images, results[-1])
+            results = self._run_stages(features, sizes, self.reid_stages[-1:])
+            return self._detections(results[-1], sizes)
         if targets is None:
             raise ValueError("LEAPS needs targets in training mode (call .eval() to detect)")
         _check_targets(targets, images.shape[0])
-        results = self._run_stages(images, features, self.reid_stages)
-        return self._losses(results, targets, (images.shape[-2], images.shape[-1]))
+        results = self._run_stages(features, sizes, self.reid_stages)
+        return self._losses(results, targets, sizes)
 
-    def initial_proposals(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """The learnable proposals for this batch: boxes (B, N, 4) x1y1x2y2 in pixels of the
-        (padded) input, and features (B, N, C)."""
-        batch = images.shape[0]
-        boxes = box_cxcywh_to_xyxy(self.proposal_boxes) * _input_size(images)
-        return (
-            boxes[None].expand(batch, -1, -1),
-            self.proposal_features[None].expand(batch, -1, -1),
-        )
+    def initial_proposals(self, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """The learnable proposals for images of ``image_sizes`` (B, 2) (height, width): boxes
+        (B, N, 4) x1y1x2y2 in input pixels, each image's scaled to its own size (Sparse R-CNN),
+        and features (B, N, C)."""
+        relative = box_cxcywh_to_xyxy(self.proposal_boxes)  # (N, 4)
+        boxes = relative[None] * box_scale(image_sizes)[:, None, :]  # (B, N, 4)
+        return boxes, self.proposal_features[None].expand(boxes.shape[0], -1, -1)
 
     def _run_stages(
-        self, images: Tensor, features: dict[str, Tensor], reid_stages: tuple[int, ...]
+        self, features: dict[str, Tensor], image_sizes: Tensor, reid_stages: tuple[int, ...]
     ) -> list[StageResult]:
         features_s8, features_s16 = features["p3"], features["p4"]
-        boxes, proposal_features = self.initial_proposals(images)
+        boxes, proposal_features = self.initial_proposals(image_sizes)
         results = []
         first_reid_stage = self.reid_stages[0]
         for index, stage in enumerate(self.stages):
@@ -136,13 +144,14 @@ class Leaps(nn.Module):
             boxes, proposal_features = detection.boxes.detach(), detection.features
         return results
 
-    def _detections(self, images: Tensor, last: StageResult) -> Detections:
-        """The last stage's N proposals by descending score (no NMS, no threshold)."""
+    def _detections(self, last: StageResult, image_sizes: Tensor) -> Detections:
+        """The last stage's N proposals by descending score (no NMS, no threshold), boxes
+        clipped to their image."""
         if last.reid is None:
             raise RuntimeError("the last stage must have a re-id head")
         scores, order = last.detection.logits.sigmoid().sort(dim=1, descending=True)
         boxes = last.detection.boxes.gather(1, order[..., None].expand(-1, -1, 4))
-        boxes = torch.minimum(boxes.clamp(min=0), _input_size(images))
+        boxes = clip_boxes_to_image(boxes, image_sizes[:, None, :])
         embeddings = last.reid.embedding()
         embeddings = embeddings.gather(1, order[..., None].expand(-1, -1, embeddings.shape[-1]))
         return Detections(boxes=boxes, scores=scores, embeddings=embeddings)
@@ -151,7 +160,7 @@ class Leaps(nn.Module):
         self,
         results: list[StageResult],
         targets: list[dict[str, Tensor]],
-        image_size: tuple[int, int],
+        image_sizes: Tensor,
     ) -> dict[str, Tensor]:
         det, reid_loss = self.config.detection, self.config.reid_loss
         losses: dict[str, Tensor] = {}
@@ -162,7 +171,7 @@ class Leaps(nn.Module):
                     output.logits[image],
                     output.boxes[image],
                     target["boxes"],
-                    image_size,
+                    image_sizes[image],
                     class_weight=det.class_weight,
                     l1_weight=det.l1_weight,
                     giou_weight=det.giou_weight,
@@ -171,7 +180,7 @@ class Leaps(nn.Module):
                 )
                 for image, target in enumerate(targets)
             ]
-            stage_losses = detection_losses(output, targets, matches, image_size, det)
+            stage_losses = detection_losses(output, targets, matches, image_sizes, det)
             losses.update({f"{name}_s{index + 1}": value for name, value in stage_losses.items()})
             if result.reid is None:
                 continue
@@ -189,14 +198,6 @@ class Leaps(nn.Module):
             ]
             losses.update(self.reid_criterion(index + 1, result.reid, samples))
         return losses
-
-
-def _input_size(images: Tensor) -> Tensor:
-    """(width, height, width, height) of the input batch as a tensor; computed with tensor ops so
-    that an exported graph keeps H and W dynamic."""
-    ones = images.new_ones(2)
-    size = torch.stack([ones[0] * images.shape[-1], ones[1] * images.shape[-2]])
-    return size.repeat(2)
 
 
 def _check_targets(targets: list[dict[str, Tensor]], batch: int) -> None:

@@ -123,13 +123,24 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
 
-def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Clamp boxes ``(..., 4)`` into an image of ``size = (height, width)``: x to [0, width]."""
+def box_scale(sizes: Tensor) -> Tensor:
+    """Image sizes ``(..., 2)`` as (height, width) -> ``(..., 4)`` (width, height, width,
+    height): what divides x1 y1 x2 y2 pixel boxes into coordinates relative to their image."""
+    if sizes.shape[-1:] != (2,):
+        raise ValueError(f"sizes must have shape (..., 2), got {tuple(sizes.shape)}")
+    width_height = sizes.flip(-1)
+    return torch.cat((width_height, width_height), dim=-1)
+
+
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
+    """Clamp boxes ``(..., 4)`` into an image of ``size = (height, width)``: x to [0, width].
+
+    ``size`` is one pair, or a tensor ``(..., 2)`` of per-image sizes that broadcasts with the
+    boxes' leading dimensions (``(B, 1, 2)`` for ``(B, N, 4)`` boxes).
+    """
     _check_boxes("boxes", boxes)
-    height, width = size
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
-    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+    sizes = size if isinstance(size, Tensor) else torch.tensor(size, device=boxes.device)
+    return torch.minimum(boxes.clamp(min=0), box_scale(sizes.to(boxes.dtype)))
 
 
 def _centers_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

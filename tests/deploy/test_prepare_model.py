@@ -54,13 +54,13 @@ def fake_tensorrt(monkeypatch) -> list[Path]:
     """TensorRT "available", and an engine step that records the folder it built in."""
     built_in: list[Path] = []
 
-    def build(folder: Path, manifest: Manifest) -> Path:
+    def build(folder: Path, manifest: Manifest) -> dict[str, Path]:
         built_in.append(folder)
         (folder / ENGINE).write_bytes(b"engine of " + manifest.fingerprint.encode())
-        return folder / ENGINE
+        return {"detect": folder / ENGINE}
 
     monkeypatch.setattr(prepare_model, "check_tensorrt_available", lambda: None)
-    monkeypatch.setattr(prepare_model, "build_tensorrt_engine", build)
+    monkeypatch.setattr(prepare_model, "ensure_tensorrt_engines", build)
     return built_in
 
 

@@ -62,7 +62,7 @@ def test_the_manifest_describes_the_model(exported):
     assert manifest.fingerprint == fingerprint(model.state_dict(), manifest.config)
     assert manifest.psearch_version
     assert manifest.onnx.opset == OPSET
-    assert manifest.onnx.inputs == ["images"]
+    assert manifest.onnx.inputs == ["images", "image_sizes"]
     assert manifest.onnx.outputs == list(OUTPUT_NAMES)
     assert manifest.onnx.min_input_side == 33  # a stride-32 map of more than one row
 

@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 
 from export import cli
-from export.artifact import read_manifest
+from export.artifact import ArtifactError, read_manifest
+from export.runtime import ensure_tensorrt_engines
 
 
 @pytest.mark.parametrize("family", ["alignps", "leaps"])
@@ -23,6 +24,21 @@ def test_export_writes_the_model_folder(exported, family):
     assert {path.name for path in result.model_dir.iterdir()} == expected
     assert f"{family}: fingerprint {manifest.fingerprint}" in result.printed
     assert "parity PASSED" in result.printed
+
+
+def test_no_tensorrt_engine_is_built_from_graphs_without_image_sizes(exported):
+    """What docker/prepare_model.py meets with a folder exported by an older psearch."""
+    manifest = read_manifest(exported("leaps").model_dir)
+    manifest.onnx.inputs = ["images"]
+    with pytest.raises(ArtifactError, match="re-export"):
+        ensure_tensorrt_engines(exported("leaps").model_dir, manifest)
+
+
+def test_no_tensorrt_engine_is_built_without_onnx_graphs(exported):
+    manifest = read_manifest(exported("leaps").model_dir)
+    manifest.onnx = None
+    with pytest.raises(ArtifactError, match=r"no ONNX graphs.*--format onnx"):
+        ensure_tensorrt_engines(exported("leaps").model_dir, manifest)
 
 
 def run(argv: list[str], capsys) -> tuple[int, list[str]]:

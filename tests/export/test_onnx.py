@@ -21,11 +21,12 @@ from export.onnx import (
     export_graphs,
     forbidden_grid_samples,
 )
+from models.ops.boxes import clip_boxes_to_image
 from models.ops.deform_conv import DeformConvPack
 from models.ops.dynamic_roi_align import dynamic_roi_align
 from models.ops.nms import batched_nms, nms
 from models.ops.roi_align import boxes_to_rois, roi_align
-from models.preprocess import PreprocessConfig
+from models.preprocess import PreprocessConfig, valid_sizes
 
 Dim = torch.export.Dim
 
@@ -300,8 +301,8 @@ def test_exported_graphs_pass_the_full_onnx_check_at_opset_19(exported, family):
 
 
 class ToyRoIModel(nn.Module):
-    """The shape of a RoI model's query path: features, (dynamic) RoIAlign of the boxes,
-    an embedding from the pooled features."""
+    """The shape of a RoI model's query path: boxes clipped to the image, features, (dynamic)
+    RoIAlign of the boxes, an embedding from the pooled features."""
 
     preprocess = PreprocessConfig()
 
@@ -311,9 +312,13 @@ class ToyRoIModel(nn.Module):
         self.offsets = nn.Linear(8 * 2 * 2, 2 * 2 * 2)
         self.embed = nn.Linear(8 * 2 * 2, 5)
 
-    def embed_boxes(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
+    def embed_boxes(
+        self, images: Tensor, boxes: list[Tensor], *, image_sizes: Tensor | None = None
+    ) -> Tensor:
+        sizes = valid_sizes(images, image_sizes)
+        clipped = [clip_boxes_to_image(b, size) for b, size in zip(boxes, sizes, strict=True)]
         features = self.features(images)
-        rois = boxes_to_rois(boxes)
+        rois = boxes_to_rois(clipped)
         pooled = roi_align(features, rois, 2, 1 / 8, 2)
         offsets = self.offsets(pooled.flatten(1)).tanh().view(-1, 2, 2, 2)
         pooled = dynamic_roi_align(features, rois, offsets, 2, 1 / 8, 2)
@@ -321,6 +326,8 @@ class ToyRoIModel(nn.Module):
 
 
 def test_the_query_graph_embeds_any_number_of_boxes_like_embed_boxes():
+    """An 80 x 120 image padded to 96 x 160: the graph takes its size, which clips the boxes
+    that reach into the padding as embed_boxes does."""
     torch.manual_seed(0)
     model = ToyRoIModel().eval()
     graphs = export_embed_graphs(model)
@@ -329,11 +336,27 @@ def test_the_query_graph_embeds_any_number_of_boxes_like_embed_boxes():
     session = onnxruntime.InferenceSession(
         graphs.portable.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    image = torch.randn(1, 3, 96, 160)
+    image, image_sizes = torch.randn(1, 3, 96, 160), torch.tensor([[80.0, 120.0]])
     corners = torch.rand(5, 2, 2) * torch.tensor([160.0, 96.0])  # 5 boxes, 2 corners, (x, y)
     several = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    assert (several[:, 2] > 120).any()  # into the padding
     for boxes in (torch.tensor([[4.0, 8.0, 60.0, 90.0]]), several):
-        exported = session.run(None, {"images": image.numpy(), "boxes": boxes.numpy()})[0]
+        inputs = {"images": image, "boxes": boxes, "image_sizes": image_sizes}
+        exported = session.run(None, {name: t.numpy() for name, t in inputs.items()})[0]
         with torch.no_grad():
-            expected = model.embed_boxes(image, [boxes]).numpy()
+            expected = model.embed_boxes(image, [boxes], image_sizes=image_sizes).numpy()
         np.testing.assert_allclose(exported, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["alignps", "fcos", "leaps"])
+def test_detect_graphs_take_float32_image_sizes_with_the_images_batch(exported, family):
+    """Inputs images (B, 3, H, W) and image_sizes (B, 2), both float32 (see export/onnx.py)
+    and sharing the dynamic batch dimension."""
+    for name in ("model.onnx", "model.plugins.onnx"):
+        graph = onnx.load(str(exported(family).model_dir / name)).graph
+        inputs = {value.name: value.type.tensor_type for value in graph.input}
+        assert list(inputs) == ["images", "image_sizes"]
+        assert {tensor.elem_type for tensor in inputs.values()} == {TensorProto.FLOAT}
+        images, sizes = (inputs[n].shape.dim for n in inputs)
+        assert sizes[0].dim_param and sizes[0].dim_param == images[0].dim_param
+        assert sizes[1].dim_value == 2

@@ -27,7 +27,8 @@ def test_onnx_runtime_matches_pytorch_eager_for_every_family(exported, family):
     result = exported(family)
     manifest = read_manifest(result.model_dir)
     batches, queries = parity_inputs(PreprocessConfig(min_size=160, max_size=224), seed=5)
-    assert [tuple(b.shape) for b in batches] == [(2, 3, 224, 224), (1, 3, 160, 224)]
+    assert [tuple(b.images.shape) for b in batches] == [(2, 3, 224, 224), (1, 3, 160, 224)]
+    assert batches[0].image_sizes.tolist() == [[160, 224], [224, 160]]
     embeds = manifest.onnx.embed is not None
     report = check_parity(
         eager_detect(result.model),

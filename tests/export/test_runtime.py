@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+import export.tensorrt
 from export.artifact import ArtifactError, GraphFiles, Manifest, read_manifest, write_manifest
 from export.parity import ParityReport, Tolerances, compare_batch, synthetic_images
 from export.runtime import (
+    MAX_TENSORRT_BATCH,
+    MAX_TENSORRT_QUERY_BOXES,
     BackendUnavailableError,
     Engine,
     EngineInfo,
+    ensure_tensorrt_engines,
     load_engine,
 )
 from models.preprocess import PreprocessConfig
@@ -54,7 +58,8 @@ def test_engine_info_names_the_model_and_where_it_runs(exported):
 
 
 class RecordingRunner:
-    """A backend with fixed outputs in input pixels, recording what it is given."""
+    """A backend with fixed outputs in input pixels (the same for every image of a batch),
+    recording what it is given."""
 
     def __init__(self, boxes, scores, embeddings):
         self.outputs = (
@@ -62,14 +67,16 @@ class RecordingRunner:
             np.asarray(scores, np.float32)[None],
             np.asarray(embeddings, np.float32)[None],
         )
-        self.batches, self.queries = [], []
+        self.batches, self.image_sizes, self.queries = [], [], []
 
-    def detect(self, images):
+    def detect(self, images, image_sizes):
         self.batches.append(images.shape)
-        return self.outputs
+        self.image_sizes.append(image_sizes)
+        return tuple(np.repeat(output, len(images), axis=0) for output in self.outputs)
 
-    def embed_boxes(self, image, boxes):
+    def embed_boxes(self, image, boxes, image_sizes):
         self.batches.append(image.shape)
+        self.image_sizes.append(image_sizes)
         self.queries.append(boxes)
         return np.ones((len(boxes), 2), np.float32)
 
@@ -86,7 +93,10 @@ def engine_with(runner, embeds_boxes=False, min_input_side=33) -> Engine:
         embeds_boxes=embeds_boxes,
         fingerprint="sha256:0",
         onnx=GraphFiles(
-            opset=19, min_input_side=min_input_side, inputs=["images"], outputs=["boxes"]
+            opset=19,
+            min_input_side=min_input_side,
+            inputs=["images", "image_sizes"],
+            outputs=["boxes"],
         ),
     )
     info = EngineInfo("fake", "sha256:0", 2, "fake", "cpu")
@@ -115,6 +125,26 @@ def test_batches_are_padded_to_the_smallest_side_the_graph_was_exported_for():
     runner = RecordingRunner([[0, 0, 1, 1]], [0.5], [[1, 0]])
     engine_with(runner, min_input_side=250).detect([np.zeros((100, 200, 3), np.uint8)])
     assert runner.batches == [(1, 3, 256, 256)]  # 250 rounded up to a multiple of 32
+    np.testing.assert_array_equal(runner.image_sizes, [[[112, 224]]])  # the image, unpadded
+
+
+def test_the_backend_is_told_where_each_image_lies_in_its_padded_batch():
+    """100 x 200 and 200 x 100 images resize to 112 x 224 and 224 x 112 (scale 1.12) and pad
+    together to 224 x 224; a query image alone to 128 x 224. Sizes are float32 (height, width)."""
+    runner = RecordingRunner([[0, 0, 1, 1]], [0.5], [[1, 0]])
+    engine = engine_with(runner, embeds_boxes=True)
+    engine.detect([np.zeros((100, 200, 3), np.uint8), np.zeros((200, 100, 3), np.uint8)])
+    engine.embed_query(np.zeros((100, 200, 3), np.uint8), [10, 20, 100, 50])
+    assert runner.batches == [(2, 3, 224, 224), (1, 3, 128, 224)]
+    np.testing.assert_array_equal(runner.image_sizes[0], [[112, 224], [224, 112]])
+    np.testing.assert_array_equal(runner.image_sizes[1], [[112, 224]])
+    assert all(sizes.dtype == np.float32 for sizes in runner.image_sizes)
+
+
+def test_forward_on_a_batch_without_sizes_takes_every_image_as_filling_it():
+    runner = RecordingRunner([[0, 0, 1, 1]], [0.5], [[1, 0]])
+    engine_with(runner).forward(np.zeros((2, 3, 64, 96), np.float32))
+    np.testing.assert_array_equal(runner.image_sizes, [[[64, 96], [64, 96]]])
 
 
 def test_a_detector_embeds_a_query_with_its_best_overlapping_detection():
@@ -185,6 +215,21 @@ def test_a_missing_onnx_file_or_section_is_reported(exported, tmp_path):
     assert load_engine(folder).info.backend == "torch"  # auto falls back to PyTorch
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_graphs_exported_without_image_sizes_are_refused_with_the_fix(exported, tmp_path, backend):
+    """Graphs from before image_sizes (the manifest an older psearch wrote lists the inputs) ran
+    LEAPS' proposals over the padding: one line says to re-export, on every graph backend. The
+    PyTorch backend builds the model from the weights and still runs."""
+    folder = shutil.copytree(exported("leaps").model_dir, tmp_path / "model")
+    manifest = read_manifest(folder)
+    manifest.onnx.inputs = ["images"]
+    write_manifest(manifest, folder)
+    with pytest.raises(ArtifactError, match=r"without 'image_sizes'.*re-export") as refused:
+        load_engine(folder, backend, "cuda" if backend == "tensorrt" else "cpu")
+    assert "\n" not in str(refused.value)
+    assert len(load_engine(folder, "torch").detect([np.zeros((64, 64, 3), np.uint8)])) == 1
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
 def test_tensorrt_without_tensorrt_says_what_to_install(exported):
     with pytest.raises(BackendUnavailableError, match=r"TensorRT is not installed.*pip install"):
@@ -197,3 +242,30 @@ def test_cuda_without_a_gpu_says_so(exported):
         load_engine(exported("alignps").model_dir, "torch", "cuda")
     with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
         load_engine(exported("alignps").model_dir, "onnxruntime", "cuda")
+
+
+def test_a_roi_model_gets_a_tensorrt_engine_for_each_graph(exported, monkeypatch):
+    """Box queries of RoI models run on their own engine: one image, 1 to 16 boxes."""
+    built = {}
+
+    def ensure_engine(model_dir, *, fingerprint, settings, onnx_name):
+        built[onnx_name] = settings.input_shapes
+        return model_dir / f"{onnx_name}.engine"
+
+    # TensorRT "present" for the package's lazy names; the engine step records instead of
+    # building (set in the namespace directly: reading the lazy name would import the builder).
+    monkeypatch.setattr(export.tensorrt, "require_tensorrt", lambda: None)
+    monkeypatch.setitem(vars(export.tensorrt), "ensure_engine", ensure_engine)
+    model_dir = exported("alignps").model_dir
+    detector = read_manifest(model_dir)
+    assert sorted(ensure_tensorrt_engines(model_dir, detector)) == ["detect"]
+
+    roi_model = detector.model_copy(deep=True)  # as a model with embed_boxes exports it
+    roi_model.onnx.embed_plugins = "embed.plugins.onnx"
+    built.clear()
+    assert sorted(ensure_tensorrt_engines(model_dir, roi_model)) == ["detect", "embed"]
+    assert sorted(built) == ["embed.plugins.onnx", "model.plugins.onnx"]
+    embed = built["embed.plugins.onnx"]
+    assert embed["images"].max[0] == embed["image_sizes"].max[0] == 1
+    assert (embed["boxes"].min, embed["boxes"].max) == ((1, 4), (MAX_TENSORRT_QUERY_BOXES, 4))
+    assert built["model.plugins.onnx"]["images"].max[0] == MAX_TENSORRT_BATCH

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.alignps import AlignPS, AlignPSConfig
+from models.alignps import AlignPS, AlignPSConfig, image_mean
 from models.heads.fcos import FCOSOutputs
 from models.ops.deform_conv import DeformConvPack
 from models.types import Detections
@@ -86,7 +86,7 @@ def test_reid_loss_sees_exactly_the_positive_locations_features():
     # - image 1, unlabeled, box (0, 0, 32, 48), centre (16, 24): x in (4, 28) -> 12, 20
     #   (columns 1, 2), y in (12, 36) -> 20, 28 (rows 2, 3);
     # - image 2 has nobody.
-    model = _model().train()
+    model = _model(TINY, f"{SUBTRACT}=false").train()
     targets = [
         {"boxes": torch.tensor([[40.0, 20.0, 88.0, 108.0]]), "pids": torch.tensor([3])},
         {"boxes": torch.tensor([[0.0, 0.0, 32.0, 48.0]]), "pids": torch.tensor([-1])},
@@ -129,15 +129,29 @@ def test_inference_gives_fixed_size_sorted_detections_with_unit_embeddings():
     assert (detections.embeddings[~used] == 0).all() and (detections.boxes[~used] == 0).all()
 
 
-def test_each_detection_embeds_the_afa_feature_at_its_location():
+def test_an_image_is_detected_only_inside_its_own_size_in_a_padded_batch():
+    """Image 0 fills the top-left 32 x 48 of a 64 x 96 batch, image 1 all of it: image 0's boxes
+    stay inside its size, and only its 4 x 6 stride-8 locations detect anything."""
     model = _model(TINY, "model.inference.score_thresh=0.0").eval()
+    image_sizes = torch.tensor([[32, 48], [64, 96]])
+    with torch.no_grad():
+        detections = model(torch.randn(2, 3, 64, 96), image_sizes=image_sizes)
+    used = detections.scores > 0
+    assert 0 < used[0].sum() <= 4 * 6 < used[1].sum()
+    x, y = detections.boxes[..., 0::2], detections.boxes[..., 1::2]
+    assert (x[0] <= 48).all() and (y[0] <= 32).all()
+    assert (x[1] > 48).any() and (y[1] > 32).any()
+
+
+def test_each_detection_embeds_the_afa_feature_at_its_location():
+    model = _model(TINY, "model.inference.score_thresh=0.0", f"{SUBTRACT}=false").eval()
     images = torch.randn(1, 3, 64, 96)  # an 8 x 12 stride-8 map
     with torch.no_grad():
         detections = model(images)
         embedding_map = model.afa(model.backbone(images))
         outputs = model.head([embedding_map])
         _, scores, locations = model.head.predict(
-            outputs, [8], images.shape[-2:], **model.config.inference.model_dump()
+            outputs, [8], torch.tensor([[64, 96]]), **model.config.inference.model_dump()
         )
     torch.testing.assert_close(detections.scores, scores)
     for slot in range(int((scores[0] > 0).sum())):
@@ -156,11 +170,23 @@ def test_subtracting_the_image_mean_makes_outputs_blind_to_what_all_locations_sh
         shift = torch.randn(1, 64, 1, 1)
         with torch.no_grad():
             plain = model(images)
-            hook = model.afa.register_forward_hook(lambda module, args, out: out + shift)
+            hook = model.afa.register_forward_hook(
+                lambda module, args, out, shift=shift: out + shift
+            )
             shifted = model(images)
             hook.remove()
         same = torch.allclose(plain.embeddings, shifted.embeddings, atol=1e-5)
         assert same == subtract
+
+
+def test_the_image_mean_leaves_out_the_padding_of_a_batch():
+    # A 2 x 3 map at stride 8 (a 16 x 24 batch); image 1 is 16 x 12: its valid locations are
+    # those with centre x = 4 < 12 and 12 < 12 is not, so only column 0.
+    embedding_map = torch.arange(12.0).view(2, 1, 2, 3)
+    sizes = torch.tensor([[16, 24], [16, 12]])
+    means = image_mean(embedding_map, sizes, stride=8)
+    assert means.shape == (2, 1, 1, 1)
+    assert means.flatten().tolist() == [2.5, (6.0 + 9.0) / 2]
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

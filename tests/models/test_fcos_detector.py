@@ -73,6 +73,29 @@ def test_inference_gives_fixed_size_sorted_detections_without_embeddings():
     assert (x >= 0).all() and (x <= 128).all() and (y >= 0).all() and (y <= 96).all()
 
 
+def test_an_image_is_detected_only_inside_its_own_size_in_a_padded_batch():
+    """The same 96 x 128 input, once as a whole image and once as a 64 x 80 image in its
+    padding: the boxes stay inside the image, and fewer locations detect. (No threshold, no
+    suppression and more slots than locations: every location inside an image detects.)"""
+    torch.manual_seed(0)
+    path = CONFIGS / "tiny" / "lla_fcos_synthetic.yaml"
+    model = _detector(
+        path,
+        "model.inference.score_thresh=0.0",
+        "model.inference.nms_thresh=1.0",
+        "model.inference.max_detections=300",
+        "model.inference.pre_nms_top_k=300",
+    ).eval()
+    images = torch.randn(1, 3, 96, 128).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        detections = model(images, image_sizes=torch.tensor([[96, 128], [64, 80]]))
+    whole, padded = (detections.scores > 0).sum(dim=1)
+    assert 0 < padded < whole
+    x, y = detections.boxes[..., 0::2], detections.boxes[..., 1::2]
+    assert (x[1] <= 80).all() and (y[1] <= 64).all()
+    assert (x[0] > 80).any() and (y[0] > 64).any()
+
+
 def test_paper_config_builds_and_runs_at_reduced_size():
     torch.manual_seed(0)
     model = _detector(CONFIGS / "lla_fcos_r50_crowdhuman.yaml")

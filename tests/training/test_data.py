@@ -56,7 +56,7 @@ def test_a_split_without_any_person_is_a_dataset_error(tmp_path):
         TrainLoader(split, no_augmentation(), PREPROCESS, seed=0)
 
 
-def test_batches_are_padded_to_the_size_divisor_and_keep_their_targets(tmp_path):
+def test_batches_are_padded_to_the_size_divisor_and_keep_their_sizes_and_targets(tmp_path):
     # Landscape 40 x 60 (H x W): scale min(40/40, 80/60) = 1, stays 40 x 60.
     # Portrait 30 x 20: scale min(40/20, 80/30) = 2, becomes 60 x 40; its box doubles.
     split = split_of(
@@ -66,10 +66,12 @@ def test_batches_are_padded_to_the_size_divisor_and_keep_their_targets(tmp_path)
         ]
     )
     loader = TrainLoader(split, no_augmentation(batch_size=2), PREPROCESS, seed=0)
-    (images, targets), *rest = list(loader.epoch(0))
+    (images, image_sizes, targets), *rest = list(loader.epoch(0))
     assert rest == []
     # Padded to max(40, 60) = 60 -> 64 rows and max(60, 40) = 60 -> 64 columns.
     assert images.shape == (2, 3, 64, 64)
+    sizes = {int(t["pids"][0]): size for t, size in zip(targets, image_sizes.tolist(), strict=True)}
+    assert sizes == {0: [40, 60], 1: [60, 40]}  # (height, width) of each image in the batch
     by_first_pid = {int(t["pids"][0]): t for t in targets}
     assert by_first_pid[0]["boxes"].tolist() == [[1, 2, 11, 22]]
     assert by_first_pid[1]["boxes"].tolist() == [[4, 6, 20, 40], [0, 0, 10, 10]]
@@ -140,7 +142,7 @@ def test_grouping_by_aspect_ratio_reads_image_orientations(tmp_path):
     )
     config = no_augmentation(batch_size=2, group_by_aspect_ratio=True)
     loader = TrainLoader(split, config, PREPROCESS, seed=0)
-    for images, _ in loader.epoch(0):
+    for images, _, _ in loader.epoch(0):
         # Two landscape images resize to 40 x 80, two portrait ones to 80 x 40: never mixed,
         # so a batch is never padded to 80 x 80.
         assert images.shape[-2:] in {(48, 80), (80, 48)}
@@ -154,8 +156,10 @@ def test_worker_processes_produce_the_same_batches_as_the_main_process(tmp_path)
     config = config.model_copy(update={"workers": 2})
     parallel = list(TrainLoader(split_of(images), config, PREPROCESS, seed=3).epoch(1))
     assert len(serial) == len(parallel) == 2
-    for (images_a, targets_a), (images_b, targets_b) in zip(serial, parallel, strict=True):
-        assert torch.equal(images_a, images_b)
+    for (images_a, sizes_a, targets_a), (images_b, sizes_b, targets_b) in zip(
+        serial, parallel, strict=True
+    ):
+        assert torch.equal(images_a, images_b) and torch.equal(sizes_a, sizes_b)
         for a, b in zip(targets_a, targets_b, strict=True):
             assert torch.equal(a["boxes"], b["boxes"])
 

@@ -68,20 +68,23 @@ def build_split(root: Path, dataset: str = "prw") -> PersonSearchSplit:
 
 
 class ColourOracle(nn.Module):
-    """Detects solid rectangles of known colours; a colour's embedding is its one-hot vector."""
+    """Detects solid rectangles of known colours; a colour's embedding is its one-hot vector.
+    It records the (batch shape, image_sizes) of every call."""
 
     def __init__(self, colours: list[tuple[int, int, int]], blind_to=()) -> None:
         super().__init__()
         self.preprocess = PREPROCESS
         self.colours = torch.tensor([c for c in colours], dtype=torch.float32)
         self.seen = [i for i, c in enumerate(colours) if c not in blind_to]
+        self.calls: list[tuple[tuple[int, ...], Tensor | None]] = []
 
     def _pixels(self, images: Tensor) -> Tensor:
         mean = torch.tensor(self.preprocess.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess.std).view(1, 3, 1, 1)
         return (images * std + mean) * 255
 
-    def forward(self, images: Tensor) -> Detections:
+    def forward(self, images: Tensor, *, image_sizes: Tensor | None = None) -> Detections:
+        self.calls.append((tuple(images.shape), image_sizes))
         pixels = self._pixels(images)
         slots = len(self.colours)
         boxes = torch.zeros(len(images), slots, 4)
@@ -101,7 +104,10 @@ class ColourOracle(nn.Module):
 
 
 class ColourOracleWithBoxes(ColourOracle):
-    def embed_boxes(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
+    def embed_boxes(
+        self, images: Tensor, boxes: list[Tensor], *, image_sizes: Tensor | None = None
+    ) -> Tensor:
+        self.calls.append((tuple(images.shape), image_sizes))
         pixels = self._pixels(images)
         vectors = []
         for b, image_boxes in enumerate(boxes):
@@ -149,6 +155,18 @@ def test_a_perfect_model_scores_perfectly_in_gt_box_mode(tmp_path):
     assert metrics["mAP"] == 1.0
     assert metrics["top1"] == 1.0
     assert "low_iou_queries" not in metrics  # only meaningful when queries pick a detection
+
+
+def test_the_model_is_told_the_size_of_each_image_in_its_padded_batch(tmp_path):
+    """The 40 x 60 frames are upscaled to 80 x 120 and padded to 96 x 128: the model gets
+    image_sizes (80, 120) for every image, to detect and to embed query boxes."""
+    model = ColourOracleWithBoxes(PALETTE)
+    settings = config(query_mode="gt_box", batch_size=2)
+    evaluate_model(model, settings, torch.device("cpu"), build_split(tmp_path))
+    assert len(model.calls) == 3 + 2  # 5 frames and 3 queries, 2 at a time
+    for shape, image_sizes in model.calls:
+        assert shape[2:] == (96, 128)
+        assert image_sizes.tolist() == [[80, 120]] * shape[0]
 
 
 def test_a_model_blind_to_one_person_loses_exactly_that_query_and_its_boxes(tmp_path):

@@ -95,8 +95,18 @@ class ToyPersonSearch(nn.Module):
         self.register_buffer("id_counts", torch.zeros(self.config.num_ids))
         self.history: list[float] = []
         self.interrupt_after: int | None = None
+        self.batches: list[tuple[tuple[int, ...], Tensor | None]] = []  # (shape, image_sizes)
 
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None):
+    def forward(
+        self,
+        images: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        *,
+        image_sizes: Tensor | None = None,
+    ):
+        # The toy reads whole cells; it only records image_sizes for the tests.
+        if self.training:
+            self.batches.append((tuple(images.shape), image_sizes))
         out = self.head(self.features(images))
         logits, deltas, embeddings = out[:, 0], out[:, 1:5], F.normalize(out[:, 5:], dim=1)
         if self.training:
@@ -200,6 +210,29 @@ def test_a_short_run_reduces_the_loss(tmp_path, prw_root):
     history = built[0].history
     assert len(history) == 6 * 4  # 8 frames in batches of 2, 6 epochs
     assert np.mean(history[-4:]) < 0.5 * np.mean(history[:4])
+
+
+def test_the_model_is_told_the_size_of_each_image_in_its_padded_batch(tmp_path, prw_root):
+    """Multi-scale training resizes the 48 x 64 frames of a batch to different sizes: each
+    image's (height, width) keeps the frame's 3:4 shape and fits in the padded batch."""
+    built: list[ToyPersonSearch] = []
+
+    def build(config):
+        built.append(ToyPersonSearch(config))
+        return built[-1]
+
+    config = load_config(config_file(tmp_path, prw_root), ["schedule.epochs=1"])
+    config.output_dir = tmp_path / "run"
+    train(config, build)
+    assert len(built[0].batches) == 4
+    padded = 0
+    for shape, image_sizes in built[0].batches:
+        heights, widths = image_sizes[:, 0], image_sizes[:, 1]
+        assert image_sizes.shape == (shape[0], 2)
+        assert (heights <= shape[2]).all() and (widths <= shape[3]).all()
+        assert torch.allclose(widths / heights, torch.tensor(4 / 3), atol=0.05)
+        padded += int((heights < shape[2]).any() or (widths < shape[3]).any())
+    assert padded > 0
 
 
 def test_run_folder_holds_weights_with_buffers_the_resolved_config_and_the_state(

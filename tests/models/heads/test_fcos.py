@@ -229,7 +229,7 @@ def test_predict_suppresses_overlapping_boxes_and_pads_to_k():
     head = _scored_head(ltrb=3.0)
     outputs = head([_logit_map({(3, 3): 3.0, (3, 4): 2.0, (0, 7): 1.0})])
     boxes, scores, locations = head.predict(
-        outputs, [8], (64, 64), max_detections=5, nms_thresh=0.6, pre_nms_top_k=20
+        outputs, [8], torch.tensor([[64, 64]]), max_detections=5, nms_thresh=0.6, pre_nms_top_k=20
     )
     sigmoid = torch.sigmoid(torch.tensor([3.0, 1.0]))
     torch.testing.assert_close(scores, torch.cat([sigmoid, torch.zeros(3)])[None])
@@ -240,10 +240,26 @@ def test_predict_suppresses_overlapping_boxes_and_pads_to_k():
     torch.testing.assert_close(boxes, expected_boxes)
 
 
+def test_predict_detects_nothing_in_an_images_padding_and_clips_boxes_to_the_image():
+    """A 40 x 48 image (height x width) padded to 64 x 64. Location (3, 3), centre (28, 28), is
+    in the image: its box (4, 4, 52, 52) is clipped to (4, 4, 48, 40). Locations (0, 7) (centre
+    x 60) and (6, 1) (centre y 52) are in the padding: they score 0 however sure the head is."""
+    head = _scored_head(ltrb=3.0)
+    outputs = head([_logit_map({(3, 3): 1.0, (0, 7): 3.0, (6, 1): 2.0})])
+    boxes, scores, locations = head.predict(
+        outputs, [8], torch.tensor([[40, 48]]), max_detections=3, nms_thresh=1.0
+    )
+    torch.testing.assert_close(scores, torch.tensor([[torch.sigmoid(torch.tensor(1.0)), 0, 0]]))
+    assert locations[0, 0] == 3 * 8 + 3
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([4.0, 4.0, 48.0, 40.0]))
+
+
 def test_predict_without_suppression_keeps_the_neighbour():
     head = _scored_head(ltrb=3.0)
     outputs = head([_logit_map({(3, 3): 3.0, (3, 4): 2.0, (0, 7): 1.0})])
-    _, scores, locations = head.predict(outputs, [8], (64, 64), max_detections=3, nms_thresh=1.0)
+    _, scores, locations = head.predict(
+        outputs, [8], torch.tensor([[64, 64]]), max_detections=3, nms_thresh=1.0
+    )
     assert locations.tolist() == [[27, 28, 7]]
     assert (scores[0, :-1] >= scores[0, 1:]).all()
 
@@ -252,7 +268,12 @@ def test_predict_is_fixed_size_when_there_are_fewer_locations_than_k():
     head = _small_head(num_levels=1, assigner={"name": "lla"})
     outputs = head([torch.randn(2, 16, 2, 2)])
     boxes, scores, locations = head.predict(
-        outputs, [8], (16, 16), max_detections=10, score_thresh=0.0, pre_nms_top_k=10
+        outputs,
+        [8],
+        torch.tensor([[16, 16], [16, 16]]),
+        max_detections=10,
+        score_thresh=0.0,
+        pre_nms_top_k=10,
     )
     assert boxes.shape == (2, 10, 4) and scores.shape == (2, 10) and locations.shape == (2, 10)
     assert ((scores > 0).sum(dim=1) <= 4).all()
@@ -268,21 +289,26 @@ def test_predict_exports_with_dynamic_batch_and_size():
             super().__init__()
             self.head = head
 
-        def forward(self, features):
-            size = (features.shape[-2] * 8, features.shape[-1] * 8)
+        def forward(self, features, image_sizes):
             return self.head.predict(
                 self.head([features]),
                 [8],
-                size,
+                image_sizes,
                 max_detections=6,
                 score_thresh=0.0,
                 pre_nms_top_k=30,
             )
 
-    dims = {0: Dim("batch", min=1, max=8), 2: Dim("h", min=2, max=256), 3: Dim("w", min=2, max=256)}
-    program = torch.export.export(Predictor(), (torch.randn(2, 16, 6, 5),), dynamic_shapes=(dims,))
-    features = torch.randn(3, 16, 4, 7)
-    for exported, eager in zip(program.module()(features), Predictor()(features), strict=True):
+    batch = Dim("batch", min=1, max=8)
+    dims = {0: batch, 2: Dim("h", min=2, max=256), 3: Dim("w", min=2, max=256)}
+    program = torch.export.export(
+        Predictor(),
+        (torch.randn(2, 16, 6, 5), torch.tensor([[48.0, 40.0], [30.0, 20.0]])),
+        dynamic_shapes=(dims, {0: batch}),
+    )
+    features, image_sizes = torch.randn(3, 16, 4, 7), torch.tensor([[32.0, 56.0], [20, 50], [9, 9]])
+    exported_outputs = program.module()(features, image_sizes)
+    for exported, eager in zip(exported_outputs, Predictor()(features, image_sizes), strict=True):
         assert exported.shape == eager.shape
         torch.testing.assert_close(exported, eager)
 
@@ -295,4 +321,6 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="pre_nms_top_k"):
         FCOSInferenceConfig(max_detections=100, pre_nms_top_k=50)
     with pytest.raises(ValueError, match="pre_nms_top_k"):
-        _small_head().predict(None, FCOS_STRIDES, (8, 8), max_detections=9, pre_nms_top_k=8)
+        _small_head().predict(
+            None, FCOS_STRIDES, torch.tensor([[8, 8]]), max_detections=9, pre_nms_top_k=8
+        )

@@ -56,6 +56,17 @@ def test_hungarian_match_with_more_targets_than_proposals_matches_every_proposal
     assert sorted(match.proposals.tolist()) == [0, 1]
 
 
+def test_hungarian_match_measures_l1_relative_to_the_images_own_size():
+    """One target; proposal 0 is 10 pixels off in x, proposal 1 10 pixels off in y. In a wide
+    image (height 100, width 1000) the x error is the smaller one, in a tall image the y error."""
+    target = torch.tensor([[100.0, 20.0, 140.0, 80.0]])
+    boxes = target + torch.tensor([[10.0, 0.0, 10.0, 0.0], [0.0, 10.0, 0.0, 10.0]])
+    l1_only = {**COSTS, "class_weight": 0.0, "giou_weight": 0.0}
+    for size, closest in (([100, 1000], 0), ([1000, 100], 1)):
+        match = hungarian_match(torch.zeros(2), boxes, target, torch.tensor(size), **l1_only)
+        assert match.proposals.tolist() == [closest]
+
+
 def test_focal_cost_is_lower_for_a_more_confident_person():
     costs = focal_cost(torch.tensor([-2.0, 0.0, 2.0]), alpha=0.25, gamma=2.0)
     assert costs[0] > costs[1] > costs[2]

@@ -4,10 +4,12 @@ learning on a tiny batch, and the ablation switches of the paper's tables."""
 import pytest
 import torch
 from pydantic import ValidationError
+from torch import nn
 
 from models.leaps import Leaps, LeapsConfig
 from models.leaps.reid_head import HierarchicalInteractionReidModule, PlainReidModule
 from models.ops.deform_conv import DeformConvPack
+from models.preprocess import pad_batch
 from models.types import Detections
 
 STAGE_LOSSES = ("loss_cls", "loss_l1", "loss_giou")
@@ -28,11 +30,57 @@ def test_training_returns_every_stage_loss_and_re_id_losses_on_the_last_two(make
         assert value.dim() == 0 and torch.isfinite(value), name
 
 
-def test_initial_proposals_cover_the_whole_input(make_model):
+def test_initial_proposals_cover_each_whole_image_not_the_padded_batch(make_model):
     model = make_model()
-    boxes, features = model.initial_proposals(torch.zeros(2, 3, 64, 96))
+    boxes, features = model.initial_proposals(torch.tensor([[64.0, 96.0], [40.0, 30.0]]))
     assert boxes.shape == (2, 6, 4) and features.shape == (2, 6, 16)
-    assert torch.equal(boxes, torch.tensor([0.0, 0.0, 96.0, 64.0]).expand(2, 6, 4))
+    assert torch.equal(boxes[0], torch.tensor([0.0, 0.0, 96.0, 64.0]).expand(6, 4))
+    assert torch.equal(boxes[1], torch.tensor([0.0, 0.0, 30.0, 40.0]).expand(6, 4))
+
+
+def test_learned_proposals_are_relative_to_each_images_size(make_model):
+    """A proposal (cx, cy, w, h) = (0.25, 0.5, 0.5, 1.0) is the left half of every image."""
+    model = make_model()
+    with torch.no_grad():
+        model.proposal_boxes[0] = torch.tensor([0.25, 0.5, 0.5, 1.0])
+    boxes, _ = model.initial_proposals(torch.tensor([[64, 96], [40, 30]]))
+    assert boxes[:, 0].tolist() == [[0.0, 0.0, 48.0, 64.0], [0.0, 0.0, 15.0, 40.0]]
+
+
+class PaddingBlindFeatures(nn.Module):
+    """P3 and P4 in place of ResNet + FPN that, unlike them, cannot see the padding: each cell
+    is a linear map (no bias) of its own 8x8 or 16x16 pixels, so zero pixels give zero features
+    whether they are an image's content or the batch's padding."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.p3 = nn.Conv2d(3, channels, 8, stride=8, bias=False)
+        self.p4 = nn.Conv2d(3, channels, 16, stride=16, bias=False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"p3": self.p3(images), "p4": self.p4(images)}
+
+
+def test_an_image_gets_the_same_detections_alone_and_padded_next_to_a_larger_one(make_model):
+    """A 64 x 96 image, alone or zero-padded to 128 x 160 in a batch with a larger image: with
+    ``image_sizes`` the heads see the same image (the features here cannot tell the padding
+    from the image's black border); without, the proposals cover the padding."""
+    model = make_model().eval()
+    model.backbone, model.fpn = nn.Identity(), PaddingBlindFeatures(16)
+    generator = torch.Generator().manual_seed(0)
+    small = torch.zeros(3, 64, 96)
+    small[:, :48, :80] = torch.randn(3, 48, 80, generator=generator)  # a black 16-pixel border
+    large = torch.randn(3, 128, 160, generator=generator)
+    images, image_sizes = pad_batch([small, large], 32)
+    with torch.no_grad():
+        alone = model(small[None])
+        batched = model(images, image_sizes=image_sizes)
+        unsized = model(images)
+    for name, value in alone._asdict().items():
+        # Equal up to float rounding, which differs with the batch's shape.
+        torch.testing.assert_close(getattr(batched, name)[:1], value, rtol=1e-4, atol=1e-4)
+    assert (batched.boxes[1, :, 2] > 96).any()  # the larger image's boxes are its own
+    assert not torch.allclose(unsized.boxes[:1], alone.boxes, atol=1.0)
 
 
 def test_gradients_reach_the_learnable_proposals_and_every_head(make_model, batch):
@@ -110,7 +158,7 @@ def test_inference_pairs_each_box_with_its_own_proposal_embedding(make_model):
     with torch.no_grad():
         out = model(images)
         features = model.fpn(model.backbone(images))
-        results = model._run_stages(images, features, model.reid_stages[-1:])
+        results = model._run_stages(features, torch.tensor([[64, 96]]), model.reid_stages[-1:])
     last = results[-1]
     order = last.detection.logits[0].sigmoid().argsort(descending=True)
     assert torch.allclose(out.embeddings[0], last.reid.embedding()[0, order], atol=1e-6)
@@ -264,7 +312,7 @@ def test_unknown_config_keys_are_errors():
         LeapsConfig.model_validate({"detection": {"num_querys": 10}})
 
 
-def test_inference_exports_with_dynamic_batch_and_image_size(make_model):
+def test_inference_exports_with_dynamic_batch_image_size_and_image_sizes(make_model):
     # No Python control flow on tensor values and no specialised sizes in the inference path.
     # (One stage: tracing time grows with every stage, and all stages are alike.)
     model = make_model(detection={"num_stages": 1}, reid={"stages": 1}).eval()
@@ -272,12 +320,17 @@ def test_inference_exports_with_dynamic_batch_and_image_size(make_model):
     exported = torch.export.export(
         model,
         (torch.randn(2, 3, 64, 96),),
-        dynamic_shapes=({0: batch, 2: 32 * height, 3: 32 * width},),
+        {"image_sizes": torch.tensor([[64.0, 96.0], [50.0, 70.0]])},
+        dynamic_shapes={
+            "images": {0: batch, 2: 32 * height, 3: 32 * width},
+            "image_sizes": {0: batch},
+        },
     )
-    images = torch.randn(1, 3, 96, 128)
+    images = torch.randn(3, 3, 96, 128)
+    image_sizes = torch.tensor([[96.0, 128.0], [40.0, 100.0], [90.0, 33.0]])
     with torch.no_grad():
-        expected = model(images)
-        actual = exported.module()(images)
+        expected = model(images, image_sizes=image_sizes)
+        actual = exported.module()(images, image_sizes=image_sizes)
     for name, value in expected._asdict().items():
         # The exported graph decomposes some ops: pixel coordinates agree to float precision.
         assert torch.allclose(getattr(actual, name), value, rtol=1e-4, atol=1e-4), name

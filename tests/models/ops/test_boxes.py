@@ -9,6 +9,7 @@ from models.ops.boxes import (
     box_area,
     box_cxcywh_to_xyxy,
     box_iou,
+    box_scale,
     box_xyxy_to_cxcywh,
     clip_boxes_to_image,
     decode_boxes,
@@ -94,6 +95,19 @@ def test_clip_keeps_x_within_the_width_and_y_within_the_height():
     boxes = torch.tensor([[-5.0, -1, 50, 30], [3, 4, 5, 6]])
     clipped = clip_boxes_to_image(boxes, (20, 40))  # height 20, width 40
     assert clipped.tolist() == [[0.0, 0.0, 40.0, 20.0], [3.0, 4.0, 5.0, 6.0]]
+
+
+def test_clip_takes_a_size_per_image():
+    boxes = torch.tensor([[-5.0, -1, 50, 30]]).expand(2, 1, 4)  # (B, N, 4)
+    clipped = clip_boxes_to_image(boxes, torch.tensor([[[20, 40]], [[10, 60]]]))  # (B, 1, 2)
+    assert clipped.tolist() == [[[0.0, 0.0, 40.0, 20.0]], [[0.0, 0.0, 50.0, 10.0]]]
+
+
+def test_box_scale_turns_height_width_into_per_coordinate_factors():
+    assert box_scale(torch.tensor([[20, 40], [10, 60]])).tolist() == [
+        [40, 20, 40, 20],
+        [60, 10, 60, 10],
+    ]
 
 
 def test_encode_by_hand_with_weights():
