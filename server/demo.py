@@ -2,7 +2,7 @@
 
 ::
 
-    python -m server.demo [--data-dir data/demo] [--port 8000] [--minutes 10]
+    python -m server.demo [--data-dir data/demo] [--port 8000] [--minutes 9]
                           [--config configs/tiny/alignps_synthetic.yaml] [--seed 0] [--no-serve]
 
 1. **data**: a synthetic dataset in PRW's file format (the generator's default size and
@@ -69,7 +69,7 @@ from training.trainer import Trainer, TrainingInterrupted
 PROGRAM = "psearch demo"
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPOSITORY / "configs" / "tiny" / "alignps_synthetic.yaml"
-DEFAULT_MINUTES = 10.0  # with the other stages (1.5 to 3 min), the demo fits 15 min on 2 cores
+DEFAULT_MINUTES = 9.0  # with the install and the other stages (4 to 5 min), 15 min on 2 cores
 DATASET_FORMAT = "prw"
 USER_ERROR = 2
 INTERRUPTED = 130
