@@ -197,17 +197,22 @@ def same_weights(run_a: Path, run_b: Path) -> bool:
 # Training, checkpoints, resuming.
 
 
-def test_a_short_run_reduces_the_loss(tmp_path, prw_root):
+def trained_toy(tmp_path: Path, prw_root: Path, epochs: int) -> ToyPersonSearch:
+    """The toy model after `epochs` epochs of the test config."""
     built: list[ToyPersonSearch] = []
 
     def build(config):
         built.append(ToyPersonSearch(config))
         return built[-1]
 
-    config = load_config(config_file(tmp_path, prw_root), ["schedule.epochs=6"])
+    config = load_config(config_file(tmp_path, prw_root), [f"schedule.epochs={epochs}"])
     config.output_dir = tmp_path / "run"
     train(config, build)
-    history = built[0].history
+    return built[0]
+
+
+def test_a_short_run_reduces_the_loss(tmp_path, prw_root):
+    history = trained_toy(tmp_path, prw_root, epochs=6).history
     assert len(history) == 6 * 4  # 8 frames in batches of 2, 6 epochs
     assert np.mean(history[-4:]) < 0.5 * np.mean(history[:4])
 
@@ -215,18 +220,10 @@ def test_a_short_run_reduces_the_loss(tmp_path, prw_root):
 def test_the_model_is_told_the_size_of_each_image_in_its_padded_batch(tmp_path, prw_root):
     """Multi-scale training resizes the 48 x 64 frames of a batch to different sizes: each
     image's (height, width) keeps the frame's 3:4 shape and fits in the padded batch."""
-    built: list[ToyPersonSearch] = []
-
-    def build(config):
-        built.append(ToyPersonSearch(config))
-        return built[-1]
-
-    config = load_config(config_file(tmp_path, prw_root), ["schedule.epochs=1"])
-    config.output_dir = tmp_path / "run"
-    train(config, build)
-    assert len(built[0].batches) == 4
+    batches = trained_toy(tmp_path, prw_root, epochs=1).batches
+    assert len(batches) == 4
     padded = 0
-    for shape, image_sizes in built[0].batches:
+    for shape, image_sizes in batches:
         heights, widths = image_sizes[:, 0], image_sizes[:, 1]
         assert image_sizes.shape == (shape[0], 2)
         assert (heights <= shape[2]).all() and (widths <= shape[3]).all()
@@ -341,17 +338,25 @@ class FakeClock:
         return self.now
 
 
+def budgeted_run(
+    tmp_path: Path, prw_root: Path, schedule: dict, clock: FakeClock, **sections
+) -> tuple[Trainer, dict[str, float]]:
+    """A trainer of the test config with `schedule`, timed by `clock`, after its run (and the
+    run's metrics)."""
+    config = load_config(config_file(tmp_path, prw_root, schedule=schedule, **sections))
+    config.output_dir = tmp_path / "run"
+    trainer = Trainer(config, ToyPersonSearch)
+    trainer.clock = clock
+    return trainer, trainer.run()
+
+
 def test_a_budgeted_run_plans_from_its_pace_and_keeps_the_plan_in_its_checkpoint(
     tmp_path, prw_root
 ):
     # 4 iterations per epoch at 1 s each (the fake clock): 12 s hold 3 of the 6 epochs, and the
     # milestone at epoch 4 of 6 moves to epoch 2 of 3.
     schedule = {"epochs": 6, "milestones": [4], "max_minutes": 12 / 60}
-    config = load_config(config_file(tmp_path, prw_root, schedule=schedule))
-    config.output_dir = tmp_path / "run"
-    trainer = Trainer(config, ToyPersonSearch)
-    trainer.clock = FakeClock()
-    trainer.run()
+    trainer, _ = budgeted_run(tmp_path, prw_root, schedule, FakeClock())
     assert (trainer.schedule.epochs, trainer.schedule.milestones) == (3, [2])
     assert (trainer.iteration, trainer.stopped_by, trainer.train_seconds) == (12, "epochs", 12.0)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.1)  # decayed
@@ -372,11 +377,7 @@ def test_a_budgeted_plan_follows_the_pace_and_keeps_its_milestones_once_decay_be
     # 12 s left hold 9.4 more: 5 epochs. After epoch 4: 18 s for 15, 20 s spent, 8 s left hold
     # 6.7 more, 22.7 in all: 5 epochs, the last ending at 24 s, within the 28 s budget.
     schedule = {"epochs": 6, "milestones": [3], "max_minutes": 28 / 60}
-    config = load_config(config_file(tmp_path, prw_root, schedule=schedule))
-    config.output_dir = tmp_path / "run"
-    trainer = Trainer(config, ToyPersonSearch)
-    trainer.clock = FakeClock(slow=5)
-    trainer.run()
+    trainer, _ = budgeted_run(tmp_path, prw_root, schedule, FakeClock(slow=5))
     assert (trainer.schedule.epochs, trainer.schedule.milestones) == (5, [2])
     assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (20, 24.0, "epochs")
 
@@ -384,13 +385,10 @@ def test_a_budgeted_plan_follows_the_pace_and_keeps_its_milestones_once_decay_be
 def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
     tmp_path, prw_root
 ):
-    # 2.5 s of budget: the third step sees 3 s spent and is the last one.
+    # 2.5 s of budget: the fourth step sees 3 s spent, is taken, and is the last one.
     schedule = {"epochs": 6, "milestones": [4], "max_minutes": 2.5 / 60}
-    config = load_config(config_file(tmp_path, prw_root, schedule=schedule, eval={"at_end": True}))
-    config.output_dir = tmp_path / "run"
-    trainer = Trainer(config, ToyPersonSearch)
-    trainer.clock = FakeClock()
-    metrics = trainer.run()
+    evaluate = {"at_end": True}
+    trainer, metrics = budgeted_run(tmp_path, prw_root, schedule, FakeClock(), eval=evaluate)
     assert (trainer.iteration, trainer.stopped_by) == (4, "time budget")
     assert (load_state(tmp_path / "run")["iteration"], metrics["num_queries"]) == (4, 2)
 
