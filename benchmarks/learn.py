@@ -52,7 +52,7 @@ from training.checkpoint import WEIGHTS_FILE, load_weights
 from training.config import ConfigError, TrainConfig, load_config
 from training.datasets import DatasetError, PersonSearchSplit
 from training.inference import evaluate_model, load_test_split
-from training.synthetic import FORMATS, generate, make_options
+from training.synthetic import FORMATS, generate, generator_fingerprint, make_options
 from training.trainer import (
     ProcessGroup,
     Trainer,
@@ -97,8 +97,9 @@ def synthetic_options(format: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def dataset_folder(data_dir: Path, format: str, seed: int, options: dict[str, Any]) -> Path:
     """Where the dataset of (format, seed, options) is cached: a name that changes with any
-    option, so that two datasets never share a folder."""
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+    option and with the generator's code, so that two datasets never share a folder."""
+    key = {**options, "generator": generator_fingerprint()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return data_dir / f"{format}-seed{seed}-{digest}"
 
 

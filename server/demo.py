@@ -63,7 +63,7 @@ from server.settings import ServerSettings
 from training.checkpoint import CONFIG_FILE, STATE_FILE
 from training.config import TrainConfig, load_config
 from training.datasets import PersonSearchSplit, Query, SceneAnnotation, load_dataset
-from training.synthetic import generate, make_options
+from training.synthetic import generate, generator_fingerprint, make_options
 from training.trainer import Trainer, TrainingInterrupted
 
 PROGRAM = "psearch demo"
@@ -158,6 +158,7 @@ def synthetic_dataset(options: DemoOptions, stage: Stage) -> Path:
     temporary sibling and renamed when complete: an interrupted run leaves no half dataset."""
     settings = dataclasses.asdict(make_options(DATASET_FORMAT, **options.synthetic))
     settings.pop("progress")  # how it is shown does not change what is written
+    settings["generator"] = generator_fingerprint()  # a changed generator writes a new dataset
     root = options.data_dir / f"{DATASET_FORMAT}-seed{options.seed}-{digest(settings)}"
     if (root / COMPLETE_MARKER).is_file():
         stage.note = f"reusing {root}"

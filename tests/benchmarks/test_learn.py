@@ -62,6 +62,13 @@ def test_a_generated_dataset_is_reused_and_other_options_get_another_folder(tmp_
     assert sorted(tmp_path.iterdir()) == sorted([root, other_seed, other_options])
 
 
+def test_a_changed_generator_gets_another_folder(tmp_path, monkeypatch):
+    options = learn.synthetic_options("crowdhuman", TINY_CROWDHUMAN)
+    before = learn.dataset_folder(tmp_path, "crowdhuman", 0, options)
+    monkeypatch.setattr(learn, "generator_fingerprint", lambda: "0123456789ab")
+    assert learn.dataset_folder(tmp_path, "crowdhuman", 0, options) != before
+
+
 def test_an_unfinished_dataset_folder_is_generated_again(tmp_path):
     options = learn.synthetic_options("crowdhuman", TINY_CROWDHUMAN)
     root = learn.dataset_folder(tmp_path, "crowdhuman", 0, options)

@@ -11,6 +11,7 @@ from training.synthetic.generate import (
     SyntheticOptions,
     default_options,
     generate,
+    generator_fingerprint,
     make_options,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "SyntheticOptions",
     "default_options",
     "generate",
+    "generator_fingerprint",
     "make_options",
 ]

@@ -133,6 +133,15 @@ def default_options(format: str) -> SyntheticOptions:
     return SyntheticOptions(**_FORMAT_DEFAULTS[format])
 
 
+def generator_fingerprint() -> str:
+    """A short hash of this package's source code: part of a cached dataset's name, so that a
+    changed generator never reuses what an older one wrote for the same seed and options."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def make_options(format: str, **overrides: object) -> SyntheticOptions:
     """``format``'s defaults with ``overrides`` applied; unknown option names are errors."""
     known = {f.name for f in dataclasses.fields(SyntheticOptions)}

@@ -1,6 +1,8 @@
 """Generated datasets, read back through the real loaders."""
 
+import importlib
 import itertools
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import scipy.io
 
 from training.datasets import load_dataset
-from training.synthetic import generate, make_options
+from training.synthetic import generate, generator_fingerprint, make_options
 from training.synthetic.__main__ import main
 from training.synthetic.identity import MIN_IDENTITY_DISTANCE, identity_distance
 
@@ -223,3 +225,17 @@ def test_command_line_reports_bad_options(tmp_path, capsys):
     args = ["--format", "prw", "--out", str(tmp_path), "--min-person", "90", "--max-person", "30"]
     assert main(args) == 2
     assert "person heights" in capsys.readouterr().err
+
+
+def test_the_generator_fingerprint_follows_its_source_code(tmp_path, monkeypatch):
+    fingerprint = generator_fingerprint()
+    assert fingerprint == generator_fingerprint() and len(fingerprint) == 12
+    # The same package with one source file changed: another fingerprint.
+    # The module, not the function the package exports under the same name.
+    generate_module = importlib.import_module("training.synthetic.generate")
+    package = Path(generate_module.__file__).parent
+    copy = tmp_path / "synthetic"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "render.py").write_text((copy / "render.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(generate_module, "__file__", str(copy / "generate.py"))
+    assert generator_fingerprint() != fingerprint
