@@ -337,8 +337,9 @@ class Trainer:
             self._warm = self._warm or (self.iteration, self.train_seconds)
             if not self.planned and self.iteration - self._warm[0] == PACE_ITERATIONS:
                 self._plan(progress)
-        budgeted = self.config.schedule.max_minutes is not None
-        if not self.planned or (budgeted and self._warm is not None):  # each epoch corrects it
+        # Every epoch end plans again: the first plan of an epoch shorter than the pacing
+        # window, or a correction (nothing to time yet after an empty, resumed epoch).
+        if self.config.schedule.max_minutes is not None and self._warm is not None:
             self._plan(progress)
         progress.close()
         return True

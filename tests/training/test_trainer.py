@@ -382,6 +382,24 @@ def test_a_budgeted_plan_follows_the_pace_and_keeps_its_milestones_once_decay_be
     assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (20, 24.0, "epochs")
 
 
+def test_a_budgeted_run_interrupted_on_the_last_step_of_an_epoch_resumes(tmp_path, prw_root):
+    # Interrupted before any plan, with the epoch's 4 batches done: the resumed run starts
+    # with an empty epoch, which has nothing to time, and plans in the next one.
+    path = config_file(tmp_path, prw_root, schedule={"epochs": 3, "max_minutes": 60.0})
+    run = tmp_path / "run"
+
+    def interrupting(config):
+        model = ToyPersonSearch(config)
+        model.interrupt_after = 4
+        return model
+
+    assert main(["--config", str(path), "--output", str(run)], interrupting) == 128 + signal.SIGINT
+    assert (load_state(run)["epoch"], load_state(run)["batch"]) == (0, 4)
+    assert main(["--resume", str(run)], ToyPersonSearch) == 0
+    state = load_state(run)
+    assert (state["iteration"], state["schedule"]["epochs"]) == (12, 3)
+
+
 def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
     tmp_path, prw_root
 ):
