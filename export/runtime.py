@@ -22,8 +22,8 @@ Backends: ``torch`` (the PyTorch model from ``checkpoint.safetensors``), ``onnxr
 and ``embed.plugins.onnx`` for RoI models, as engines built for this GPU by ``export.tensorrt``;
 needs TensorRT and an NVIDIA GPU, and its first load builds the engines, which takes minutes).
 ``auto`` is ONNX Runtime where it is installed for the device and the folder has its graphs,
-else PyTorch. Graphs exported before
-``image_sizes`` became an input are refused with a message to re-export the folder.
+else PyTorch. Graphs exported before ``image_sizes`` became an input are refused with a message
+to re-export the folder.
 """
 
 from __future__ import annotations
@@ -144,12 +144,7 @@ class OnnxRuntimeRunner:
             )
         import onnxruntime
 
-        if manifest.onnx is None:
-            raise ArtifactError(
-                f"{model_dir}: the manifest lists no ONNX graphs; export them with "
-                "`psearch-export --format onnx`"
-            )
-        check_graph_inputs(model_dir, manifest.onnx)
+        require_onnx_graphs(model_dir, manifest)
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
         if provider not in onnxruntime.get_available_providers():
             raise BackendUnavailableError(
@@ -198,14 +193,22 @@ def whole_batch_sizes(batch: np.ndarray) -> np.ndarray:
     return np.tile(np.float32(batch.shape[-2:]), (batch.shape[0], 1))
 
 
-def check_graph_inputs(model_dir: Path, graphs: GraphFiles) -> None:
-    """Refuse ONNX graphs exported before ``image_sizes`` was an input: they scale LEAPS'
-    proposals by the padded batch, so their answers would depend on the batch."""
+def require_onnx_graphs(model_dir: Path, manifest: Manifest) -> GraphFiles:
+    """The folder's ONNX graphs; refused when there are none, or when they were exported
+    before ``image_sizes`` was an input: those scale LEAPS' proposals by the padded batch, so
+    their answers would depend on the batch."""
+    graphs = manifest.onnx
+    if graphs is None:
+        raise ArtifactError(
+            f"{model_dir}: the manifest lists no ONNX graphs; export them with "
+            "`psearch-export --format onnx`"
+        )
     if IMAGE_SIZES not in graphs.inputs:
         raise ArtifactError(
             f"{model_dir}: its ONNX graphs take {graphs.inputs}, without {IMAGE_SIZES!r} "
             "(exported by an older psearch); re-export the folder with psearch-export"
         )
+    return graphs
 
 
 def tensorrt_settings(manifest: Manifest, batch_size: int) -> Any:
@@ -248,23 +251,17 @@ def ensure_tensorrt_engines(model_dir: Path, manifest: Manifest) -> dict[str, Pa
     """The TensorRT engines of a model folder for this GPU, built unless cached
     (``export.tensorrt.ensure_engine``): ``detect``, and ``embed`` for models that embed given
     boxes. A folder without ONNX graphs, or exported before ``image_sizes``, is refused."""
-    if manifest.onnx is None:
-        raise ArtifactError(
-            f"{model_dir}: no ONNX graphs to build a TensorRT engine from; export the model "
-            "with psearch-export --format onnx"
-        )
-    check_graph_inputs(model_dir, manifest.onnx)
+    graphs = require_onnx_graphs(model_dir, manifest)
     from export.tensorrt import ensure_engine
 
-    detect_settings = tensorrt_settings(manifest, MAX_TENSORRT_BATCH)
-    graphs = {"detect": (manifest.onnx.detect_plugins, detect_settings)}
-    if manifest.onnx.embed_plugins is not None:
-        graphs["embed"] = (manifest.onnx.embed_plugins, tensorrt_embed_settings(manifest))
+    builds = {"detect": (graphs.detect_plugins, tensorrt_settings(manifest, MAX_TENSORRT_BATCH))}
+    if graphs.embed_plugins is not None:
+        builds["embed"] = (graphs.embed_plugins, tensorrt_embed_settings(manifest))
     return {
         name: ensure_engine(
             model_dir, fingerprint=manifest.fingerprint, settings=settings, onnx_name=onnx_name
         )
-        for name, (onnx_name, settings) in graphs.items()
+        for name, (onnx_name, settings) in builds.items()
     }
 
 
@@ -276,8 +273,7 @@ class TensorRTRunner:
     def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
         from export.tensorrt import TensorRTUnavailableError, require_tensorrt
 
-        if manifest.onnx is not None:
-            check_graph_inputs(model_dir, manifest.onnx)
+        require_onnx_graphs(model_dir, manifest)  # before TensorRT: a fix the user can make
         try:
             require_tensorrt()
         except TensorRTUnavailableError as error:

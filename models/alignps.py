@@ -24,7 +24,14 @@ from torch import Tensor, nn
 from models.assigners import CenterSamplingConfig
 from models.backbones import STAGE_NAMES, BackboneConfig, backbone_from_config
 from models.config import StrictModel
-from models.heads.fcos import FCOSHead, FCOSHeadConfig, FCOSInferenceConfig, flatten_levels
+from models.heads.fcos import (
+    FCOSHead,
+    FCOSHeadConfig,
+    FCOSInferenceConfig,
+    anchor_points,
+    flatten_levels,
+    points_inside,
+)
 from models.losses import OIMLoss, TripletMining
 from models.necks.afa import AFA, AFAConfig
 from models.preprocess import PreprocessConfig, valid_sizes
@@ -179,18 +186,11 @@ def image_mean(embedding_map: Tensor, image_sizes: Tensor, stride: int) -> Tenso
     """(B, D, 1, 1) mean feature of each image of a map (B, D, h, w) over the locations whose
     centre lies in its valid region ``image_sizes`` (B, 2) (height, width): the padding of a
     batch left out, so that an image's features do not depend on what it is batched with."""
-    height, width = embedding_map.shape[-2:]
-    options = {"dtype": embedding_map.dtype, "device": embedding_map.device}
-    # Location centres as the FCOS head places them: stride * index + stride // 2.
-    rows = torch.arange(height, **options) * stride + stride // 2
-    cols = torch.arange(width, **options) * stride + stride // 2
-    sizes = image_sizes.to(embedding_map.dtype)
-    inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (
-        cols[None, None, :] < sizes[:, 1, None, None]
-    )  # (B, h, w)
-    mask = inside[:, None].to(embedding_map.dtype)  # (B, 1, h, w)
-    count = mask.sum(dim=(2, 3), keepdim=True).clamp(min=1)
-    return (embedding_map * mask).sum(dim=(2, 3), keepdim=True) / count
+    points = anchor_points([embedding_map], [stride]).points  # (h * w, 2), as the head's
+    mask = points_inside(points, image_sizes).to(embedding_map.dtype)[..., None]  # (B, h * w, 1)
+    features = flatten_levels([embedding_map])  # (B, h * w, D)
+    mean = (features * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B, D)
+    return mean[..., None, None]
 
 
 def gather_embeddings(embedding_map: Tensor, locations: Tensor) -> Tensor:

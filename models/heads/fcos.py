@@ -340,7 +340,7 @@ class FCOSHead(nn.Module):
         anchors, boxes = self.decode(outputs, strides)
         boxes = clip_boxes_to_image(boxes, image_sizes[:, None, :])
         scores = self.scores(outputs)
-        scores = torch.where(_inside(anchors.points, image_sizes), scores, 0.0)
+        scores = torch.where(points_inside(anchors.points, image_sizes), scores, 0.0)
         # Pad with empty candidates so that top-k never asks for more than there are (small
         # inputs), without Python branches on tensor sizes that an exported graph cannot keep.
         scores = F.pad(scores, (0, pre_nms_top_k))
@@ -367,7 +367,7 @@ class FCOSHead(nn.Module):
         return boxes, scores, locations
 
 
-def _inside(points: Tensor, image_sizes: Tensor) -> Tensor:
+def points_inside(points: Tensor, image_sizes: Tensor) -> Tensor:
     """(B, N) whether each location (N, 2) x, y lies inside each image (B, 2) height, width."""
     x, y = points[None, :, 0], points[None, :, 1]
     return (x < image_sizes[:, 1:2]) & (y < image_sizes[:, 0:1])
