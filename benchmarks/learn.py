@@ -140,8 +140,8 @@ class TrainingRecord:
     iterations: int = 0
     epochs: float = 0.0
     seconds: float = 0.0
-    stopped_by: str = "epochs"
-    planned_epochs: int = 0
+    stopped_by: str = "schedule"
+    planned_iterations: int = 0
     first_losses: dict[str, float] = dataclasses.field(default_factory=dict)
     last_losses: dict[str, float] = dataclasses.field(default_factory=dict)
     run_dir: Path | None = None
@@ -167,7 +167,7 @@ def train_within_budget(config: TrainConfig, minutes: float, run_dir: Path) -> T
         epochs=trainer.iteration / len(trainer.loader),
         seconds=trainer.train_seconds,
         stopped_by=trainer.stopped_by,
-        planned_epochs=trainer.schedule.epochs,
+        planned_iterations=trainer.plan.total,
         first_losses=history[0] if history else {},
         last_losses=history[-1] if history else {},
         run_dir=run_dir,
@@ -243,8 +243,8 @@ def run_config(config_path: Path, args: argparse.Namespace) -> ConfigResult:
         if losses:
             log(f"loss, {which} {config.log_every} iterations: {format_losses(losses)}")
     log(
-        f"trained {training.iterations} iterations ({training.epochs:.2f} of "
-        f"{training.planned_epochs} planned epochs) in {training.seconds:.1f} s; stopped by "
+        f"trained {training.iterations} of {training.planned_iterations} planned iterations "
+        f"({training.epochs:.2f} epochs) in {training.seconds:.1f} s; stopped by "
         f"{training.stopped_by}"
     )
     model = load_trained(run_dir, config, device)

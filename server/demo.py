@@ -8,8 +8,8 @@
 1. **data**: a synthetic dataset in PRW's file format (the generator's default size and
    difficulty), cached under ``--data-dir`` by seed and options;
 2. **training**: a tiny model (``--config``) trained on it within ``--minutes``
-   (``schedule.max_minutes``: the trainer times its first iterations and keeps as many of the
-   config's epochs as fit, at least one, with its learning rate milestones moved alike). The run
+   (``schedule.max_minutes``: the trainer times its first iterations and plans as many of the
+   config's iterations as fit, with its warmup and learning rate milestones moved alike). The run
    is cached, keyed by the config, the seed, the data and the budget; an interrupted run
    continues next time;
 3. **export** of the run to an ONNX model folder (checked against PyTorch);
@@ -225,12 +225,15 @@ def trained_run(options: DemoOptions, data_root: Path, stage: Stage) -> Path:
     record = {
         "train_seconds": trainer.train_seconds,
         "iterations": trainer.iteration,
-        "epochs": trainer.schedule.epochs,
+        "epochs": trainer.iteration / len(trainer.loader),
         "stopped_by": trainer.stopped_by,
     }
     (run_dir / COMPLETE_MARKER).write_text(json.dumps(record) + "\n")
-    epochs = f"{trainer.schedule.epochs} epoch" + ("s" if trainer.schedule.epochs > 1 else "")
-    stage.note = f"{epochs} of {options.config.name} in {run_dir}"
+    epochs = trainer.iteration / len(trainer.loader)
+    stage.note = (
+        f"{trainer.iteration} iterations ({epochs:.1f} epochs) of {options.config.name} "
+        f"in {run_dir}"
+    )
     return run_dir
 
 

@@ -91,16 +91,61 @@ class DataConfig(StrictModel):
     )
 
 
+class ParamGroupRule(StrictModel):
+    """Learning rate and weight decay multipliers for the parameters whose qualified names match
+    a pattern (``fnmatch``: ``*`` matches any run of characters, dots included)."""
+
+    pattern: str = Field(
+        ...,
+        min_length=1,
+        description="fnmatch pattern over parameter names, e.g. '*.offset_predictor.*'.",
+    )
+    lr_mult: float = Field(1.0, ge=0, description="Multiplier of the learning rate.")
+    decay_mult: float = Field(1.0, ge=0, description="Multiplier of the weight decay.")
+
+
 class OptimConfig(StrictModel):
-    """The optimizer."""
+    """The optimizer and its parameter groups.
+
+    Each parameter's learning rate and weight decay are the base values times multipliers, as
+    mmdetection's ``paramwise_cfg`` sets them: the first of ``param_groups`` whose pattern
+    matches the parameter's name decides; without a match, normalisation layers' weights and
+    biases take ``norm_decay_mult`` and the biases of other layers ``bias_lr_mult`` and
+    ``bias_decay_mult``.
+    """
 
     name: Literal["sgd", "adamw"] = Field("sgd", description="sgd (with momentum) or adamw.")
-    lr: float = Field(0.001, gt=0, description="Base learning rate (after warmup).")
+    lr: float = Field(
+        0.001,
+        gt=0,
+        description="Base learning rate (after warmup), for `reference_batch_size` images per "
+        "step when that is set.",
+    )
+    reference_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Images per step that `lr` is meant for: the learning rate is scaled by "
+        "(data.batch_size x processes) / reference_batch_size (the linear scaling rule, Goyal "
+        "et al. 2017); null = `lr` as it is, whatever the batch.",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (adamw only).")
     weight_decay: float = Field(0.0005, ge=0, description="Weight decay (decoupled for adamw).")
     clip_grad_norm: float | None = Field(
         None, gt=0, description="Clip the global gradient L2 norm to this value; null = off."
+    )
+    bias_lr_mult: float = Field(
+        1.0, ge=0, description="Learning rate multiplier of biases outside normalisation layers."
+    )
+    bias_decay_mult: float = Field(
+        1.0, ge=0, description="Weight decay multiplier of biases outside normalisation layers."
+    )
+    norm_decay_mult: float = Field(
+        1.0, ge=0, description="Weight decay multiplier of normalisation layers' parameters."
+    )
+    param_groups: list[ParamGroupRule] = Field(
+        default_factory=list,
+        description="Rules by parameter name, checked in order; each must match some parameter.",
     )
 
 
@@ -121,9 +166,10 @@ class ScheduleConfig(StrictModel):
         None,
         gt=0,
         description="Wall-clock budget for the training iterations (evaluation not counted); "
-        "None = no budget. The trainer times its first iterations, keeps as many of `epochs` as "
-        "fit (at least one) with the milestones at the same fractions of the shorter schedule, "
-        "and stops when the budget is spent.",
+        "None = no budget. The trainer times its first iterations and plans the iterations "
+        "that fit, at most `epochs` worth (the last epoch may be partial), with the warmup and "
+        "the milestones at the same fractions of the shorter run; it plans again as the pace "
+        "changes and stops when the budget is spent.",
     )
 
     @model_validator(mode="after")

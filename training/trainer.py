@@ -7,12 +7,17 @@ images).
 
 Per iteration: forward under autocast (CUDA with ``amp``), a sum of the model's named losses,
 backward through a GradScaler, optional gradient clipping, an optimizer step and a per-iteration
-learning rate: linear warmup, then step decay at epoch milestones.
+learning rate: linear warmup, then step decay at milestones. Parameter groups take their own
+learning rate and weight decay multipliers (``optim``: by name pattern, biases, norm layers).
 
-With a time budget (``schedule.max_minutes``) the trainer times its first iterations and plans
-the epochs that fit, moving the milestones to the same fractions of the shorter schedule, so the
-learning rate still decays before the end; it also stops when the budget is spent, whatever the
-plan said (a machine that got busier). The plan and the time spent are part of the checkpoint.
+The schedule in force is an :class:`IterationPlan`: a length, a warmup and milestones, in
+iterations. Without a time budget it is the config's epochs. With one (``schedule.max_minutes``)
+the trainer times its first iterations and plans the iterations that fit, at most the config's,
+with the warmup and the milestones at the same fractions of the shorter run, so the learning rate
+still warms up and decays within it on a slow machine; the last epoch may be partial. It plans
+again every few percent of the run as the pace changes, and stops when the budget is spent,
+whatever the plan said (a machine that got busier). The plan and the time spent are part of the
+checkpoint, so a resumed run keeps them.
 
 SIGINT and SIGTERM end the current iteration, save a checkpoint and raise TrainingInterrupted;
 ``--resume`` continues from it with the same weights, optimizer, schedule, data order and
@@ -21,6 +26,7 @@ random streams, so an interrupted run ends where an uninterrupted one would have
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -30,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +58,13 @@ from training.checkpoint import (
     set_rng_state,
     unwrap,
 )
-from training.config import ConfigError, ScheduleConfig, TrainConfig, describe_validation_error
+from training.config import (
+    ConfigError,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    describe_validation_error,
+)
 from training.data import TrainLoader, load_split
 from training.datasets import PersonSearchSplit
 from training.inference import evaluate_model, load_test_split
@@ -63,6 +75,19 @@ ModelBuilder = Callable[[dict[str, Any]], nn.Module]
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
 PACE_ITERATIONS = 10  # timed iterations, after a first warm-up one, that plan a budgeted schedule
+# Layers whose parameters take optim.norm_decay_mult.
+NORM_LAYERS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+REPLANS = 20  # a budgeted run plans again every 1/REPLANS of its planned length
 
 
 class TrainingInterrupted(Exception):
@@ -134,49 +159,129 @@ def build_model_checked(builder: ModelBuilder, model_config: dict[str, Any]) -> 
     return model
 
 
-def lr_factor(iteration: int, iters_per_epoch: int, schedule: ScheduleConfig) -> float:
+@dataclass(frozen=True)
+class IterationPlan:
+    """The learning rate schedule in force, in iterations: the run's length, its linear warmup
+    and the milestones after which the rate is multiplied by gamma."""
+
+    total: int
+    warmup: int
+    milestones: tuple[int, ...]
+
+    @classmethod
+    def from_schedule(cls, schedule: ScheduleConfig, iters_per_epoch: int) -> IterationPlan:
+        """The config's schedule as it is: its epochs and epoch milestones in iterations."""
+        return cls(
+            total=schedule.epochs * iters_per_epoch,
+            warmup=schedule.warmup_iters,
+            milestones=tuple(m * iters_per_epoch for m in schedule.milestones),
+        )
+
+    def decay_begun(self, iteration: int) -> bool:
+        return bool(self.milestones) and iteration >= self.milestones[0]
+
+
+def lr_factor(iteration: int, plan: IterationPlan, schedule: ScheduleConfig) -> float:
     """Learning rate multiplier at a global iteration: linear warmup from warmup_factor to 1
-    over warmup_iters, times gamma for every milestone epoch already completed."""
-    epoch = iteration // iters_per_epoch
-    decay = schedule.gamma ** sum(epoch >= milestone for milestone in schedule.milestones)
-    if iteration >= schedule.warmup_iters:
+    over the plan's warmup, times gamma for every milestone already reached."""
+    decay = schedule.gamma ** sum(iteration >= milestone for milestone in plan.milestones)
+    if iteration >= plan.warmup:
         return decay
-    progress = iteration / schedule.warmup_iters
+    progress = iteration / plan.warmup
     return decay * (schedule.warmup_factor + (1 - schedule.warmup_factor) * progress)
 
 
-def fit_schedule(
+def fit_plan(
     schedule: ScheduleConfig,
-    seconds_per_iteration: float,
     iters_per_epoch: int,
+    seconds_per_iteration: float,
     iterations_done: int = 0,
     seconds_spent: float = 0.0,
-) -> ScheduleConfig:
-    """The schedule cut to the epochs that fit its time budget: the iterations done so far plus
-    those the rest of the budget holds at the given pace, in whole epochs (at least one and the
-    epochs already begun, at most the configured ones), with each milestone at the same fraction
-    of the new length (one that would fall on or after the last epoch is dropped)."""
+) -> IterationPlan:
+    """The config's schedule cut to what its time budget holds: the iterations done so far plus
+    those the rest of the budget holds at the given pace (at least one, at most the config's
+    epochs), with the warmup and every milestone at the same fraction of the new length (a
+    milestone that would fall at or after the end is dropped)."""
     assert schedule.max_minutes is not None
+    full = IterationPlan.from_schedule(schedule, iters_per_epoch)
     remaining = max(0.0, schedule.max_minutes * 60 - seconds_spent)
-    fit = (iterations_done + remaining / max(seconds_per_iteration, 1e-9)) // iters_per_epoch
-    begun = -(-iterations_done // iters_per_epoch)  # an epoch that has begun is finished
-    epochs = max(1, begun, min(schedule.epochs, int(fit)))
-    scaled = {max(1, round(m * epochs / schedule.epochs)) for m in schedule.milestones}
-    milestones = sorted(m for m in scaled if m < epochs)
-    return schedule.model_copy(update={"epochs": epochs, "milestones": milestones})
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the parameters that require gradients."""
-    optim = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optim.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-        )
-    return torch.optim.AdamW(
-        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+    fit = iterations_done + int(remaining / max(seconds_per_iteration, 1e-9))
+    total = max(1, iterations_done, min(full.total, fit))
+    fraction = total / full.total
+    milestones = {max(1, round(m * fraction)) for m in full.milestones}
+    return IterationPlan(
+        total=total,
+        warmup=round(full.warmup * fraction),
+        milestones=tuple(sorted(m for m in milestones if m < total)),
     )
+
+
+def parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """The trainable parameters grouped by their (learning rate, weight decay) multipliers (see
+    ``OptimConfig``), the unchanged group first; each group holds ``params``, ``lr_mult`` and
+    ``decay_mult``. A rule of ``optim.param_groups`` that matches nothing is a ConfigError."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {(1.0, 1.0): []}
+    used = [False] * len(optim.param_groups)
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, NORM_LAYERS)
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            rule = next(
+                (
+                    i
+                    for i, r in enumerate(optim.param_groups)
+                    if fnmatch.fnmatchcase(name, r.pattern)
+                ),
+                None,
+            )
+            if rule is not None:
+                used[rule] = True
+                mults = (optim.param_groups[rule].lr_mult, optim.param_groups[rule].decay_mult)
+            elif is_norm:
+                mults = (1.0, optim.norm_decay_mult)
+            elif param_name == "bias":
+                mults = (optim.bias_lr_mult, optim.bias_decay_mult)
+            else:
+                mults = (1.0, 1.0)
+            groups.setdefault(mults, []).append(param)
+    unused = [r.pattern for r, hit in zip(optim.param_groups, used, strict=True) if not hit]
+    if unused:
+        raise ConfigError(f"optim.param_groups: no trainable parameter matches {unused}")
+    return [
+        {"params": params, "lr_mult": lr_mult, "decay_mult": decay_mult}
+        for (lr_mult, decay_mult), params in groups.items()
+        if params
+    ]
+
+
+def base_learning_rate(optim: OptimConfig, images_per_step: int) -> float:
+    """``optim.lr``, scaled linearly to the images of a step when it is given for a reference
+    batch size."""
+    if optim.reference_batch_size is None:
+        return optim.lr
+    return optim.lr * images_per_step / optim.reference_batch_size
+
+
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, world_size: int = 1
+) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters, in groups with their own
+    learning rate and weight decay (``parameter_groups``)."""
+    optim = config.optim
+    lr = base_learning_rate(optim, config.data.batch_size * world_size)
+    groups = [
+        {
+            **group,
+            "lr": lr * group["lr_mult"],
+            "weight_decay": optim.weight_decay * group["decay_mult"],
+        }
+        for group in parameter_groups(model, optim)
+    ]
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=optim.betas)
 
 
 class StopSignal:
@@ -242,12 +347,13 @@ class Trainer:
             self.group.world_size,
             pin_memory=self.device.type == "cuda",
         )
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config, self.group.world_size)
         # The schedule in force: the config's, or the part of it that fits the time budget.
-        self.schedule = config.schedule.model_copy()
+        self.plan = IterationPlan.from_schedule(config.schedule, len(self.loader))
         self.planned = config.schedule.max_minutes is None  # nothing to plan without a budget
+        self._next_plan = 0  # the iteration at which a budgeted run plans again
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: lr_factor(it, len(self.loader), self.schedule)
+            self.optimizer, lambda it: lr_factor(it, self.plan, config.schedule)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if self.group.distributed:
@@ -259,7 +365,7 @@ class Trainer:
 
         self.epoch, self.batch, self.iteration = 0, 0, 0
         self.train_seconds = 0.0  # spent in training iterations, across resumes
-        self.stopped_by = "epochs"  # or "time budget"
+        self.stopped_by = "schedule"  # or "time budget"
         self.history: list[dict[str, float]] = []  # rank 0: mean losses per logging window
         self._warm: tuple[int, float] | None = None  # (iteration, seconds) after this process's
         # first iteration, which is slower (lazy imports, allocations): the pace is timed from it
@@ -273,24 +379,24 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> dict[str, float]:
-        """Train the remaining epochs (or until the time budget is spent); returns the final
-        evaluation's metrics (or {})."""
+        """Train the rest of the planned iterations (or until the time budget is spent); returns
+        the final evaluation's metrics (or {})."""
         metrics: dict[str, float] = {}
         self.model.train()
         try:
             with StopSignal().installed() as stop:
-                while self.epoch < self.schedule.epochs:
+                while self.iteration < self.plan.total:
                     if not self._train_epoch(stop):
-                        self.stopped_by = "time budget"
                         self.save()
-                        logger.info(
-                            "time budget of %g min spent after %d iterations",
-                            self.config.schedule.max_minutes,
-                            self.iteration,
-                        )
+                        if self.stopped_by == "time budget":
+                            logger.info(
+                                "time budget of %g min spent after %d iterations",
+                                self.config.schedule.max_minutes,
+                                self.iteration,
+                            )
                         break
                     self.epoch, self.batch = self.epoch + 1, 0
-                    last = self.epoch == self.schedule.epochs
+                    last = self.iteration >= self.plan.total
                     if self.epoch % self.config.checkpoint_every == 0 or last:
                         self.save()
                     every = self.config.eval.every
@@ -304,11 +410,13 @@ class Trainer:
         return metrics
 
     def _train_epoch(self, stop: StopSignal) -> bool:
-        """Train the rest of the current epoch; False if the time budget ran out first."""
+        """Train the rest of the current epoch; False if the run ended inside it (the plan's
+        last iteration, or the time budget: ``stopped_by`` says which)."""
+        epochs = -(-self.plan.total // len(self.loader))
         progress = tqdm(
             total=len(self.loader),
             initial=self.batch,
-            desc=f"epoch {self.epoch + 1}/{self.schedule.epochs}",
+            desc=f"epoch {self.epoch + 1}/{epochs}",
             disable=not self.group.is_main,
             dynamic_ncols=True,
         )
@@ -332,17 +440,26 @@ class Trainer:
                 progress.close()
                 raise TrainingInterrupted(stop_now, self.run_dir)
             if out_of_time:
+                self.stopped_by = "time budget"
                 progress.close()
                 return False
             self._warm = self._warm or (self.iteration, self.train_seconds)
-            if not self.planned and self.iteration - self._warm[0] == PACE_ITERATIONS:
+            if self._plan_due():
                 self._plan(progress)
-        # Every epoch end plans again: the first plan of an epoch shorter than the pacing
-        # window, or a correction (nothing to time yet after an empty, resumed epoch).
-        if self.config.schedule.max_minutes is not None and self._warm is not None:
-            self._plan(progress)
+            if self.iteration >= self.plan.total and self.batch < len(self.loader):
+                progress.close()
+                return False  # the plan ends inside this epoch
         progress.close()
         return True
+
+    def _plan_due(self) -> bool:
+        """Whether a budgeted run plans now: once PACE_ITERATIONS have been timed after this
+        process's first iteration, then every 1/REPLANS of the planned run."""
+        if self.config.schedule.max_minutes is None or self._warm is None:
+            return False
+        if not self.planned:
+            return self.iteration - self._warm[0] >= PACE_ITERATIONS
+        return self.iteration >= self._next_plan
 
     def _pace(self) -> float:
         """Seconds per iteration in this process, after its first iteration when there were
@@ -353,39 +470,37 @@ class Trainer:
             return self.train_seconds / max(self.iteration, 1)
         return seconds / iterations
 
-    def _decay_begun(self) -> bool:
-        """Whether the epoch after the current one runs at a decayed learning rate."""
-        milestones = self.schedule.milestones
-        return bool(milestones) and self.epoch + 1 >= milestones[0]
-
     def _plan(self, progress: tqdm) -> None:
-        """Fit the schedule to the rest of the time budget at the pace so far (the first
-        iterations are slower than the rest, and a machine's load changes, so every epoch end
-        plans again). Once the learning rate has begun to decay its milestones stay; only the
-        length still follows the pace, to spend the budget. Rank 0 decides for all."""
-        pace = self._pace()
-        schedule = fit_schedule(
-            self.config.schedule, pace, len(self.loader), self.iteration, self.train_seconds
+        """Fit the plan to the rest of the time budget at the pace so far (the first iterations
+        are slower than the rest, and a machine's load changes, so the run plans again as it
+        goes). A warmup already over stays over, and once the learning rate has begun to decay
+        the milestones stay; only the length still follows the pace, to spend the budget. Rank
+        0 decides for all."""
+        plan = fit_plan(
+            self.config.schedule, len(self.loader), self._pace(), self.iteration, self.train_seconds
         )
-        if self.planned and self._decay_begun():
-            schedule = schedule.model_copy(update={"milestones": self.schedule.milestones})
+        if self.planned and self.iteration >= self.plan.warmup:
+            plan = replace(plan, warmup=self.plan.warmup)
+        if self.planned and self.plan.decay_begun(self.iteration):
+            plan = replace(plan, milestones=self.plan.milestones)
         if self.group.distributed:
-            chosen = [schedule]
+            chosen = [plan]
             dist.broadcast_object_list(chosen, src=0)
-            schedule = chosen[0]
-        news = not self.planned or schedule != self.schedule
-        self.schedule, self.planned = schedule, True
-        progress.set_description(f"epoch {self.epoch + 1}/{schedule.epochs}")
+            plan = chosen[0]
+        news = not self.planned or plan != self.plan
+        self.plan, self.planned = plan, True
+        self._next_plan = self.iteration + max(1, plan.total // REPLANS)
+        progress.set_description(f"epoch {self.epoch + 1}/{-(-plan.total // len(self.loader))}")
         if self.group.is_main and news:
             logger.info(
-                "%.2f s per iteration, %d per epoch: %d of %d epochs fit in %g min "
-                "(learning rate milestones %s)",
-                pace,
-                len(self.loader),
-                schedule.epochs,
-                self.config.schedule.epochs,
+                "%.3f s per iteration: %d of %d iterations fit in %g min "
+                "(warmup %d, learning rate milestones %s)",
+                self._pace(),
+                plan.total,
+                self.config.schedule.epochs * len(self.loader),
                 self.config.schedule.max_minutes,
-                schedule.milestones,
+                plan.warmup,
+                list(plan.milestones),
             )
 
     def _out_of_time(self) -> bool:
@@ -469,7 +584,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": states,
                 "train_seconds": self.train_seconds,
-                "schedule": self.schedule.model_dump() if self.planned else None,
+                "plan": asdict(self.plan) if self.planned else None,
             }
             save_checkpoint(self.run_dir, self.model, self.config, state)
         if self.group.distributed:
@@ -481,10 +596,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_seconds = state.get("train_seconds", 0.0)
-        if state.get("schedule") is not None and self.config.schedule.max_minutes is not None:
-            # The budget was planned once; a resumed run keeps that plan.
-            self.schedule = ScheduleConfig(**state["schedule"])
+        if state.get("plan") is not None and self.config.schedule.max_minutes is not None:
+            # A resumed run keeps the plan, and plans again from its pace after resuming.
+            plan = state["plan"]
+            self.plan = IterationPlan(plan["total"], plan["warmup"], tuple(plan["milestones"]))
             self.planned = True
+            self._next_plan = self.iteration
         states = state["rng"]
         # Each rank resumes its own streams; with another world size, rank r takes r mod saved.
         set_rng_state(states[self.group.rank % len(states)])

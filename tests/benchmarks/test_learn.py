@@ -40,7 +40,7 @@ def test_main_prints_untrained_and_trained_rows_for_a_detector_config(tmp_path, 
     assert set(rows) == {"untrained", "trained", "ratio"}
     # Columns: config, model, MR^-2, AP, recall, iterations, training seconds.
     assert rows["untrained"][5] == "0" and rows["trained"][5] == "1"
-    assert "stopped by epochs" in output
+    assert "stopped by schedule" in output
     (run,) = (tmp_path / "runs").iterdir()  # the trainer's run folder, checkpoint included
     assert (run / "model.safetensors").is_file() and (run / "state.pt").is_file()
     assert f"command: python benchmarks/learn.py --config {TINY_DETECTOR}" in output

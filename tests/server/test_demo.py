@@ -57,10 +57,10 @@ def test_training_fits_the_budget_and_is_then_reused(tmp_path, capsys):
 
     run_dir = demo.trained_run(options, data_root, demo.Stage("training"))
 
-    # 4 images in batches of 4 (the config's): one iteration per epoch, and a budget of 6 ms
-    # is less than one epoch, so exactly one epoch is planned and trained.
+    # 4 images in batches of 4 (the config's): one iteration per epoch. A budget of 6 ms is
+    # less than one iteration: the second step finds it spent, is still taken, and ends the run.
     record = json.loads((run_dir / demo.COMPLETE_MARKER).read_text())
-    assert (record["epochs"], record["iterations"]) == (1, 1)
+    assert (record["epochs"], record["iterations"], record["stopped_by"]) == (2, 2, "time budget")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["schedule"]["max_minutes"] == 1e-4
     assert Path(saved["data"]["root"]) == data_root

@@ -11,7 +11,7 @@ from training.config import (
     dump_config,
     load_config,
 )
-from training.trainer import lr_factor
+from training.trainer import IterationPlan, lr_factor
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -143,12 +143,13 @@ def test_learning_rate_warms_up_linearly_then_steps_down_at_milestones():
             "schedule.gamma=0.1",
         ],
     )
-    iters_per_epoch = 20
+    plan = IterationPlan.from_schedule(config.schedule, iters_per_epoch=20)
+    assert plan == IterationPlan(total=24 * 20, warmup=10, milestones=(40, 60))
     # Warmup: 0.1 at iteration 0, halfway (0.1 + 0.9 * 0.5 = 0.55) at 5, then 1.
-    assert lr_factor(0, iters_per_epoch, config.schedule) == pytest.approx(0.1)
-    assert lr_factor(5, iters_per_epoch, config.schedule) == pytest.approx(0.55)
-    assert lr_factor(10, iters_per_epoch, config.schedule) == 1.0
+    assert lr_factor(0, plan, config.schedule) == pytest.approx(0.1)
+    assert lr_factor(5, plan, config.schedule) == pytest.approx(0.55)
+    assert lr_factor(10, plan, config.schedule) == 1.0
     # Epoch 2 starts at iteration 40: one milestone passed; epoch 3 (iteration 60): two.
-    assert lr_factor(39, iters_per_epoch, config.schedule) == 1.0
-    assert lr_factor(40, iters_per_epoch, config.schedule) == pytest.approx(0.1)
-    assert lr_factor(60, iters_per_epoch, config.schedule) == pytest.approx(0.01)
+    assert lr_factor(39, plan, config.schedule) == 1.0
+    assert lr_factor(40, plan, config.schedule) == pytest.approx(0.1)
+    assert lr_factor(60, plan, config.schedule) == pytest.approx(0.01)

@@ -30,7 +30,7 @@ from training.cli import main
 from training.config import ConfigError, ScheduleConfig, load_config
 from training.inference import evaluate_model
 from training.synthetic.writers import SceneRecord, write_prw
-from training.trainer import Trainer, fit_schedule, train
+from training.trainer import IterationPlan, Trainer, build_optimizer, fit_plan, train
 
 # ---------------------------------------------------------------------------------------------
 # A tiny PRW dataset: 8 training frames (4 batches of 2), 4 test frames, 2 queries.
@@ -309,21 +309,30 @@ def test_training_ends_with_an_evaluation_written_to_the_run_folder(tmp_path, pr
 
 
 @pytest.mark.parametrize(
-    ("seconds_per_iteration", "epochs", "milestones"),
+    ("seconds_per_iteration", "total", "warmup", "milestones"),
     [
-        (1.0, 10, [8]),  # 100 s per epoch: all 10 configured epochs fit in 1000 s
-        (2.0, 5, [4]),  # 200 s per epoch: 5 fit, the milestone moves from 8/10 to 4/5
-        (4.0, 2, []),  # 2 epochs: 8 * 2 / 10 rounds to 2, not before the end, so dropped
-        (50.0, 1, []),  # one epoch takes longer than the budget: still one, without decay
+        (1.0, 1000, 100, (800,)),  # the whole configured run (10 epochs of 100) fits in 1000 s
+        (2.0, 500, 50, (400,)),  # half fits: warmup and milestone at the same fractions
+        (3.0, 333, 33, (266,)),  # a partial last epoch: 3.33 epochs
+        (50.0, 20, 2, (16,)),  # not even one epoch fits: still warmup and decay
+        (2000.0, 1, 0, ()),  # not one iteration fits: one, and a milestone at 1 is at the end
     ],
 )
-def test_a_budget_keeps_the_epochs_that_fit_and_moves_the_milestones(
-    seconds_per_iteration, epochs, milestones
+def test_a_budget_plans_the_iterations_that_fit_with_warmup_and_milestones_as_fractions(
+    seconds_per_iteration, total, warmup, milestones
 ):
-    schedule = ScheduleConfig(epochs=10, milestones=[8], max_minutes=1000 / 60)
-    fitted = fit_schedule(schedule, seconds_per_iteration, iters_per_epoch=100)
-    assert (fitted.epochs, fitted.milestones) == (epochs, milestones)
-    assert fitted.warmup_iters == schedule.warmup_iters  # the rest is the config's
+    schedule = ScheduleConfig(epochs=10, milestones=[8], warmup_iters=100, max_minutes=1000 / 60)
+    plan = fit_plan(schedule, iters_per_epoch=100, seconds_per_iteration=seconds_per_iteration)
+    assert plan == IterationPlan(total, warmup, milestones)
+
+
+def test_a_plan_counts_the_iterations_already_done_and_the_time_already_spent():
+    schedule = ScheduleConfig(epochs=10, milestones=[5], warmup_iters=10, max_minutes=1000 / 60)
+    # 600 s spent on 300 iterations; 400 s left at 1 s per iteration: 700 in all.
+    plan = fit_plan(schedule, 100, 1.0, iterations_done=300, seconds_spent=600.0)
+    assert plan == IterationPlan(700, 7, (350,))
+    # Over budget already: the run ends where it is.
+    assert fit_plan(schedule, 100, 1.0, 300, 2000.0).total == 300
 
 
 class FakeClock:
@@ -353,38 +362,50 @@ def budgeted_run(
 def test_a_budgeted_run_plans_from_its_pace_and_keeps_the_plan_in_its_checkpoint(
     tmp_path, prw_root
 ):
-    # 4 iterations per epoch at 1 s each (the fake clock): 12 s hold 3 of the 6 epochs, and the
-    # milestone at epoch 4 of 6 moves to epoch 2 of 3.
+    # 4 iterations per epoch at 1 s each (the fake clock). The first plan, after 10 timed
+    # iterations: 12 s hold 12 of the 24 iterations of 6 epochs, so the milestone at epoch 4
+    # (iteration 16) moves to iteration 8 and the warmup of 2 iterations to 1.
     schedule = {"epochs": 6, "milestones": [4], "max_minutes": 12 / 60}
     trainer, _ = budgeted_run(tmp_path, prw_root, schedule, FakeClock())
-    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (3, [2])
-    assert (trainer.iteration, trainer.stopped_by, trainer.train_seconds) == (12, "epochs", 12.0)
+    assert trainer.plan == IterationPlan(total=12, warmup=1, milestones=(8,))
+    assert (trainer.iteration, trainer.stopped_by, trainer.train_seconds) == (12, "schedule", 12.0)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.1)  # decayed
     state = load_state(tmp_path / "run")
-    assert (state["schedule"]["epochs"], state["train_seconds"]) == (3, 12.0)
+    assert (state["plan"]["total"], state["train_seconds"]) == (12, 12.0)
     assert load_config(tmp_path / "run" / "config.yaml").schedule.epochs == 6  # the user's
+
+
+def test_a_budgeted_run_may_end_inside_an_epoch(tmp_path, prw_root):
+    # 14 s hold 14 iterations at 1 s each: three epochs of 4 and half of the fourth.
+    schedule = {"epochs": 6, "milestones": [4], "max_minutes": 14 / 60}
+    trainer, _ = budgeted_run(tmp_path, prw_root, schedule, FakeClock())
+    assert (trainer.iteration, trainer.epoch, trainer.batch) == (14, 3, 2)
+    assert trainer.stopped_by == "schedule"
+    state = load_state(tmp_path / "run")
+    assert (state["iteration"], state["epoch"], state["batch"]) == (14, 3, 2)
 
 
 def test_a_budgeted_plan_follows_the_pace_and_keeps_its_milestones_once_decay_begins(
     tmp_path, prw_root
 ):
-    # The first epoch runs at 2 s per iteration (its 5 readings: the start and 4 iterations),
-    # then 1 s. The pace is timed from the end of the first iteration (2 s). After epoch 1: 2 s
-    # per iteration, 8 s spent, 20 s left hold 10 more iterations, 14 in all: 3 epochs, and the
-    # milestone at 3 of 6 moves to 2 of 3 (round(1.5)). Epoch 3 will decay: from now on the
-    # milestone stays. After epoch 2: 10 s for 7 iterations, 12 s spent, 16 s left hold 11.2
-    # more, 19.2 in all: 4 epochs, milestone still 2. After epoch 3: 14 s for 11, 16 s spent,
-    # 12 s left hold 9.4 more: 5 epochs. After epoch 4: 18 s for 15, 20 s spent, 8 s left hold
-    # 6.7 more, 22.7 in all: 5 epochs, the last ending at 24 s, within the 28 s budget.
+    # The first 4 iterations take 2 s each (the start reading and 4 iterations are slow), the
+    # rest 1 s; the pace is timed from the end of the first iteration. The first plan comes
+    # after 10 timed iterations (iteration 11, 15 s spent, 1.3 s per iteration): 13 s left hold
+    # 10 more, 21 of 24 iterations, and the milestone at epoch 3 (iteration 12) moves to
+    # round(12 * 21 / 24) = 10 (the warmup stays at round(2 * 21 / 24) = 2), soon reached: once
+    # the learning rate has begun to decay the milestone stays at 10, while the length still
+    # follows the pace, which tends to 1 s per iteration: the run ends at iteration 23, at 27 s
+    # of its 28.
     schedule = {"epochs": 6, "milestones": [3], "max_minutes": 28 / 60}
     trainer, _ = budgeted_run(tmp_path, prw_root, schedule, FakeClock(slow=5))
-    assert (trainer.schedule.epochs, trainer.schedule.milestones) == (5, [2])
-    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (20, 24.0, "epochs")
+    assert trainer.plan == IterationPlan(total=23, warmup=2, milestones=(10,))
+    assert (trainer.iteration, trainer.train_seconds, trainer.stopped_by) == (23, 27.0, "schedule")
 
 
 def test_a_budgeted_run_interrupted_on_the_last_step_of_an_epoch_resumes(tmp_path, prw_root):
     # Interrupted before any plan, with the epoch's 4 batches done: the resumed run starts
-    # with an empty epoch, which has nothing to time, and plans in the next one.
+    # with an empty epoch, which has nothing to time, and goes on to the configured end (the
+    # whole run is shorter than the pacing window).
     path = config_file(tmp_path, prw_root, schedule={"epochs": 3, "max_minutes": 60.0})
     run = tmp_path / "run"
 
@@ -397,7 +418,7 @@ def test_a_budgeted_run_interrupted_on_the_last_step_of_an_epoch_resumes(tmp_pat
     assert (load_state(run)["epoch"], load_state(run)["batch"]) == (0, 4)
     assert main(["--resume", str(run)], ToyPersonSearch) == 0
     state = load_state(run)
-    assert (state["iteration"], state["schedule"]["epochs"]) == (12, 3)
+    assert (state["iteration"], state["epoch"]) == (12, 3)
 
 
 def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluation(
@@ -409,6 +430,72 @@ def test_a_run_stops_when_its_budget_is_spent_with_a_checkpoint_and_an_evaluatio
     trainer, metrics = budgeted_run(tmp_path, prw_root, schedule, FakeClock(), eval=evaluate)
     assert (trainer.iteration, trainer.stopped_by) == (4, "time budget")
     assert (load_state(tmp_path / "run")["iteration"], metrics["num_queries"]) == (4, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups: learning rate and weight decay multipliers.
+
+
+class Tower(nn.Module):
+    """A conv with a bias, a GroupNorm and a frozen linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.GroupNorm(2, 4)
+        self.offset_predictor = nn.Linear(4, 2)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def groups_by_name(model: nn.Module, **optim) -> dict[str, tuple[float, float]]:
+    """Each trainable parameter's (lr, weight decay) in an optimizer built for `optim` (base lr
+    1, weight decay 1, batch of 4 images on one process)."""
+    config = load_config(None, [f"optim.{k}={v}" for k, v in optim.items()])
+    config = config.model_copy(update={"data": config.data.model_copy(update={"batch_size": 4})})
+    config.optim.lr, config.optim.weight_decay = 1.0, 1.0
+    optimizer = build_optimizer(model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: (group["lr"], group["weight_decay"])
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
+
+
+def test_biases_and_norm_layers_take_their_multipliers_and_frozen_parameters_are_left_out():
+    groups = groups_by_name(Tower(), bias_lr_mult=2.0, bias_decay_mult=0.0, norm_decay_mult=0.5)
+    assert groups == {
+        "conv.weight": (1.0, 1.0),
+        "conv.bias": (2.0, 0.0),  # AlignPS' released optimiser: bias lr x2, no decay
+        "norm.weight": (1.0, 0.5),
+        "norm.bias": (1.0, 0.5),  # a norm layer's bias is a norm parameter, not a bias
+        "offset_predictor.weight": (1.0, 1.0),
+        "offset_predictor.bias": (2.0, 0.0),
+    }
+
+
+def test_the_first_matching_name_rule_decides_over_the_bias_and_norm_multipliers():
+    rules = (
+        "[{pattern: '*offset_predictor.*', lr_mult: 0.1}, "
+        "{pattern: '*.bias', lr_mult: 5.0, decay_mult: 0.0}]"
+    )
+    groups = groups_by_name(Tower(), param_groups=rules, bias_lr_mult=2.0)
+    assert groups["offset_predictor.weight"] == (pytest.approx(0.1), 1.0)
+    assert groups["offset_predictor.bias"] == (pytest.approx(0.1), 1.0)  # first rule wins
+    assert groups["conv.bias"] == groups["norm.bias"] == (5.0, 0.0)
+    assert groups["conv.weight"] == (1.0, 1.0)
+
+
+def test_a_name_rule_that_matches_no_trainable_parameter_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"no trainable parameter matches \['\*frozen\.\*'\]"):
+        groups_by_name(Tower(), param_groups="[{pattern: '*frozen.*', lr_mult: 0.0}]")
+
+
+def test_a_reference_batch_size_scales_the_learning_rate_to_the_images_of_a_step():
+    # lr 1 is meant for 16 images; a step here has 4.
+    groups = groups_by_name(Tower(), reference_batch_size=16)
+    assert set(groups.values()) == {(0.25, 1.0)}
 
 
 # ---------------------------------------------------------------------------------------------
