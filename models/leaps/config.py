@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from models.backbones import BackboneConfig
 from models.config import StrictModel
+from models.losses.triplet import TripletMining
 from models.necks.fpn import FPNConfig
 from models.preprocess import PreprocessConfig
 
@@ -43,7 +44,12 @@ class DetectionConfig(StrictModel):
     feedforward_dim: int = Field(2048, gt=0, description="Hidden width of the FFN.")
     num_heads: int = Field(8, gt=0, description="Heads of the self-attention among proposals.")
     dynamic_dim: int = Field(64, gt=0, description="Inner width of the two dynamic 1x1 convs.")
-    roi_size: int = Field(7, gt=0, description="RoIAlign bins per side on F_s16.")
+    feature_level: Literal["p4", "p3"] = Field(
+        "p4",
+        description="The pyramid level the stages pool from: p4 = F_s16 (the paper, Fig. 3); p3 "
+        "= F_s8, for persons only a few stride-16 cells wide (small inputs).",
+    )
+    roi_size: int = Field(7, gt=0, description="RoIAlign bins per side on the detection level.")
     sampling_ratio: int = Field(2, description="RoIAlign samples per bin side (<= 0: adaptive).")
     cls_layers: int = Field(1, ge=0, description="FC-LN-ReLU layers before the class logit.")
     reg_layers: int = Field(3, ge=0, description="FC-LN-ReLU layers before the box deltas.")
@@ -108,14 +114,28 @@ class ReidLossConfig(StrictModel):
         True, description="L_div between the two branches (needs two; Table 3 d vs e)."
     )
     weight: float = Field(1.0, ge=0, description="lambda of eq. 2 (not given in the paper).")
+    shared_memory: bool = Field(
+        True,
+        description="One lookup table and one queue for every stage and branch (Sec. 3.3); false "
+        "= one memory per (stage, branch), as PSTR keeps one per feature scale.",
+    )
     num_labeled: int = Field(
         483, gt=0, description="Labeled training identities (PRW 483, CUHK-SYSU 5532)."
     )
     queue_size: int = Field(500, ge=0, description="Circular queue of unlabeled features.")
     momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
     temperature: float = Field(1 / 30, gt=0, description="OIM softmax temperature.")
+    focal_gamma: float = Field(
+        2.0,
+        ge=0,
+        description="Focal modulation of OIM: the TOIM of [35] (AlignPS Sec. 4.2) and PSTR's "
+        "released head use 2; 0 = plain OIM.",
+    )
     triplet_weight: float = Field(1.0, ge=0, description="Weight of TOIM's triplet term.")
     triplet_margin: float = Field(0.3, ge=0, description="Margin of TOIM's triplet term.")
+    triplet_mining: TripletMining = Field(
+        "all", description="all: every valid triplet (AlignPS eq. 3); hardest: batch-hard."
+    )
 
 
 class LeapsConfig(StrictModel):

@@ -2,14 +2,16 @@
 and on the stages with a re-id head the DRSM-weighted triplet-aided OIM loss of every branch plus
 the diversity loss between the branches.
 
-Loss names carry the stage (1-based) and, for re-id, the branch: ``loss_cls_s6``,
-``loss_oim_prm_s6``, ``loss_triplet_hirm_s5``, ``loss_div_s6``. Every returned loss is already
-weighted; the trainer sums them.
+Loss names carry the stage (1-based): ``loss_cls_s6``, ``loss_div_s6``; the re-id TOIM terms are
+``loss_oim`` and ``loss_triplet`` with the paper's one shared memory, and carry the branch and
+stage with one memory per head (``loss_oim_prm_s6``, ``loss_triplet_hirm_s5``). Every returned
+loss is already weighted; the trainer sums them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +69,22 @@ def detection_losses(
     }
 
 
-class ReidCriterion(nn.Module):
-    """The re-id terms of eq. 2 for every stage with a re-id head.
+class ReidStage(NamedTuple):
+    """What the re-id loss reads of one stage: its number (1-based), its re-id output and each
+    image's DRSM samples."""
 
-    Each (stage, branch) pair has its own OIM memory (lookup table and queue, both 256-d as in
-    Sec. 3.3): the branches are trained to be different, and the stages see different proposals.
+    stage: int
+    output: ReidOutput
+    samples: Sequence[ReidSamples]
+
+
+class ReidCriterion(nn.Module):
+    """The re-id terms of eq. 2 for every stage with a re-id head, in one call per iteration.
+
+    ``reid_loss.shared_memory`` (the paper, Sec. 3.3): one lookup table V (L x D) and one
+    circular queue U (Q x D) serve every stage and branch; the samples of all of them enter one
+    TOIM loss and one memory update per iteration. Otherwise each (stage, branch) pair has its
+    own memory and its own loss, as PSTR keeps one memory per feature scale.
     """
 
     def __init__(
@@ -80,45 +93,64 @@ class ReidCriterion(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.branch_names = branch_names(branches)
-        self.memories = nn.ModuleDict(
-            {
-                self._key(stage, name): OIMLoss(
-                    feature_dim,
-                    cfg.num_labeled,
-                    cfg.queue_size,
-                    momentum=cfg.momentum,
-                    temperature=cfg.temperature,
-                    triplet_weight=cfg.triplet_weight,
-                    triplet_margin=cfg.triplet_margin,
-                )
-                for stage in stages
-                for name in self.branch_names
-            }
+        keys = (
+            ["shared"]
+            if cfg.shared_memory
+            else [self._key(stage, name) for stage in stages for name in self.branch_names]
+        )
+        self.memories = nn.ModuleDict({key: self._oim(cfg, feature_dim) for key in keys})
+
+    @staticmethod
+    def _oim(cfg: ReidLossConfig, feature_dim: int) -> OIMLoss:
+        return OIMLoss(
+            feature_dim,
+            cfg.num_labeled,
+            cfg.queue_size,
+            momentum=cfg.momentum,
+            temperature=cfg.temperature,
+            focal_gamma=cfg.focal_gamma,
+            triplet_weight=cfg.triplet_weight,
+            triplet_margin=cfg.triplet_margin,
+            triplet_mining=cfg.triplet_mining,
         )
 
     @staticmethod
     def _key(stage: int, branch: str) -> str:
         return f"s{stage}_{branch}"
 
-    def forward(
-        self, stage: int, output: ReidOutput, samples: Sequence[ReidSamples]
-    ) -> dict[str, Tensor]:
-        """Losses of stage ``stage`` (1-based) from its re-id output and each image's samples."""
-        pids = torch.cat([s.pids for s in samples])
-        weights = torch.cat([s.weights for s in samples])
-        losses = {}
-        for name, feature in zip(self.branch_names, output.features, strict=True):
-            selected = F.normalize(_gather(feature, samples), dim=1)
-            terms = self.memories[self._key(stage, name)](
-                selected, pids, weights.to(selected.dtype)
-            )
+    def forward(self, stages: Sequence[ReidStage]) -> dict[str, Tensor]:
+        """Every re-id loss of an iteration: TOIM (shared, or per stage and branch) and the
+        diversity loss of each stage, all weighted by lambda."""
+        losses: dict[str, Tensor] = {}
+        selected = {}  # (stage, branch) -> (K, D) normalised features of the samples
+        for stage, output, samples in stages:
+            for name, feature in zip(self.branch_names, output.features, strict=True):
+                selected[stage, name] = F.normalize(_gather(feature, samples), dim=1)
+            if self.cfg.diversity:
+                first, second = (_gather(x, samples) for x in output.intermediates)
+                diversity = _mean(F.cosine_similarity(first, second, dim=1))
+                losses[f"loss_div_s{stage}"] = self.cfg.weight * diversity
+        labels = {stage: _labels(samples) for stage, _, samples in stages}
+        if self.cfg.shared_memory:
+            keys = list(selected)
+            pids = torch.cat([labels[stage][0] for stage, _ in keys])
+            weights = torch.cat([labels[stage][1] for stage, _ in keys])
+            features = torch.cat([selected[key] for key in keys])
+            terms = self.memories["shared"](features, pids, weights.to(features.dtype))
+            losses.update({term: self.cfg.weight * value for term, value in terms.items()})
+            return losses
+        for (stage, name), features in selected.items():
+            pids, weights = labels[stage]
+            memory = self.memories[self._key(stage, name)]
+            terms = memory(features, pids, weights.to(features.dtype))
             for term, value in terms.items():
                 losses[f"{term}_{name}_s{stage}"] = self.cfg.weight * value
-        if self.cfg.diversity:
-            first, second = (_gather(x, samples) for x in output.intermediates)
-            diversity = _mean(F.cosine_similarity(first, second, dim=1))
-            losses[f"loss_div_s{stage}"] = self.cfg.weight * diversity
         return losses
+
+
+def _labels(samples: Sequence[ReidSamples]) -> tuple[Tensor, Tensor]:
+    """(K,) identities and (K,) DRSM weights of one stage's samples, image by image."""
+    return torch.cat([s.pids for s in samples]), torch.cat([s.weights for s in samples])
 
 
 def _gather(per_proposal: Tensor, samples: Sequence[ReidSamples]) -> Tensor:

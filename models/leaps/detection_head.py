@@ -1,7 +1,7 @@
 """One stage of the cascaded detection head (LEAPS Sec. 3.1.1, Sparse R-CNN's dynamic head).
 
-A stage reads RoI features of its proposal boxes from F_s16, lets the proposals attend to each
-other (self-attention), mixes each proposal's feature with its RoI features (the instance
+A stage reads RoI features of its proposal boxes from F_s16 (``detection.feature_level``), lets
+the proposals attend to each other (self-attention), mixes each proposal's feature with its RoI features (the instance
 interaction, :class:`DynamicConv`), refines the result with an FFN into the detection features
 F_d, and predicts a person logit and box deltas relative to its input boxes. F_d and the refined
 boxes become the next stage's proposals.
@@ -19,8 +19,8 @@ from models.leaps.dynamic_conv import DynamicConv
 from models.ops.boxes import decode_boxes
 from models.ops.roi_align import roi_align
 
-# LEAPS reads detection RoIs from the stride-16 map (Fig. 3: F_s16).
-DETECTION_STRIDE = 16
+# The strides of the pyramid levels a detection stage may read (LEAPS Fig. 3: F_s16 = p4).
+LEVEL_STRIDES = {"p3": 8, "p4": 16}
 
 
 def boxes_to_rois(boxes: Tensor) -> Tensor:
@@ -54,6 +54,7 @@ class DetectionStage(nn.Module):
         super().__init__()
         width = cfg.hidden_dim
         self.roi_size = cfg.roi_size
+        self.stride = LEVEL_STRIDES[cfg.feature_level]
         self.sampling_ratio = cfg.sampling_ratio
         self.box_weights = cfg.box_weights
         self.box_scale_clamp = cfg.box_scale_clamp
@@ -76,19 +77,17 @@ class DetectionStage(nn.Module):
         self.class_logit = nn.Linear(width, 1)
         self.box_deltas = nn.Linear(width, 4)
 
-    def forward(
-        self, features_s16: Tensor, boxes: Tensor, proposal_features: Tensor
-    ) -> StageOutput:
-        """features_s16 (B, C, H/16, W/16); boxes (B, N, 4) in input pixels; proposal_features
-        (B, N, C)."""
+    def forward(self, features: Tensor, boxes: Tensor, proposal_features: Tensor) -> StageOutput:
+        """features (B, C, H/s, W/s) of the configured level (F_s16 in the paper); boxes
+        (B, N, 4) in input pixels; proposal_features (B, N, C)."""
         batch, num, width = proposal_features.shape
         rois = boxes_to_rois(boxes)
         rois = roi_align(
             # Pixel coordinates need full precision: under autocast, pool in the boxes' dtype.
-            features_s16.to(rois.dtype),
+            features.to(rois.dtype),
             rois,
             self.roi_size,
-            spatial_scale=1.0 / DETECTION_STRIDE,
+            spatial_scale=1.0 / self.stride,
             sampling_ratio=self.sampling_ratio,
         )  # (B*N, C, 7, 7)
 

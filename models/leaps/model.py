@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from models.backbones import backbone_from_config
 from models.leaps.config import LeapsConfig
-from models.leaps.criterion import ReidCriterion, detection_losses
+from models.leaps.criterion import ReidCriterion, ReidStage, detection_losses
 from models.leaps.detection_head import DetectionStage, StageOutput
 from models.leaps.matcher import diverse_reid_samples, hungarian_match
 from models.leaps.reid_head import FlexibleReidHead, ReidOutput
@@ -130,12 +130,13 @@ class Leaps(nn.Module):
     def _run_stages(
         self, features: dict[str, Tensor], image_sizes: Tensor, reid_stages: tuple[int, ...]
     ) -> list[StageResult]:
-        features_s8, features_s16 = features["p3"], features["p4"]
+        features_s8 = features["p3"]
+        features_det = features[self.config.detection.feature_level]
         boxes, proposal_features = self.initial_proposals(image_sizes)
         results = []
         first_reid_stage = self.reid_stages[0]
         for index, stage in enumerate(self.stages):
-            detection = stage(features_s16, boxes, proposal_features)
+            detection = stage(features_det, boxes, proposal_features)
             reid = None
             if index in reid_stages:
                 head = self.reid_heads[index - first_reid_stage]
@@ -164,6 +165,7 @@ class Leaps(nn.Module):
     ) -> dict[str, Tensor]:
         det, reid_loss = self.config.detection, self.config.reid_loss
         losses: dict[str, Tensor] = {}
+        reid_stages: list[ReidStage] = []
         for index, result in enumerate(results):
             output = result.detection
             matches = [
@@ -196,7 +198,8 @@ class Leaps(nn.Module):
                 )
                 for image, (target, match) in enumerate(zip(targets, matches, strict=True))
             ]
-            losses.update(self.reid_criterion(index + 1, result.reid, samples))
+            reid_stages.append(ReidStage(index + 1, result.reid, samples))
+        losses.update(self.reid_criterion(reid_stages))
         return losses
 
 

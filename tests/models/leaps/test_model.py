@@ -13,7 +13,8 @@ from models.preprocess import pad_batch
 from models.types import Detections
 
 STAGE_LOSSES = ("loss_cls", "loss_l1", "loss_giou")
-REID_LOSSES = ("loss_oim_prm", "loss_triplet_prm", "loss_oim_hirm", "loss_triplet_hirm")
+HEAD_REID_LOSSES = ("loss_oim_prm", "loss_triplet_prm", "loss_oim_hirm", "loss_triplet_hirm")
+PER_HEAD = {"shared_memory": False}  # one OIM memory per (stage, branch): losses per head
 
 
 def _losses(model: Leaps, batch) -> dict[str, torch.Tensor]:
@@ -21,13 +22,44 @@ def _losses(model: Leaps, batch) -> dict[str, torch.Tensor]:
     return model.train()(images, targets)
 
 
-def test_training_returns_every_stage_loss_and_re_id_losses_on_the_last_two(make_model, batch):
+def test_training_returns_every_stage_loss_and_one_re_id_loss_over_the_last_two(make_model, batch):
     losses = _losses(make_model(), batch)
     expected = {f"{name}_s{stage}" for stage in (1, 2, 3) for name in STAGE_LOSSES}
-    expected |= {f"{name}_s{stage}" for stage in (2, 3) for name in (*REID_LOSSES, "loss_div")}
+    expected |= {"loss_div_s2", "loss_div_s3", "loss_oim", "loss_triplet"}
     assert set(losses) == expected
     for name, value in losses.items():
         assert value.dim() == 0 and torch.isfinite(value), name
+
+
+def test_one_memory_serves_every_head_as_in_the_paper_or_one_memory_per_head(make_model, batch):
+    shared, per_head = make_model(), make_model(reid_loss=PER_HEAD)
+    assert list(shared.reid_criterion.memories) == ["shared"]
+    assert list(per_head.reid_criterion.memories) == ["s2_prm", "s2_hirm", "s3_prm", "s3_hirm"]
+    losses = _losses(per_head, batch)
+    reid = {f"{name}_s{stage}" for stage in (2, 3) for name in HEAD_REID_LOSSES}
+    assert reid <= set(losses) and "loss_oim" not in losses
+
+
+def test_the_shared_memory_learns_each_labeled_person_from_every_head_once_per_iteration(
+    make_model, batch
+):
+    # The memory is updated once per iteration, with the samples of both branches of both re-id
+    # stages (each branch's samples are its stage's); with momentum 0 a row becomes the
+    # normalised mean of its person's samples.
+    model = make_model(reid_loss={"momentum": 0.0})
+    _, targets = batch
+    pid = int(targets[0]["pids"][targets[0]["pids"] >= 0][0])
+    memory = model.reid_criterion.memories["shared"]
+    seen = []
+    original = memory.update_memory
+    memory.update_memory = lambda features, pids: (
+        seen.append(pids.clone()) or original(features, pids)
+    )
+    _losses(model, batch)
+    assert len(seen) == 1
+    (pids,) = seen
+    assert (pids == pid).sum() % 2 == 0 and (pids == pid).sum() > 0  # both branches, same samples
+    assert memory.lut[pid].norm() == pytest.approx(1.0)
 
 
 def test_initial_proposals_cover_each_whole_image_not_the_padded_batch(make_model):
@@ -221,7 +253,9 @@ def test_plain_roi_align_ablation_drops_the_offset_predictors(make_model):
 def test_branch_ablations_change_the_modules_and_the_embedding(
     make_model, batch, branches, kinds, embedding_dim
 ):
-    model = make_model(reid={"branches": branches}, reid_loss={"diversity": len(branches) == 2})
+    model = make_model(
+        reid={"branches": branches}, reid_loss={"diversity": len(branches) == 2, **PER_HEAD}
+    )
     assert [type(b) for b in model.reid_heads[0].branches] == kinds
     assert model.embedding_dim == embedding_dim
     with torch.no_grad():
@@ -278,12 +312,14 @@ def test_drsm_switches_change_the_re_id_loss(make_model, batch):
             {"reid_loss": {"drsm_weighting": False}},
         )
     ]
-    full, without_drsm, unweighted = (loss["loss_oim_prm_s3"].item() for loss in losses)
+    full, without_drsm, unweighted = (loss["loss_oim"].item() for loss in losses)
     assert len({full, without_drsm, unweighted}) == 3
 
 
 def test_stage_and_proposal_counts_and_re_id_stages_follow_the_config(make_model, batch):
-    model = make_model(detection={"num_stages": 4, "num_proposals": 9}, reid={"stages": 3})
+    model = make_model(
+        detection={"num_stages": 4, "num_proposals": 9}, reid={"stages": 3}, reid_loss=PER_HEAD
+    )
     assert len(model.stages) == 4 and len(model.reid_heads) == 3
     losses = _losses(model, batch)
     assert "loss_cls_s4" in losses
@@ -346,3 +382,10 @@ def test_training_and_inference_run_under_autocast(make_model, batch):
             detections = model.eval()(images)
     assert all(torch.isfinite(value) for value in losses.values())
     assert detections.scores.shape == (2, 6)
+
+
+def test_the_detection_stages_pool_from_the_configured_pyramid_level(make_model, batch):
+    paper, small_persons = make_model(), make_model(detection={"feature_level": "p3"})
+    assert {stage.stride for stage in paper.stages} == {16}  # F_s16, Fig. 3
+    assert {stage.stride for stage in small_persons.stages} == {8}
+    assert all(torch.isfinite(v) for v in _losses(small_persons, batch).values())
