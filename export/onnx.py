@@ -17,7 +17,7 @@ The export yields the plugin graph; the portable graph is the same graph with ea
 rewritten into standard ops (onnxscript's pattern rewriter), so the costly PyTorch export and
 decomposition run once for both.
 
-Why these forms (see shared/reference/export-notes.md):
+Why these forms (see docs/export.md):
 
 - opset 19: ``DeformConv`` exists from 19; ONNX Runtime's CPU ``RoiAlign`` kernel stops at the
   opset-16 definition (a model at opset 22 fails to load), and from opset 20 ``GridSample``'s

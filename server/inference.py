@@ -7,7 +7,7 @@ and embed a query person (:class:`QueryJob`). A batch may hold both. The engine
 - RoI models (``manifest.embeds_boxes``) embed the query box itself ("GT-box" mode), one
   query at a time (the engine takes one image per call);
 - the others run the detector on the query image and take the embedding of the detection that
-  overlaps the query box most ("max-IoU" mode, shared/reference/evaluation-protocol.md): these
+  overlaps the query box most ("max-IoU" mode, docs/evaluation.md): these
   queries join the batch's detection pass, so they are batched with everything else.
 """
 

@@ -2,7 +2,7 @@
 
 ::
 
-    psearch-train --config configs/alignps_prw.yaml [--set optim.lr=0.002 ...] [--output RUN_DIR]
+    psearch-train --config configs/alignps_r50_prw.yaml [--set optim.lr=0.002] [--output RUN_DIR]
     psearch-train --resume RUN_DIR [--set schedule.epochs=30 ...]
     torchrun --nproc_per_node 4 -m training --config ...
 

@@ -180,7 +180,7 @@ class ScheduleConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Evaluation on the test split (see shared/reference/evaluation-protocol.md)."""
+    """Evaluation on the test split (see docs/evaluation.md)."""
 
     every: int = Field(0, ge=0, description="Evaluate every N epochs; 0 = only at the end.")
     at_end: bool = Field(True, description="Evaluate once training has finished.")

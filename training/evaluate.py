@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate person search or pedestrian detection predictions with the "
-        "protocol of the literature (shared/reference/evaluation-protocol.md).",
+        "protocol of the literature (docs/evaluation.md).",
         epilog=predictions_format.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

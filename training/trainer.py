@@ -154,7 +154,7 @@ def build_model_checked(builder: ModelBuilder, model_config: dict[str, Any]) -> 
     if not isinstance(getattr(model, "preprocess", None), PreprocessConfig):
         raise TypeError(
             f"{type(model).__name__} has no `preprocess` PreprocessConfig, which the model "
-            "contract requires (design.md)"
+            "contract requires (models/__init__.py)"
         )
     return model
 
@@ -319,7 +319,7 @@ class Trainer:
 
     Args:
         config: the resolved configuration; ``output_dir`` is the run folder.
-        build_model: ``config.model -> nn.Module`` satisfying the model contract of design.md.
+        build_model: ``config.model -> nn.Module`` satisfying the model contract (``models``).
         resume: continue the run saved in ``config.output_dir``.
     """
 

@@ -1,6 +1,6 @@
 """Annotation types shared by every dataset loader, the synthetic generator and the evaluator.
 
-One label convention everywhere (see ``shared/reference/datasets.md``): a person id >= 0 is a
+One label convention everywhere (see ``docs/datasets.md``): a person id >= 0 is a
 labeled identity, contiguous within its split; -1 is an unlabeled person. Loaders translate each
 dataset's own sentinel at the edge, so nothing downstream knows where the data came from.
 """

@@ -1,6 +1,6 @@
 """CrowdHuman (pedestrian detection), read from the files exactly as distributed.
 
-Layout (``shared/reference/datasets.md``)::
+Layout (``docs/datasets.md``)::
 
     Images/273271,c9db000d5146c15.jpg ...
     annotation_train.odgt, annotation_val.odgt    one JSON object per line:

@@ -1,6 +1,6 @@
 """CUHK-SYSU, read from the files exactly as distributed.
 
-Layout (``shared/reference/datasets.md``)::
+Layout (``docs/datasets.md``)::
 
     Image/SSM/s1.jpg ...
     annotation/Images.mat       Img: imname, nAppear, box = (idlocate [x y w h], ishard)

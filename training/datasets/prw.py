@@ -1,6 +1,6 @@
 """PRW, read from the files exactly as distributed.
 
-Layout (``shared/reference/datasets.md``)::
+Layout (``docs/datasets.md``)::
 
     frames/c1s1_000151.jpg ...             1920x1080 frames; the name starts with the camera
     annotations/c1s1_000151.jpg.mat        box_new (or anno_file, anno_previous): (n, 5) id x y w h

@@ -7,8 +7,7 @@
 - ``Predictions``, ``save_predictions``, ``load_predictions``: the file a trainer writes and
   ``python -m training.evaluate`` scores.
 
-See ``shared/reference/evaluation-protocol.md`` for the protocol and the public scripts' bugs we
-do not repeat.
+See ``docs/evaluation.md`` for the protocol and the public scripts' bugs we do not repeat.
 """
 
 from .average_precision import average_precision

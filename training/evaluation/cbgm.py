@@ -7,8 +7,8 @@ k2 - 1 most confident other persons of the query image) is matched to the image'
 the Hungarian (Kuhn-Munkres) algorithm, maximising the summed similarity. The detection matched to
 the query then gets a new similarity.
 
-Two details follow the public code that produced the published numbers, where the protocol page
-(``shared/reference/evaluation-protocol.md``) words them differently:
+Two details follow the public code that produced the published numbers rather than a plain
+reading of the method (``docs/evaluation.md``, "Where psearch differs from the public scripts"):
 
 - the new similarity is the *largest* similarity among the matched pairs (SeqNet's and COAT's
   ``get_max_value_result`` returns a max, its summing variant is commented out), not the total;

@@ -1,6 +1,6 @@
 """Detection AP and recall of a person search model, as the person search papers compute them.
 
-Per gallery image (``shared/reference/evaluation-protocol.md``, "Detection metric"): keep the
+Per gallery image (``docs/evaluation.md``, "Detection AP and recall"): keep the
 detections scored >= ``det_thresh``; a GT box and a detection match when their IoU reaches
 ``iou_thresh`` *and* each is the other's highest-IoU partner (mutual best by IoU, whatever the
 scores; the first index wins a tie, as ``argmax`` does). A detection is a true positive if it

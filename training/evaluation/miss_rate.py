@@ -18,9 +18,9 @@ Curves, over all images: detections sorted by score (ties in image order), and a
 
 - MR^-2: at each of nine reference FPPIs, log-spaced in [1e-2, 1] (the toolkit's rounded values
   ``FPPI_REFERENCE``), the miss rate of the first point of the curve whose FPPI reaches the
-  reference (the last point if none does); MR^-2 is the geometric mean of the nine. The protocol
-  page words the sampling as "the lowest miss rate at or below that FPPI" (Dollar's Caltech
-  code); the toolkit's rule, which produced the published CrowdHuman numbers, is the one here.
+  reference (the last point if none does); MR^-2 is the geometric mean of the nine. Dollar's
+  Caltech code samples instead the lowest miss rate at or below each FPPI; the toolkit's rule,
+  which produced the published CrowdHuman numbers, is the one here (``docs/evaluation.md``).
 - AP: the trapezoidal area under the (recall, precision) points, starting at the first
   detection. This is the toolkit's AP, not the step-wise AP of the person search protocol.
 - recall: the recall after the last detection.

@@ -16,7 +16,7 @@ image::
     query_images      (Q,) str         with query_embeddings: the image of each query (a check)
     image_sizes       (N, 2) int64     optional: width, height of each image
 
-Query embeddings come in one of two modes (``shared/reference/evaluation-protocol.md``):
+Query embeddings come in one of two modes (``docs/evaluation.md``):
 
 - "GT-box" mode: ``query_embeddings`` holds one embedding per query, in the split's query order.
 - "max-IoU detection" mode: ``query_embeddings`` is absent; the embedding of each query is taken

@@ -1,6 +1,6 @@
 """The person search metric of the literature: mAP and top-k, exactly as the papers compute it.
 
-For one query (``shared/reference/evaluation-protocol.md``, "Search metric"):
+For one query (``docs/evaluation.md``, "The search metric"):
 
 1. For every image of the query's gallery: if the query person is in it, ``count_gt += 1``
    before looking at the detections (a target the detector missed still costs recall). Each

@@ -187,8 +187,12 @@ def _cuhk_protocol(
 
 
 def _gallery_entry(scene: SceneRecord, xywh: np.ndarray | None) -> dict[str, object]:
-    """One gallery item; a negative's box is MATLAB's empty matrix ``[]``."""
-    idlocate = np.zeros((0, 0)) if xywh is None else _row(xywh)
+    """One gallery item; a negative's box is an empty 1 x 0 double, as in the distributed files.
+
+    The public evaluation scripts (OIM, SeqNet, COAT) take a gallery box as ``item[1][0]`` and
+    test ``gt.size > 0``: a 1 x 0 matrix gives an empty row there, a 0 x 0 one an IndexError.
+    """
+    idlocate = np.zeros((1, 0)) if xywh is None else _row(xywh)
     return {"imname": f"{scene.name}.jpg", "idlocate": idlocate, "ishard": _scalar(0)}
 
 

@@ -87,18 +87,22 @@ def double(values) -> np.ndarray:
     return np.array(values, dtype=np.float64).reshape(1, -1)
 
 
-def sighting(image: str, box) -> dict:
-    # MATLAB's [] for an empty gallery box is a 0 x 0 double.
-    idlocate = np.zeros((0, 0)) if box is EMPTY else double(box)
+# The distributed TestG files hold an empty gallery box as a 1 x 0 double. psearch's writer
+# stored 0 x 0 before it was fixed; the loader reads both.
+DISTRIBUTED_EMPTY = (1, 0)
+
+
+def sighting(image: str, box, empty=DISTRIBUTED_EMPTY) -> dict:
+    idlocate = np.zeros(empty) if box is EMPTY else double(box)
     return {"imname": f"{image}.jpg", "idlocate": idlocate, "ishard": double(0)}
 
 
-def protocol(entries) -> np.ndarray:
+def protocol(entries, empty=DISTRIBUTED_EMPTY) -> np.ndarray:
     return struct(
         [
             {
                 "Query": struct([{**sighting(image, box), "idname": idname}]),
-                "Gallery": struct([sighting(g_image, g_box) for g_image, g_box in gallery]),
+                "Gallery": struct([sighting(g, box, empty) for g, box in gallery]),
             }
             for idname, image, box, gallery in entries
         ]
@@ -163,7 +167,8 @@ def test_hand_built_files_have_the_nesting_the_public_loaders_index(root: Path) 
     assert str(train[1][0, 0][2].squeeze()[1][0][0]) == "s3.jpg"  # item[0, 0][2]: scene
     protoc = scipy.io.loadmat(annotation / "test/train_test/TestG50.mat")["TestG50"].squeeze()
     assert str(protoc["Query"][1]["imname"][0, 0][0]) == "t2.jpg"
-    assert protoc["Gallery"][0].squeeze()[1][1].size == 0  # the empty box of t4
+    empty_box = protoc["Gallery"][0].squeeze()[1][1]  # the empty box of t4
+    assert empty_box[0].shape == (0,)  # OIM, SeqNet: gt = item[1][0]; count_gt += gt.size > 0
 
 
 def test_training_split_is_every_image_outside_the_pool_in_images_mat_order(root: Path) -> None:
@@ -218,6 +223,17 @@ def test_the_first_empty_gallery_box_ends_the_positives(root: Path) -> None:
     first, _ = load_cuhk_sysu(root, "test", gallery_size=50).queries
     # TestG50 lists t2 (box), t4 (empty), t5 (box): t5 comes after the empty box, a negative.
     assert gallery_of(first) == [("t2", [12, 12, 32, 52]), ("t4", None), ("t5", None)]
+
+
+def test_an_empty_gallery_box_stored_as_0x0_reads_like_the_distributed_1x0(root: Path) -> None:
+    # Files written by psearch's synthetic writer before it matched the distributed 1 x 0.
+    sizes = {50: TEST_G50, 100: TEST_G100}
+    expected = {n: [gallery_of(q) for q in load_cuhk_sysu(root, "test", n).queries] for n in sizes}
+    for size, entries in sizes.items():
+        path = root / f"annotation/test/train_test/TestG{size}.mat"
+        scipy.io.savemat(path, {f"TestG{size}": protocol(entries, empty=(0, 0))})
+        galleries = [gallery_of(query) for query in load_cuhk_sysu(root, "test", size).queries]
+        assert galleries == expected[size]
 
 
 def test_full_gallery_appends_every_other_pool_image_once_and_never_the_query_image(

@@ -80,6 +80,22 @@ def test_cuhk_files_have_the_nesting_the_public_loaders_index(cuhk_root: Path) -
     assert str(protoc["Query"][1]["idname"][0, 0][0]) == "p00002"
 
 
+def test_cuhk_empty_gallery_boxes_are_1x0_so_seqnet_evaluation_reads_them(cuhk_root: Path) -> None:
+    # The distributed TestG files store a gallery image without the query person as a 1 x 0
+    # double; OIM's, SeqNet's and COAT's evaluation read it as ``item[1][0]`` (a (0,) row) and
+    # count it by ``gt.size > 0``. A 0 x 0 matrix has no row 0: that indexing raises.
+    protocols = cuhk_root / "annotation/test/train_test"
+    for size in (50, 3):
+        protoc = scipy.io.loadmat(protocols / f"TestG{size}.mat")[f"TestG{size}"].squeeze()
+        for items in protoc["Gallery"]:
+            items = items.squeeze()
+            shapes = [item[1].shape for item in items]
+            assert shapes[0] == (1, 4) and shapes[-1] == (1, 0)  # positives first, then negatives
+            assert set(shapes) == {(1, 4), (1, 0)}
+            count_gt = sum(item[1][0].size > 0 for item in items)  # SeqNet's eval_search_cuhk
+            assert count_gt == shapes.count((1, 4))
+
+
 def test_cuhk_training_split_reads_back(cuhk_root: Path) -> None:
     assert_same_scenes(load_cuhk_sysu(cuhk_root, "train").images, CUHK_TRAIN)
 

@@ -306,7 +306,7 @@ def test_cbgm_rescues_a_person_recognised_by_their_companion():
     assert rescored.cbgm
 
 
-# --- a literal transcription of the protocol page, to compare with on random data ------------
+# --- a literal transcription of the protocol (docs/evaluation.md), to compare with on random data
 
 
 def reference_iou(a: np.ndarray, b: np.ndarray) -> float:
