@@ -1,4 +1,4 @@
-"""LEAPS (Dong et al., ICCV 2023): Sparse R-CNN with a flexible re-id head and diverse re-id
+"""LEAPS (Dong et al., arXiv:2303.11859): Sparse R-CNN with a flexible re-id head and diverse re-id
 sample matching. ``Leaps(config)`` builds the model; ``LeapsConfig`` validates its settings."""
 
 from models.leaps.config import LeapsConfig

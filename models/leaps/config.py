@@ -139,7 +139,7 @@ class ReidLossConfig(StrictModel):
 
 
 class LeapsConfig(StrictModel):
-    """LEAPS (Dong et al., ICCV 2023): Sparse R-CNN + flexible re-id head + DRSM."""
+    """LEAPS (Dong et al., arXiv:2303.11859): Sparse R-CNN + flexible re-id head + DRSM."""
 
     name: Literal["leaps"] = Field("leaps", description="Registry name of the model.")
     preprocess: PreprocessConfig = Field(

@@ -1,10 +1,10 @@
 """One stage of the cascaded detection head (LEAPS Sec. 3.1.1, Sparse R-CNN's dynamic head).
 
 A stage reads RoI features of its proposal boxes from F_s16 (``detection.feature_level``), lets
-the proposals attend to each other (self-attention), mixes each proposal's feature with its RoI features (the instance
-interaction, :class:`DynamicConv`), refines the result with an FFN into the detection features
-F_d, and predicts a person logit and box deltas relative to its input boxes. F_d and the refined
-boxes become the next stage's proposals.
+the proposals attend to each other (self-attention), mixes each proposal's feature with its RoI
+features (the instance interaction, :class:`DynamicConv`), refines the result with an FFN into
+the detection features F_d, and predicts a person logit and box deltas relative to its input
+boxes. F_d and the refined boxes become the next stage's proposals.
 """
 
 from __future__ import annotations
