@@ -1,4 +1,4 @@
-"""LEAPS: end-to-end one-step person search with learnable proposals (Dong et al., arXiv:2303.11859).
+"""LEAPS: end-to-end one-step person search with learnable proposals (arXiv:2303.11859).
 
 Pipeline (Fig. 3): ResNet + FPN give F_s8 (P3) and F_s16 (P4). N learnable proposals (boxes in
 cx, cy, w, h relative to each image's own size, not to the padded batch, initialised to the whole
