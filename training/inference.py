@@ -181,6 +181,15 @@ def detect_images(
     return outputs
 
 
+def require_box_embedding(model: nn.Module) -> None:
+    """A ConfigError unless the model can embed a given box (``query_mode: gt_box``)."""
+    if not hasattr(model, "embed_boxes"):
+        raise ConfigError(
+            f"eval.query_mode: gt_box needs a model with embed_boxes, which "
+            f"{type(model).__name__} does not have; use max_iou"
+        )
+
+
 @torch.no_grad()
 def embed_query_boxes(
     model: nn.Module,
@@ -190,11 +199,7 @@ def embed_query_boxes(
 ) -> np.ndarray:
     """(Q, D) L2-normalised embeddings of the query boxes ("GT-box" mode), in query order
     ((0, 0) for no queries)."""
-    if not hasattr(model, "embed_boxes"):
-        raise ConfigError(
-            f"eval.query_mode: gt_box needs a model with embed_boxes, which "
-            f"{type(model).__name__} does not have; use max_iou"
-        )
+    require_box_embedding(model)
     vectors: list[np.ndarray] = []
     batches = prepared_batches([paths[q.image] for q in queries], model.preprocess, settings)
     progress = tqdm(total=len(queries), desc="queries", disable=not settings.show_progress)

@@ -67,7 +67,7 @@ from training.config import (
 )
 from training.data import TrainLoader, load_split
 from training.datasets import PersonSearchSplit
-from training.inference import evaluate_model, load_test_split
+from training.inference import evaluate_model, load_test_split, require_box_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,8 @@ class Trainer:
         seed_everything(config.seed)  # the same initial weights on every rank
         split = load_split(config.data, config.data.train_split)
         self.model = build_model_checked(build_model, config.model).to(self.device)
+        if config.eval.query_mode == "gt_box":  # now, not at the first evaluation hours later
+            require_box_embedding(self.model)
         if resume_state is not None:
             load_weights(self.model, self.run_dir / WEIGHTS_FILE)
         self.loader = TrainLoader(

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from models import build_model
 from training.config import (
     ConfigError,
     TrainConfig,
@@ -11,7 +12,7 @@ from training.config import (
     dump_config,
     load_config,
 )
-from training.trainer import IterationPlan, lr_factor
+from training.trainer import IterationPlan, lr_factor, parameter_groups
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -153,3 +154,15 @@ def test_learning_rate_warms_up_linearly_then_steps_down_at_milestones():
     assert lr_factor(39, plan, config.schedule) == 1.0
     assert lr_factor(40, plan, config.schedule) == pytest.approx(0.1)
     assert lr_factor(60, plan, config.schedule) == pytest.approx(0.01)
+
+
+SHIPPED_CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_builds_its_optimizer_with_rules_that_match_its_model(path):
+    config = load_config(path)
+    model = build_model(config.model)
+    groups = parameter_groups(model, config.optim)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for group in groups for p in group["params"]) == trainable

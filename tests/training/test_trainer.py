@@ -629,3 +629,11 @@ def test_mixed_precision_on_cuda_trains_checkpoints_and_evaluates(tmp_path, prw_
     state = load_state(run)
     assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the checkpoint
     assert "mAP" in yaml.safe_load((run / "metrics.json").read_text())["metrics"]
+
+
+def test_a_box_query_mode_the_model_cannot_embed_is_refused_before_training(tmp_path, prw_root):
+    config = load_config(config_file(tmp_path, prw_root, eval={"query_mode": "gt_box"}))
+    config.output_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="gt_box needs a model with embed_boxes"):
+        Trainer(config, ToyPersonSearch)
+    assert not (tmp_path / "run").exists()
