@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,33 @@ def load_weights(model: nn.Module, path: Path) -> None:
             f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+
+
+def load_module_weights(model: nn.Module, source: Path, modules: Sequence[str] = ()) -> None:
+    """Load the weights of `modules` (module names, prefixes of parameter names; empty = the
+    whole model) from `source`, a run folder or a weights file. Every parameter and buffer of
+    those modules must be in the file with its shape; the rest of the model is left as it is."""
+    path = source / WEIGHTS_FILE if source.is_dir() else source
+    if not path.is_file():
+        raise CheckpointError(f"{source}: no weights file (a run folder or a .safetensors file)")
+    if not modules:
+        load_weights(model, path)
+        return
+    model = unwrap(model)
+    own = model.state_dict()
+    wanted = {k for k in own if any(k == m or k.startswith(f"{m}.") for m in modules)}
+    unknown = [m for m in modules if not any(k == m or k.startswith(f"{m}.") for k in own)]
+    if unknown:
+        raise CheckpointError(f"{path}: the model has no modules {unknown} to load")
+    loaded = safetensors.torch.load_file(str(path))
+    missing = sorted(wanted - set(loaded))
+    misshapen = sorted(k for k in wanted & set(loaded) if loaded[k].shape != own[k].shape)
+    if missing or misshapen:
+        raise CheckpointError(
+            f"{path}: weights do not fit modules {list(modules)}: missing {missing[:5]}, "
+            f"other shapes {misshapen[:5]}"
+        )
+    model.load_state_dict({k: loaded[k] for k in wanted}, strict=False)
 
 
 def weights_iteration(path: Path) -> int | None:

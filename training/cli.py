@@ -4,6 +4,9 @@
 
     psearch-train --config configs/alignps_r50_prw.yaml [--set optim.lr=0.002] [--output RUN_DIR]
     psearch-train --resume RUN_DIR [--set schedule.epochs=30 ...]
+
+A config with ``phases`` trains them one after the other from the one command
+(``training.phases``); ``--resume`` continues whichever phase was interrupted.
     torchrun --nproc_per_node 4 -m training --config ...
 
 Mistakes a user can fix (a config typo, a missing file, a wrong data root) end the program with
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from training.checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError
 from training.config import ConfigError, TrainConfig, load_config
 from training.datasets import DatasetError
+from training.phases import PHASES_FILE, train_phases
 from training.trainer import ModelBuilder, TrainingInterrupted, format_metrics, train
 
 USER_ERROR = 2
@@ -60,18 +64,24 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume is not None:
         if args.output is not None and args.output.resolve() != args.resume.resolve():
             raise ConfigError("--output must be left out or equal --resume: a run resumes in place")
-        config = load_config(args.config or args.resume / CONFIG_FILE, args.overrides)
+        config = load_config(args.config or saved_config(args.resume), args.overrides)
         config.output_dir = args.resume
         return config
     config = load_config(args.config, args.overrides)
     if args.output is not None:
         config.output_dir = args.output
-    if (config.output_dir / STATE_FILE).exists():
+    if (config.output_dir / STATE_FILE).exists() or (config.output_dir / PHASES_FILE).exists():
         raise ConfigError(
             f"{config.output_dir} already holds a checkpoint; pass --resume {config.output_dir} "
             "to continue it, or choose another --output"
         )
     return config
+
+
+def saved_config(run_dir: Path) -> Path:
+    """The config a run folder was started with: the phased config of a run in phases."""
+    phases = run_dir / PHASES_FILE
+    return phases if phases.is_file() else run_dir / CONFIG_FILE
 
 
 def default_model_builder() -> ModelBuilder:
@@ -88,7 +98,8 @@ def main(argv: Sequence[str] | None = None, build_model: ModelBuilder | None = N
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
     try:
         config = resolve_config(args)
-        metrics = train(
+        run = train_phases if config.phases else train
+        metrics = run(
             config, build_model or default_model_builder(), resume=args.resume is not None
         )
     except (ConfigError, DatasetError, CheckpointError) as error:

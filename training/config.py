@@ -199,6 +199,53 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(1, gt=0, description="Images per inference batch.")
 
 
+class InitConfig(StrictModel):
+    """Weights that start a run (all of the model, or some of its modules), as a fine-tuning
+    or a later training phase starts from an earlier run."""
+
+    weights: Path = Field(
+        ..., description="A run folder (its model.safetensors) or a .safetensors weights file."
+    )
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Module names (prefixes of parameter names, e.g. 'backbone') whose weights "
+        "are loaded; every parameter and buffer under them must be in the file. Empty = the "
+        "whole model.",
+    )
+
+
+class PhaseConfig(StrictModel):
+    """One phase of a run trained in several (e.g. a detector, then a re-id network beside the
+    frozen detector): the base config with this phase's sections merged in, in its own folder
+    ``RUN_DIR/<name>``; a phase starts when the one before it has finished."""
+
+    name: str = Field(
+        ..., pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Folder name of the phase's run."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sections merged into the base config for this phase (nested mappings are "
+        "merged key by key, other values replace), e.g. {model: {phase: reid}, optim: {lr: 0.1}}.",
+    )
+    init_from: str | None = Field(
+        None, description="An earlier phase whose final weights start this one."
+    )
+    init_modules: list[str] = Field(
+        default_factory=list,
+        description="With init_from: the module names loaded from it; empty = the whole model.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="Module names frozen in this phase (see `freeze`)."
+    )
+    budget_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="This phase's share of schedule.max_minutes; phases without one share the "
+        "rest equally.",
+    )
+
+
 class TrainConfig(StrictModel):
     """Everything a training run needs; saved resolved as config.yaml in the run folder."""
 
@@ -223,6 +270,37 @@ class TrainConfig(StrictModel):
     find_unused_parameters: bool = Field(
         False, description="DDP: allow parameters that get no gradient in some iterations."
     )
+    init: InitConfig | None = Field(
+        None, description="Weights that start the run (not used when resuming); null = none."
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Module names (prefixes of parameter names) that do not train: their "
+        "parameters get no gradient and their layers stay in eval mode (norm statistics kept).",
+    )
+    phases: list[PhaseConfig] = Field(
+        default_factory=list,
+        description="Train in these phases, one after the other, from one command; empty = one "
+        "run of this config.",
+    )
+
+    @model_validator(mode="after")
+    def _check_phases(self) -> TrainConfig:
+        names = [phase.name for phase in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phases: names must be unique, got {names}")
+        for index, phase in enumerate(self.phases):
+            if phase.init_from is not None and phase.init_from not in names[:index]:
+                raise ValueError(
+                    f"phases: {phase.name!r} starts from {phase.init_from!r}, which is not an "
+                    f"earlier phase (earlier: {names[:index]})"
+                )
+            if "phases" in phase.overrides:
+                raise ValueError(f"phases: {phase.name!r} cannot override the phases")
+        shares = [phase.budget_share for phase in self.phases if phase.budget_share is not None]
+        if sum(shares) > 1 + 1e-9:
+            raise ValueError(f"phases: budget shares add up to more than 1: {shares}")
+        return self
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

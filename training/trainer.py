@@ -34,10 +34,11 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ from models import UnknownModelError
 from models.preprocess import PreprocessConfig
 from training.checkpoint import (
     WEIGHTS_FILE,
+    load_module_weights,
     load_state,
     load_weights,
     rng_state,
@@ -216,6 +218,26 @@ def fit_plan(
     )
 
 
+def freeze_modules(model: nn.Module, names: Sequence[str]) -> None:
+    """Freeze the named modules: their parameters get no gradient (so no optimizer sees them),
+    and they stay in eval mode whatever mode the model is put in, so that their norm layers
+    keep their statistics and their dropout stays off."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ConfigError(f"freeze: the model has no modules {unknown}")
+    for name in names:
+        module = modules[name]
+        module.requires_grad_(False)
+        module.train = MethodType(_train_stays_off, module)  # type: ignore[method-assign]
+        module.eval()
+
+
+def _train_stays_off(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` of a frozen module: eval mode for it and its children, whatever is asked."""
+    return nn.Module.train(module, False)
+
+
 def parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     """The trainable parameters grouped by their (learning rate, weight decay) multipliers (see
     ``OptimConfig``), the unchanged group first; each group holds ``params``, ``lr_mult`` and
@@ -340,6 +362,9 @@ class Trainer:
             require_box_embedding(self.model)
         if resume_state is not None:
             load_weights(self.model, self.run_dir / WEIGHTS_FILE)
+        elif config.init is not None:
+            load_module_weights(self.model, config.init.weights, config.init.modules)
+        freeze_modules(self.model, config.freeze)
         self.loader = TrainLoader(
             split,
             config.data,
