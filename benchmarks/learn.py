@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -63,8 +61,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reference import evaluate_reference, train_reference
+from common.config_files import ConfigFileError, add_overrides_argument, apply_overrides
+from common.run_folder import RUN_WEIGHTS_FILE
 from models import build_model
-from training.checkpoint import WEIGHTS_FILE, load_weights
+from training.checkpoint import load_weights
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import load_split
 from training.datasets import DatasetError, PersonSearchSplit
@@ -77,7 +77,7 @@ from training.inference import (
     predict_split,
     score_predictions,
 )
-from training.synthetic import FORMATS, generate, generator_fingerprint, make_options
+from training.synthetic import cached_dataset
 from training.trainer import (
     ProcessGroup,
     Trainer,
@@ -86,7 +86,6 @@ from training.trainer import (
     select_device,
 )
 
-COMPLETE_MARKER = "SYNTHETIC.txt"  # written last: a folder without it is an unfinished dataset
 SPREAD_FILE = Path(__file__).with_name("learn_spread.json")
 
 # The benchmark's test split, where it differs from the generator's defaults: 300 queries.
@@ -118,53 +117,6 @@ PAPER_ORDERINGS = [
 def log(line: str) -> None:
     """Print a progress line now (a run takes minutes; the lines should not wait in a buffer)."""
     print(line, flush=True)
-
-
-# --- data ---------------------------------------------------------------------------------
-
-
-def synthetic_options(format: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The generator's options for `format` (its defaults, then `overrides`), as plain data."""
-    try:
-        options = dataclasses.asdict(make_options(format, **overrides))
-    except (TypeError, ValueError) as error:  # an unknown option, or a value out of range
-        raise ConfigError(f"--synthetic: {error}") from None
-    options.pop("progress")  # how it is shown does not change what is written
-    return options
-
-
-def dataset_folder(data_dir: Path, format: str, seed: int, options: dict[str, Any]) -> Path:
-    """Where the dataset of (format, seed, options) is cached: a name that changes with any
-    option and with the generator's code, so that two datasets never share a folder."""
-    key = {**options, "generator": generator_fingerprint()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    return data_dir / f"{format}-seed{seed}-{digest}"
-
-
-def synthetic_dataset(
-    data_dir: Path, format: str, seed: int, overrides: dict[str, Any]
-) -> tuple[Path, bool]:
-    """The root of the synthetic dataset, generated unless a complete copy is cached; returns
-    (root, whether it was generated now).
-
-    The dataset is written to a temporary sibling folder and renamed when complete, so an
-    interrupted run leaves no half-written dataset under the cached name.
-    """
-    if format not in FORMATS:
-        raise ConfigError(
-            f"data.dataset: {format!r} has no synthetic generator; expected one of {FORMATS}"
-        )
-    options = synthetic_options(format, overrides)
-    root = dataset_folder(data_dir, format, seed, options)
-    if (root / COMPLETE_MARKER).is_file():
-        return root, False
-    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    summary = generate(format, partial, seed=seed, **options)
-    (partial / COMPLETE_MARKER).write_text(f"{summary}\noptions {json.dumps(options)}\n")
-    shutil.rmtree(root, ignore_errors=True)  # an unfinished copy from an older run, if any
-    partial.rename(root)
-    return root, True
 
 
 # --- training -----------------------------------------------------------------------------
@@ -299,9 +251,12 @@ def run_config(config_path: Path, args: argparse.Namespace) -> ConfigResult:
     it again."""
     config = load_config(config_path, args.overrides)
     log(f"\n=== {config_path} ===")
-    root, generated = synthetic_dataset(
-        args.data_dir, config.data.dataset, args.data_seed, benchmark_options(config, args)
-    )
+    try:
+        root, generated = cached_dataset(
+            args.data_dir, config.data.dataset, args.data_seed, **benchmark_options(config, args)
+        )
+    except ValueError as error:  # a format without a generator, an unknown option
+        raise ConfigError(f"synthetic data of {config.data.dataset!r}: {error}") from None
     log(f"data: {root} ({'generated now' if generated else 'cached'})")
     config.data.root = root
     log("config (resolved):")
@@ -353,7 +308,7 @@ def benchmark_options(config: TrainConfig, args: argparse.Namespace) -> dict[str
 def load_trained(run_dir: Path, config: TrainConfig, device: torch.device) -> nn.Module:
     """The model with the weights of the run's last checkpoint."""
     model = build_model_checked(build_model, config.model).to(device)
-    load_weights(model, run_dir / WEIGHTS_FILE)
+    load_weights(model, run_dir / RUN_WEIGHTS_FILE)
     return model
 
 
@@ -563,17 +518,6 @@ def final_table(
 # --- command line -------------------------------------------------------------------------
 
 
-def parse_key_values(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` strings as a dict; values are read as YAML (``8``, ``0.5``, ``[50]``)."""
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--synthetic {pair!r} is not of the form option=value")
-        parsed[key] = yaml.safe_load(value)
-    return parsed
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/learn.py", description=__doc__.split("\n\n")[0]
@@ -624,14 +568,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="generator options other than the benchmark's, e.g. train_images=8 (see "
         "training.synthetic.SyntheticOptions); they change the cached dataset's name",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of every config, e.g. --set data.workers=0",
-    )
+    add_overrides_argument(parser, "a field of every config", "data.workers=0")
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
@@ -642,9 +579,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.record_spread and len(args.seeds) < 2:
         parser.error("--record-spread needs at least two --seeds")
     try:
-        args.synthetic = parse_key_values(args.synthetic)
-    except ConfigError as error:
-        parser.error(str(error))
+        args.synthetic = apply_overrides({}, args.synthetic)
+    except ConfigFileError as error:
+        parser.error(f"--synthetic: {error}")
     return args
 
 

@@ -40,7 +40,7 @@ import yaml
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.artifact import GraphFiles, build_manifest, write_manifest, write_weights
+from export.artifact import GraphFiles, build_manifest, write_model_manifest, write_weights
 from export.artifact import build_model as build_model_without_weights
 from export.onnx import write_onnx_graphs
 from export.runtime import BackendUnavailableError, Engine, load_engine, whole_batch_sizes
@@ -86,7 +86,7 @@ def export_paper_model(name: str, folder: Path) -> Path:
     started = time.perf_counter()
     manifest.onnx = GraphFiles(**write_onnx_graphs(model, out))
     print(f"{name}: exported in {time.perf_counter() - started:.0f} s")
-    write_manifest(manifest, out)
+    write_model_manifest(manifest, out)
     return out
 
 

@@ -54,7 +54,7 @@ import yaml
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.artifact import GraphFiles, build_manifest, write_manifest, write_weights
+from export.artifact import GraphFiles, build_manifest, write_model_manifest, write_weights
 from export.onnx import write_onnx_graphs
 from export.runtime import Engine, load_engine
 from indexer.ingest import ingest, open_gallery_for
@@ -123,7 +123,7 @@ def export_tiny_model(folder: Path) -> Path:
     folder.mkdir(parents=True)
     write_weights(model, folder, manifest)
     manifest.onnx = GraphFiles(**write_onnx_graphs(model, folder))
-    write_manifest(manifest, folder)
+    write_model_manifest(manifest, folder)
     return folder
 
 

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.artifact import ArtifactError, read_manifest
+from export.artifact import ArtifactError, read_model_manifest
 from export.cli import UsageError, check_tensorrt_available
 from export.runtime import ensure_tensorrt_engines
 
@@ -80,7 +80,7 @@ def prepare(model_dir: Path, *, backend: str, device: str, cache_dir: Path) -> P
         ArtifactError: ``model_dir`` is not a model folder.
         UsageError: TensorRT was asked for where it cannot run.
     """
-    manifest = read_manifest(model_dir)
+    manifest = read_model_manifest(model_dir)
     if backend != "tensorrt":
         return model_dir
     if device != "cuda":

@@ -3,7 +3,7 @@
 ::
 
     MODEL_DIR/
-        psearch.json              the manifest (:class:`Manifest`)
+        psearch.json              the manifest (:class:`ModelManifest`)
         checkpoint.safetensors    the weights (what the PyTorch backend loads)
         model.onnx                portable graph, opset 19, standard ops only
         model.plugins.onnx        the same with psearch:: plugin nodes (TensorRT)
@@ -25,25 +25,23 @@ from typing import Any
 
 import safetensors.torch
 import torch
-import yaml
 from pydantic import Field, ValidationError
 from torch import nn
 
 import models
+from common.config_files import ConfigFileError, read_yaml_mapping
+from common.files import write_atomically, write_text_atomically
+from common.run_folder import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE
 from models.config import StrictModel
 from models.preprocess import PreprocessConfig
 
-MANIFEST_FILE = "psearch.json"
-WEIGHTS_FILE = "checkpoint.safetensors"
+MODEL_MANIFEST_FILE = "psearch.json"
+MODEL_WEIGHTS_FILE = "checkpoint.safetensors"
 ONNX_FILE = "model.onnx"
 PLUGIN_ONNX_FILE = "model.plugins.onnx"
 EMBED_ONNX_FILE = "embed.onnx"
 EMBED_PLUGIN_ONNX_FILE = "embed.plugins.onnx"
 FORMAT_VERSION = 1
-
-# A training run folder (training/checkpoint.py).
-RUN_WEIGHTS_FILE = "model.safetensors"
-RUN_CONFIG_FILE = "config.yaml"
 
 
 class ArtifactError(ValueError):
@@ -79,7 +77,7 @@ class ParityRecord(StrictModel):
     min_cosine: float = Field(description="Smallest embedding cosine similarity.")
 
 
-class Manifest(StrictModel):
+class ModelManifest(StrictModel):
     """``psearch.json``: everything needed to run a model folder and to recognise its model."""
 
     format_version: int = Field(FORMAT_VERSION, description="Version of this manifest format.")
@@ -90,7 +88,7 @@ class Manifest(StrictModel):
     embedding_dim: int = Field(ge=0, description="Length of the re-id embedding (0: detector).")
     embeds_boxes: bool = Field(description="Whether the model embeds given boxes (RoI model).")
     fingerprint: str = Field(description="sha256:<hex> of the weights and canonical config.")
-    weights: str = Field(WEIGHTS_FILE, description="Weights file (safetensors).")
+    weights: str = Field(MODEL_WEIGHTS_FILE, description="Weights file (safetensors).")
     onnx: GraphFiles | None = Field(None, description="The ONNX graphs, when exported.")
     parity: ParityRecord | None = Field(None, description="The export's parity check.")
 
@@ -130,10 +128,10 @@ def portable_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def build_manifest(model: nn.Module) -> Manifest:
+def build_manifest(model: nn.Module) -> ModelManifest:
     """The manifest of a model (without ONNX files or parity yet)."""
     config = portable_config(model)
-    return Manifest(
+    return ModelManifest(
         psearch_version=psearch_version(),
         name=config["name"],
         config=config,
@@ -169,8 +167,8 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_run(run_dir: Path) -> nn.Module:
-    """The model of a training run folder (``config.yaml`` + ``model.safetensors``), in eval
-    mode on CPU."""
+    """The model of a training run folder (``common/run_folder.py``: ``config.yaml`` and
+    ``model.safetensors``), in eval mode on CPU."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"{run_dir}: not a directory (expected a training run folder)")
@@ -178,12 +176,10 @@ def load_run(run_dir: Path) -> nn.Module:
     if not config_path.is_file():
         raise ArtifactError(f"{run_dir}: no {RUN_CONFIG_FILE}; is it a training run folder?")
     try:
-        data = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError as error:
-        raise ArtifactError(
-            f"{config_path}: invalid YAML: {' '.join(str(error).split())}"
-        ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        data = read_yaml_mapping(config_path, "run config")
+    except ConfigFileError as error:
+        raise ArtifactError(str(error)) from None
+    if not isinstance(data.get("model"), dict):
         raise ArtifactError(f"{config_path}: no 'model' section")
     model = _build_checked(data["model"], str(config_path))
     _load_weights(model, run_dir / RUN_WEIGHTS_FILE)
@@ -198,33 +194,35 @@ def _build_checked(config: dict[str, Any], source: str) -> nn.Module:
         raise ArtifactError(f"{source}: invalid model config: {reason}") from None
 
 
-def write_weights(model: nn.Module, directory: Path, manifest: Manifest) -> Path:
+def write_weights(model: nn.Module, directory: Path, manifest: ModelManifest) -> Path:
     """``checkpoint.safetensors`` with the fingerprint and config in its metadata."""
     path = directory / manifest.weights
     metadata = {
         "fingerprint": manifest.fingerprint,
         "model_config": canonical_json(manifest.config),
     }
-    safetensors.torch.save_model(model, str(path), metadata)
+    write_atomically(
+        path, lambda temporary: safetensors.torch.save_model(model, str(temporary), metadata)
+    )
     path.chmod(0o644)  # safetensors writes 0600; the folder is deployed, read by other users
     return path
 
 
-def write_manifest(manifest: Manifest, directory: Path) -> Path:
-    path = directory / MANIFEST_FILE
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return path
+def write_model_manifest(manifest: ModelManifest, directory: Path) -> Path:
+    """``psearch.json``, written last by an export: a folder with it is complete."""
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+    return write_text_atomically(directory / MODEL_MANIFEST_FILE, text)
 
 
-def read_manifest(model_dir: Path) -> Manifest:
+def read_model_manifest(model_dir: Path) -> ModelManifest:
     """The manifest of a model folder, validated."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ArtifactError(f"{model_dir}: not a directory (expected an exported model folder)")
-    path = model_dir / MANIFEST_FILE
+    path = model_dir / MODEL_MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(
-            f"{model_dir}: no {MANIFEST_FILE}; is it a folder written by psearch-export?"
+            f"{model_dir}: no {MODEL_MANIFEST_FILE}; is it a folder written by psearch-export?"
         )
     try:
         data = json.loads(path.read_text())
@@ -236,18 +234,18 @@ def read_manifest(model_dir: Path) -> Manifest:
             f"{FORMAT_VERSION}; re-export the model with this version"
         )
     try:
-        return Manifest.model_validate(data)
+        return ModelManifest.model_validate(data)
     except ValidationError as error:
         reason = " ".join(str(error).split())[:500]
         raise ArtifactError(f"{path}: invalid manifest: {reason}") from None
 
 
-def load_model(model_dir: Path, manifest: Manifest | None = None) -> nn.Module:
+def load_model(model_dir: Path, manifest: ModelManifest | None = None) -> nn.Module:
     """The PyTorch model of a model folder, in eval mode on CPU, checked against the
     fingerprint of its manifest."""
     model_dir = Path(model_dir)
-    manifest = manifest or read_manifest(model_dir)
-    model = _build_checked(manifest.config, str(model_dir / MANIFEST_FILE))
+    manifest = manifest or read_model_manifest(model_dir)
+    model = _build_checked(manifest.config, str(model_dir / MODEL_MANIFEST_FILE))
     _load_weights(model, model_dir / manifest.weights)
     actual = fingerprint(model.state_dict(), manifest.config)
     if actual != manifest.fingerprint:

@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from export.artifact import (
-    MANIFEST_FILE,
+    MODEL_MANIFEST_FILE,
     ArtifactError,
     GraphFiles,
-    Manifest,
+    ModelManifest,
     ParityRecord,
     build_manifest,
     load_run,
-    write_manifest,
+    write_model_manifest,
     write_weights,
 )
 from export.onnx import ExportError, write_onnx_graphs
@@ -104,11 +104,11 @@ def check_tensorrt_available() -> None:
 def check_output_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
-    if (out / MANIFEST_FILE).exists() and not overwrite:
+    if (out / MODEL_MANIFEST_FILE).exists() and not overwrite:
         raise UsageError(f"--out {out}: already holds an exported model; add --overwrite")
 
 
-def run_parity(model: nn.Module, out: Path, manifest: Manifest) -> ParityReport:
+def run_parity(model: nn.Module, out: Path, manifest: ModelManifest) -> ParityReport:
     """ONNX Runtime (CPU) vs PyTorch eager on synthetic images of the model's input sizes."""
     batches, queries = parity_inputs(model.preprocess)
     graphs = manifest.onnx
@@ -125,7 +125,7 @@ def run_parity(model: nn.Module, out: Path, manifest: Manifest) -> ParityReport:
 
 def export_checkpoint(
     run_dir: Path, out: Path, *, parity: bool = True, log: Callable[[str], None] = print
-) -> tuple[Manifest, ParityReport | None]:
+) -> tuple[ModelManifest, ParityReport | None]:
     """Write the model folder of a training run (ONNX format) and check its parity."""
     model = load_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def export_checkpoint(
             max_score_error=report.max_score_error,
             min_cosine=report.min_cosine,
         )
-    write_manifest(manifest, out)
+    write_model_manifest(manifest, out)
     return manifest, report
 
 

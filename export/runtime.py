@@ -38,7 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.artifact import ArtifactError, GraphFiles, Manifest, load_model, read_manifest
+from common.boxes import max_iou_pick
+from export.artifact import (
+    ArtifactError,
+    GraphFiles,
+    ModelManifest,
+    load_model,
+    read_model_manifest,
+)
 from models.preprocess import normalize_and_resize, pad_batch, unscale_boxes
 
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
@@ -100,7 +107,9 @@ class _Runner(Protocol):
 class TorchRunner:
     """The PyTorch model, eager."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+    def __init__(
+        self, model_dir: Path, manifest: ModelManifest, device: Device, threads: int | None
+    ):
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
                 "backend 'torch' on device 'cuda': this PyTorch has no CUDA device "
@@ -136,7 +145,9 @@ class TorchRunner:
 class OnnxRuntimeRunner:
     """``model.onnx`` (and ``embed.onnx``) in ONNX Runtime."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+    def __init__(
+        self, model_dir: Path, manifest: ModelManifest, device: Device, threads: int | None
+    ):
         if importlib.util.find_spec("onnxruntime") is None:
             raise BackendUnavailableError(
                 f"backend 'onnxruntime' needs the onnxruntime package: {EXPORT_EXTRA} "
@@ -193,7 +204,7 @@ def whole_batch_sizes(batch: np.ndarray) -> np.ndarray:
     return np.tile(np.float32(batch.shape[-2:]), (batch.shape[0], 1))
 
 
-def require_onnx_graphs(model_dir: Path, manifest: Manifest) -> GraphFiles:
+def require_onnx_graphs(model_dir: Path, manifest: ModelManifest) -> GraphFiles:
     """The folder's ONNX graphs; refused when there are none, or when they were exported
     before ``image_sizes`` was an input: those scale LEAPS' proposals by the padded batch, so
     their answers would depend on the batch."""
@@ -211,7 +222,7 @@ def require_onnx_graphs(model_dir: Path, manifest: Manifest) -> GraphFiles:
     return graphs
 
 
-def tensorrt_settings(manifest: Manifest, batch_size: int) -> Any:
+def tensorrt_settings(manifest: ModelManifest, batch_size: int) -> Any:
     """The engine's input shape ranges, from the model's preprocessing: a side is at most
     ``max_size`` (rounded up to the padding multiple), at least the graph's smallest input
     side, and TensorRT tunes for a full batch of ``min_size x max_size`` landscape images;
@@ -235,7 +246,7 @@ def tensorrt_settings(manifest: Manifest, batch_size: int) -> Any:
     return BuildSettings(input_shapes={"images": shapes, IMAGE_SIZES: sizes})
 
 
-def tensorrt_embed_settings(manifest: Manifest) -> Any:
+def tensorrt_embed_settings(manifest: ModelManifest) -> Any:
     """The embed engine's shape ranges: one image (sides as in :func:`tensorrt_settings`) and
     1 to ``MAX_TENSORRT_QUERY_BOXES`` boxes, tuned for one (a query)."""
     from export.tensorrt import BuildSettings, InputShapes
@@ -247,7 +258,7 @@ def tensorrt_embed_settings(manifest: Manifest) -> Any:
     )
 
 
-def ensure_tensorrt_engines(model_dir: Path, manifest: Manifest) -> dict[str, Path]:
+def ensure_tensorrt_engines(model_dir: Path, manifest: ModelManifest) -> dict[str, Path]:
     """The TensorRT engines of a model folder for this GPU, built unless cached
     (``export.tensorrt.ensure_engine``): ``detect``, and ``embed`` for models that embed given
     boxes. A folder without ONNX graphs, or exported before ``image_sizes``, is refused."""
@@ -270,7 +281,9 @@ class TensorRTRunner:
     TensorRT engines built for this GPU and cached in the model folder (``export.tensorrt``);
     built on first use, which takes minutes."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, device: Device, threads: int | None):
+    def __init__(
+        self, model_dir: Path, manifest: ModelManifest, device: Device, threads: int | None
+    ):
         from export.tensorrt import TensorRTUnavailableError, require_tensorrt
 
         require_onnx_graphs(model_dir, manifest)  # before TensorRT: a fix the user can make
@@ -321,7 +334,7 @@ class TensorRTRunner:
 _RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "tensorrt": TensorRTRunner}
 
 
-def _auto_backend(manifest: Manifest, device: Device) -> str:
+def _auto_backend(manifest: ModelManifest, device: Device) -> str:
     """ONNX Runtime when the folder has its graphs and it is installed, else PyTorch."""
     if manifest.onnx is not None and importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
@@ -332,20 +345,10 @@ def _auto_backend(manifest: Manifest, device: Device) -> str:
     return "torch"
 
 
-def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU (n,) of one box (4,) with boxes (n, 4)."""
-    top_left = np.maximum(box[:2], boxes[:, :2])
-    bottom_right = np.minimum(box[2:], boxes[:, 2:])
-    intersection = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-    area = np.prod(box[2:] - box[:2])
-    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return intersection / np.maximum(area + areas - intersection, 1e-12)
-
-
 class Engine:
     """A loaded model folder on one backend (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest, runner: _Runner, info: EngineInfo, batch_size: int):
+    def __init__(self, manifest: ModelManifest, runner: _Runner, info: EngineInfo, batch_size: int):
         self.manifest = manifest
         self.info = info
         self.batch_size = batch_size
@@ -437,8 +440,7 @@ class Engine:
         detections = self.detect([image])[0]
         if len(detections.scores) == 0:
             raise ValueError("no person detected in the query image; cannot embed the query")
-        best = int(np.argmax(_box_iou(query, detections.boxes)))
-        return detections.embeddings[best]
+        return detections.embeddings[max_iou_pick(detections.boxes, query).index]
 
     @staticmethod
     def _query_box(box: Sequence[float] | np.ndarray | None, height: int, width: int) -> np.ndarray:
@@ -485,7 +487,7 @@ def load_engine(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model_dir = Path(path)
-    manifest = read_manifest(model_dir)
+    manifest = read_model_manifest(model_dir)
     chosen = _auto_backend(manifest, device) if backend == "auto" else backend
     runner = _RUNNERS[chosen](model_dir, manifest, device, threads)
     info = EngineInfo(

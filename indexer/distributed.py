@@ -63,9 +63,9 @@ def import_ray() -> Any:
 def model_identity(model_dir: str | PathLike) -> tuple[str, int]:
     """(fingerprint, embedding dim) of an exported model folder, read from its manifest
     without loading the model (the driver does not run it)."""
-    from export.artifact import read_manifest
+    from export.artifact import read_model_manifest
 
-    manifest = read_manifest(model_dir)
+    manifest = read_model_manifest(model_dir)
     return manifest.fingerprint, manifest.embedding_dim
 
 

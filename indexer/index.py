@@ -13,7 +13,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.manifest import replace_durably
+from common.files import write_atomically
 
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 
@@ -177,8 +177,8 @@ class VectorIndex:
         return cls(index, spec)
 
     def write(self, path: Path) -> None:
-        """Replace ``path`` durably with this index (temporary file, fsync, rename)."""
-        replace_durably(path, lambda temporary: faiss.write_index(self.index, str(temporary)))
+        """Replace ``path`` durably and atomically with this index."""
+        write_atomically(path, lambda temporary: faiss.write_index(self.index, str(temporary)))
 
     @property
     def ntotal(self) -> int:

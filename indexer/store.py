@@ -37,9 +37,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from common.files import remove_leftover_temporaries
 from indexer import schema
 from indexer.index import IndexSpec, IndexTrainingError, VectorIndex, resolve_spec
-from indexer.manifest import Manifest, read_manifest, write_manifest
+from indexer.snapshot import SnapshotManifest, read_snapshot_manifest, write_snapshot_manifest
 from indexer.types import (
     AddResult,
     GalleryBusy,
@@ -58,7 +59,7 @@ from indexer.validation import check_detections, check_query
 
 SQLITE_FILE = "gallery.sqlite"
 INDEX_FILE = "vectors.faiss"
-MANIFEST_FILE = "manifest.json"
+SNAPSHOT_MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "gallery.lock"
 METRIC = "inner_product"
 
@@ -97,6 +98,8 @@ class Gallery:
         self._write_lock = threading.Lock()  # one writer: SQLite transaction + index update
         self._index_lock = threading.Lock()  # the FAISS index: mutation vs search
         self._dirty = False  # changed since the last snapshot
+        for name in (INDEX_FILE, SNAPSHOT_MANIFEST_FILE):  # what a crash mid-snapshot left
+            remove_leftover_temporaries(root / name)
         meta = schema.read_meta(self._db())
         if "fingerprint" not in meta:
             self.close(snapshot=False)
@@ -212,7 +215,7 @@ class Gallery:
 
     def _load_index(self) -> None:
         with self._write_lock:
-            manifest = read_manifest(self.path / MANIFEST_FILE)
+            manifest = read_snapshot_manifest(self.path / SNAPSHOT_MANIFEST_FILE)
             snapshot = self._read_snapshot(manifest)
             if snapshot is None or manifest is None:
                 self._rebuild_locked(self._spec, fall_back_to_flat=True)
@@ -229,7 +232,7 @@ class Gallery:
                 )
                 self._rebuild_locked(self._spec, fall_back_to_flat=True)
 
-    def _read_snapshot(self, manifest: Manifest | None) -> VectorIndex | None:
+    def _read_snapshot(self, manifest: SnapshotManifest | None) -> VectorIndex | None:
         """The snapshot if the manifest vouches for it as an index of the current spec."""
         expected = (self.fingerprint, self.dim, self._spec.type, self._spec.params)
         if manifest is None:
@@ -525,7 +528,7 @@ class Gallery:
         # to the last one ever assigned, less the removed ones.
         watermark = schema.last_person_id(connection)
         self._index.write(self.path / INDEX_FILE)
-        manifest = Manifest(
+        manifest = SnapshotManifest(
             fingerprint=self.fingerprint,
             dim=self.dim,
             metric=METRIC,
@@ -534,7 +537,7 @@ class Gallery:
             watermark=watermark,
             ntotal=self._index.ntotal,
         )
-        write_manifest(self.path / MANIFEST_FILE, manifest)
+        write_snapshot_manifest(self.path / SNAPSHOT_MANIFEST_FILE, manifest)
         connection.execute("DELETE FROM removed_persons")  # the snapshot reflects them now
         self._watermark = watermark
         self._dirty = False

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-import yaml
 from pydantic import ValidationError
 
+from common.config_files import apply_overrides
 from server.app import create_app
 from server.settings import load_settings
 
@@ -48,12 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings given on the command line."""
-    values: dict[str, Any] = {}
-    for item in args.overrides:
-        field, separator, text = item.partition("=")
-        if not separator or not field.strip():
-            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
-        values[field.strip()] = yaml.safe_load(text)
+    values = apply_overrides({}, args.overrides)
     for field in ("host", "port"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)

@@ -49,7 +49,9 @@ import numpy as np
 import uvicorn
 from tqdm import tqdm
 
-from export.artifact import MANIFEST_FILE, read_manifest
+from common.boxes import iou_matrix
+from common.run_folder import RUN_CONFIG_FILE, RUN_STATE_FILE
+from export.artifact import MODEL_MANIFEST_FILE, read_model_manifest
 from export.cli import export_checkpoint
 from export.runtime import load_engine
 from indexer.ingest import ingest, open_gallery_for
@@ -58,12 +60,10 @@ from indexer.store import Gallery
 from indexer.types import ImageNotFound
 from models import build_model
 from server.app import create_app
-from server.inference import box_iou
 from server.settings import ServerSettings
-from training.checkpoint import CONFIG_FILE, STATE_FILE
 from training.config import TrainConfig, load_config
 from training.datasets import PersonSearchSplit, Query, SceneAnnotation, load_dataset
-from training.synthetic import generate, generator_fingerprint, make_options
+from training.synthetic import cached_dataset
 from training.trainer import Trainer, TrainingInterrupted
 
 PROGRAM = "psearch demo"
@@ -154,24 +154,16 @@ def digest(value: Any) -> str:
 
 
 def synthetic_dataset(options: DemoOptions, stage: Stage) -> Path:
-    """The dataset's root, generated unless a complete copy is cached. It is written to a
-    temporary sibling and renamed when complete: an interrupted run leaves no half dataset."""
-    settings = dataclasses.asdict(make_options(DATASET_FORMAT, **options.synthetic))
-    settings.pop("progress")  # how it is shown does not change what is written
-    settings["generator"] = generator_fingerprint()  # a changed generator writes a new dataset
-    root = options.data_dir / f"{DATASET_FORMAT}-seed{options.seed}-{digest(settings)}"
-    if (root / COMPLETE_MARKER).is_file():
+    """The dataset's root, generated unless a complete copy is cached (``cached_dataset``)."""
+    root, generated = cached_dataset(
+        options.data_dir, DATASET_FORMAT, options.seed, **options.synthetic
+    )
+    if generated is None:
         stage.note = f"reusing {root}"
         log(f"      reusing {root}")
-        return root
-    partial = root.with_name(f".{root.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    summary = generate(DATASET_FORMAT, partial, seed=options.seed, **options.synthetic)
-    log(str(summary))
-    (partial / COMPLETE_MARKER).write_text(json.dumps(settings) + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)
-    stage.note = f"generated {root}"
+    else:
+        log(str(generated))
+        stage.note = f"generated {root}"
     return root
 
 
@@ -215,7 +207,7 @@ def trained_run(options: DemoOptions, data_root: Path, stage: Stage) -> Path:
         stage.note = f"reusing {run_dir}"
         log(f"      reusing {run_dir}")
         return run_dir
-    resume = (run_dir / STATE_FILE).is_file()
+    resume = (run_dir / RUN_STATE_FILE).is_file()
     if resume:
         log(f"      continuing {run_dir}")
     else:
@@ -243,7 +235,7 @@ def trained_run(options: DemoOptions, data_root: Path, stage: Stage) -> Path:
 def exported_model(run_dir: Path, parity: bool, stage: Stage) -> Path:
     """The run's ONNX model folder, exported unless a checked export is cached."""
     model_dir = run_dir / "model"
-    if (model_dir / MANIFEST_FILE).is_file():
+    if (model_dir / MODEL_MANIFEST_FILE).is_file():
         stage.note = f"reusing {model_dir}"
         log(f"      reusing {model_dir}")
         return model_dir
@@ -255,7 +247,7 @@ def exported_model(run_dir: Path, parity: bool, stage: Stage) -> Path:
             f"ONNX Runtime does not reproduce the trained model (the files are in {partial})"
         )
     partial.rename(model_dir)
-    stage.note = f"{model_dir} ({read_manifest(model_dir).name})"
+    stage.note = f"{model_dir} ({read_model_manifest(model_dir).name})"
     return model_dir
 
 
@@ -365,7 +357,7 @@ def is_right_person(hit: dict[str, Any], frames: dict[str, SceneAnnotation], pid
     boxes = annotation.boxes[annotation.pids == pid].astype(np.float64)
     if not len(boxes):
         return False
-    return bool(box_iou(np.asarray(hit["box"], np.float64), boxes).max() >= MATCH_IOU)
+    return bool(iou_matrix(hit["box"], boxes).max() >= MATCH_IOU)
 
 
 async def search(client: httpx.AsyncClient, request: SearchRequest) -> list[dict[str, Any]]:
@@ -571,7 +563,7 @@ def run_demo(options: DemoOptions) -> CheckResult | None:
         with stages.run("export", "ONNX model folder") as stage:
             model_dir = exported_model(run_dir, options.parity, stage)
         split = load_dataset(DATASET_FORMAT, data_root, "test")
-        min_score = load_config(run_dir / CONFIG_FILE).eval.det_thresh
+        min_score = load_config(run_dir / RUN_CONFIG_FILE).eval.det_thresh
         gallery_dir = run_dir / "gallery"
         with stages.run("index", f"{len(split.images)} test frames") as stage:
             image_ids = indexed_gallery(model_dir, split, gallery_dir, min_score, stage)

@@ -2,14 +2,15 @@
 
 The gallery stores what was detected, not the pixels. Uploads are written here as
 ``<root>/<sha256[:2]>/<sha256>`` (two-level, so that no folder grows to millions of entries),
-atomically: a crash leaves either the whole file or none. The same bytes are stored once.
+durably and atomically (``common.files``): a crash leaves either the whole file or none. The
+same bytes are stored once.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from common.files import write_bytes_atomically
 
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png"}
 
@@ -29,19 +30,8 @@ class ImageFiles:
     def save(self, sha256: str, data: bytes) -> Path:
         """Keep ``data`` (whose hash the caller computed) unless already kept."""
         target = self.path(sha256)
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        if not target.exists():
+            write_bytes_atomically(target, data)
         return target
 
     def find(self, sha256: str) -> Path | None:

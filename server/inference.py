@@ -17,11 +17,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from common.boxes import Box, max_iou_pick
 from export.runtime import load_engine
 from server.errors import InvalidField, NoPersonDetected
 from server.settings import ServerSettings
-
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in the image's pixels
 
 
 class EngineInfo(Protocol):
@@ -124,17 +123,16 @@ class InferenceWorker:
 
 
 def max_iou_query(detections: Detections, box: Box) -> QueryEmbedding | NoPersonDetected:
-    """The detection overlapping ``box`` most, as the query (the arg-max even when nothing
-    overlaps, as AlignPS does); an error when nothing was detected."""
+    """The detection overlapping ``box`` most, as the query (``common.boxes.max_iou_pick``);
+    an error when nothing was detected."""
     if len(detections.scores) == 0:
         return NoPersonDetected("no person detected in the query image; nothing to embed")
-    overlaps = box_iou(np.asarray(box, np.float64), np.asarray(detections.boxes, np.float64))
-    best = int(np.argmax(overlaps))
+    best, iou = max_iou_pick(detections.boxes, box)
     return QueryEmbedding(
         embedding=np.asarray(detections.embeddings[best], np.float32),
         box=_as_box(detections.boxes[best]),
         method="max_iou_detection",
-        iou=float(overlaps[best]),
+        iou=iou,
         det_score=float(detections.scores[best]),
     )
 
@@ -142,15 +140,6 @@ def max_iou_query(detections: Detections, box: Box) -> QueryEmbedding | NoPerson
 def _as_box(values: np.ndarray) -> Box:
     x1, y1, x2, y2 = (float(value) for value in values)
     return (x1, y1, x2, y2)
-
-
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU (n,) of one box (4,) with boxes (n, 4); 0 where the union is empty."""
-    top_left = np.maximum(box[:2], boxes[:, :2])
-    bottom_right = np.minimum(box[2:], boxes[:, 2:])
-    intersection = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-    union = np.prod(box[2:] - box[:2]) + np.prod(boxes[:, 2:] - boxes[:, :2], axis=1) - intersection
-    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
 def load_runtime_engine(settings: ServerSettings) -> Engine:

@@ -7,15 +7,15 @@ Precedence, highest first: explicit arguments (command-line flags), environment 
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import yaml
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-ENV_PREFIX = "PSEARCH_"
+from common.config_files import read_yaml_mapping
+from export.runtime import Backend, Device
 
-Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+ENV_PREFIX = "PSEARCH_"
 
 
 class ServerSettings(BaseSettings):
@@ -39,7 +39,7 @@ class ServerSettings(BaseSettings):
     backend: Backend = Field(
         default="auto", description="Inference backend; 'auto' picks the fastest available."
     )
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Inference device.")
+    device: Device = Field(default="cpu", description="Inference device.")
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads of the backend (default: its own choice)."
     )
@@ -120,20 +120,8 @@ class ServerSettings(BaseSettings):
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:
     """Settings from ``overrides``, then ``PSEARCH_*`` variables, then ``config_file`` (YAML or
-    JSON, a mapping of field names), then the defaults."""
-    file_values = read_settings_file(Path(config_file)) if config_file is not None else {}
+    JSON, a mapping of field names), then the defaults. A settings file that cannot be read is a
+    :class:`~common.config_files.ConfigFileError` (a ValueError) naming it."""
+    file_values = read_yaml_mapping(config_file, "settings file") if config_file else {}
     environment = EnvSettingsSource(ServerSettings)()
     return ServerSettings(**{**file_values, **environment, **overrides})
-
-
-def read_settings_file(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON settings file (JSON is YAML)."""
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML or JSON: {error}") from error
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
-    return values

@@ -1,25 +1,16 @@
-"""The run folder: weights, resolved config and the training state needed to resume exactly.
+"""Checkpoints of a training run folder (its layout: ``common/run_folder.py``): weights, the
+resolved config and the training state needed to resume exactly.
 
-::
-
-    RUN_DIR/
-        model.safetensors   every parameter and persistent buffer (OIM tables included)
-        config.yaml         the resolved TrainConfig
-        state.pt            optimizer, scheduler, grad scaler, progress counters, RNG states
-        metrics.json        the latest evaluation (written by the trainer)
-        tensorboard/        scalars
-
-Each file is written to a temporary name and renamed, so a crash never leaves a half-written
-file. Weights and state record the iteration they belong to; loading checks that they agree,
-because a crash between the two renames would otherwise resume from mismatched halves.
+Each file is replaced durably and atomically (``common.files``), so a crash never leaves a
+half-written file. Weights and state record the iteration they belong to; loading checks that
+they agree, because a crash between the two renames would otherwise resume from mismatched
+halves.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +20,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from common.files import write_atomically
+from common.run_folder import RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_WEIGHTS_FILE
 from training.config import TrainConfig, dump_config
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-STATE_FILE = "state.pt"
 
 
 class CheckpointError(ValueError):
@@ -43,19 +32,6 @@ class CheckpointError(ValueError):
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file next to `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_weights(model: nn.Module, path: Path, iteration: int | None = None) -> None:
@@ -71,7 +47,7 @@ def save_weights(model: nn.Module, path: Path, iteration: int | None = None) -> 
         metadata["model_config"] = config.model_dump_json()
     if iteration is not None:
         metadata["iteration"] = str(iteration)
-    atomic_write(path, lambda tmp: safetensors.torch.save_model(model, str(tmp), metadata))
+    write_atomically(path, lambda tmp: safetensors.torch.save_model(model, str(tmp), metadata))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -94,7 +70,7 @@ def load_module_weights(model: nn.Module, source: Path, modules: Sequence[str] =
     """Load the weights of `modules` (module names, prefixes of parameter names; empty = the
     whole model) from `source`, a run folder or a weights file. Every parameter and buffer of
     those modules must be in the file with its shape; the rest of the model is left as it is."""
-    path = source / WEIGHTS_FILE if source.is_dir() else source
+    path = source / RUN_WEIGHTS_FILE if source.is_dir() else source
     if not path.is_file():
         raise CheckpointError(f"{source}: no weights file (a run folder or a .safetensors file)")
     if not modules:
@@ -160,21 +136,22 @@ def save_checkpoint(
     run_dir: Path, model: nn.Module, config: TrainConfig, state: dict[str, Any]
 ) -> None:
     """Write the three files of a checkpoint; `state` must hold the global ``iteration``."""
-    atomic_write(run_dir / CONFIG_FILE, lambda tmp: dump_config(config, tmp))
-    save_weights(model, run_dir / WEIGHTS_FILE, iteration=state["iteration"])
-    atomic_write(run_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    write_atomically(run_dir / RUN_CONFIG_FILE, lambda tmp: dump_config(config, tmp))
+    save_weights(model, run_dir / RUN_WEIGHTS_FILE, iteration=state["iteration"])
+    write_atomically(run_dir / RUN_STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(run_dir: Path) -> dict[str, Any]:
     """The training state of a run folder, checked against its weights file."""
-    weights, state_path = run_dir / WEIGHTS_FILE, run_dir / STATE_FILE
+    weights, state_path = run_dir / RUN_WEIGHTS_FILE, run_dir / RUN_STATE_FILE
     for path in (weights, state_path):
         if not path.is_file():
             raise CheckpointError(f"{run_dir}: no {path.name}; is it a run folder?")
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     if weights_iteration(weights) != state["iteration"]:
         raise CheckpointError(
-            f"{run_dir}: {WEIGHTS_FILE} (iteration {weights_iteration(weights)}) and {STATE_FILE} "
-            f"(iteration {state['iteration']}) come from different moments of training"
+            f"{run_dir}: {RUN_WEIGHTS_FILE} (iteration {weights_iteration(weights)}) and "
+            f"{RUN_STATE_FILE} (iteration {state['iteration']}) come from different moments of "
+            "training"
         )
     return state

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from training.checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError
+from common.run_folder import RUN_CONFIG_FILE, RUN_STATE_FILE
+from training.checkpoint import CheckpointError
 from training.config import ConfigError, TrainConfig, load_config
 from training.datasets import DatasetError
 from training.phases import PHASES_FILE, train_phases
@@ -70,7 +71,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     config = load_config(args.config, args.overrides)
     if args.output is not None:
         config.output_dir = args.output
-    if (config.output_dir / STATE_FILE).exists() or (config.output_dir / PHASES_FILE).exists():
+    if (config.output_dir / RUN_STATE_FILE).exists() or (config.output_dir / PHASES_FILE).exists():
         raise ConfigError(
             f"{config.output_dir} already holds a checkpoint; pass --resume {config.output_dir} "
             "to continue it, or choose another --output"
@@ -81,7 +82,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def saved_config(run_dir: Path) -> Path:
     """The config a run folder was started with: the phased config of a run in phases."""
     phases = run_dir / PHASES_FILE
-    return phases if phases.is_file() else run_dir / CONFIG_FILE
+    return phases if phases.is_file() else run_dir / RUN_CONFIG_FILE
 
 
 def default_model_builder() -> ModelBuilder:

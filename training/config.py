@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from common.config_files import ConfigFileError, apply_overrides, read_yaml_mapping
 from models.config import StrictModel
 
 
@@ -305,46 +306,13 @@ class TrainConfig(StrictModel):
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults when path is None) and apply ``key=value`` overrides."""
-    data = read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "config"
-    for override in overrides:
-        apply_override(data, override)
+    try:
+        data = read_yaml_mapping(path, "config file") if path is not None else {}
+        apply_overrides(data, overrides)
+    except ConfigFileError as error:
+        raise ConfigError(str(error)) from None
     return validate_config(data, source)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from a file; an empty file is an empty mapping."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Set ``a.b.c=value`` in nested dicts (in place); the value is parsed as YAML."""
-    key, sep, raw_value = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {override!r} is not of the form key.path=value")
-    try:
-        value = yaml.safe_load(raw_value)
-    except yaml.YAMLError:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
-    *parents, leaf = key.strip().split(".")
-    node = data
-    for depth, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            prefix = ".".join(parents[: depth + 1])
-            raise ConfigError(f"override {override!r}: {prefix} is a value, not a section")
-        node = child
-    node[leaf] = value
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -25,7 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, atomic_write
+from common.files import write_atomically, write_text_atomically
+from common.run_folder import RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_WEIGHTS_FILE
 from training.config import ConfigError, InitConfig, TrainConfig, dump_config, validate_config
 from training.trainer import ModelBuilder, Trainer
 
@@ -87,7 +88,7 @@ def train_phases(
     run_dir = Path(config.output_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
     if is_main and not resume:
-        atomic_write(run_dir / PHASES_FILE, lambda tmp: dump_config(config, tmp))
+        write_atomically(run_dir / PHASES_FILE, lambda tmp: dump_config(config, tmp))
     metrics: dict[str, float] = {}
     for index in range(len(config.phases)):
         phase_run = phase_config(config, index)
@@ -95,7 +96,7 @@ def train_phases(
         if done.is_file():
             metrics = json.loads(done.read_text())["metrics"]
             continue
-        started = (phase_run.output_dir / STATE_FILE).is_file()
+        started = (phase_run.output_dir / RUN_STATE_FILE).is_file()
         trainer = Trainer(phase_run, build_model, resume=started)
         metrics = trainer.run()
         if is_main:
@@ -103,10 +104,12 @@ def train_phases(
             _write_json(done, record | {"metrics": metrics})
     if is_main:
         last = run_dir / config.phases[-1].name
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            atomic_write(run_dir / name, lambda tmp, name=name: shutil.copyfile(last / name, tmp))
+        for name in (RUN_WEIGHTS_FILE, RUN_CONFIG_FILE):
+            write_atomically(
+                run_dir / name, lambda tmp, name=name: shutil.copyfile(last / name, tmp)
+            )
     return metrics
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")

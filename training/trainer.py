@@ -48,10 +48,15 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from common.run_folder import (
+    RUN_METRICS_FILE,
+    RUN_PREDICTIONS_FILE,
+    RUN_TENSORBOARD_DIR,
+    RUN_WEIGHTS_FILE,
+)
 from models import UnknownModelError
 from models.preprocess import PreprocessConfig
 from training.checkpoint import (
-    WEIGHTS_FILE,
     load_module_weights,
     load_state,
     load_weights,
@@ -74,8 +79,6 @@ from training.inference import evaluate_model, load_test_split, require_box_embe
 logger = logging.getLogger(__name__)
 
 ModelBuilder = Callable[[dict[str, Any]], nn.Module]
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.npz"
 PACE_ITERATIONS = 10  # timed iterations, after a first warm-up one, that plan a budgeted schedule
 # Layers whose parameters take optim.norm_decay_mult.
 NORM_LAYERS = (
@@ -361,7 +364,7 @@ class Trainer:
         if config.eval.query_mode == "gt_box":  # now, not at the first evaluation hours later
             require_box_embedding(self.model)
         if resume_state is not None:
-            load_weights(self.model, self.run_dir / WEIGHTS_FILE)
+            load_weights(self.model, self.run_dir / RUN_WEIGHTS_FILE)
         elif config.init is not None:
             load_module_weights(self.model, config.init.weights, config.init.modules)
         freeze_modules(self.model, config.freeze)
@@ -657,11 +660,11 @@ class Trainer:
                 for name, value in metrics.items():
                     self.writer.add_scalar(f"eval/{name}", value, self.iteration)
             record = {"epoch": self.epoch, "iteration": self.iteration, "metrics": metrics}
-            (self.run_dir / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            (self.run_dir / RUN_METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return metrics
 
     def _predictions_path(self) -> Path | None:
-        return self.run_dir / PREDICTIONS_FILE if self.group.is_main else None
+        return self.run_dir / RUN_PREDICTIONS_FILE if self.group.is_main else None
 
     def _tensorboard(self) -> Any:
         if not self.config.tensorboard:
@@ -673,7 +676,7 @@ class Trainer:
                 "tensorboard: the tensorboard package is not installed "
                 "(pip install tensorboard, or set tensorboard=false)"
             ) from None
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        return SummaryWriter(log_dir=str(self.run_dir / RUN_TENSORBOARD_DIR))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -33,8 +33,6 @@ replaces it).
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +42,7 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
+from common.files import write_bytes_atomically
 from export.tensorrt import require_tensorrt
 from export.tensorrt.plugins import (
     DEFORM_GEMM,
@@ -473,8 +472,8 @@ def build_engine(
         raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path} (see its log)")
     engine_bytes = bytes(serialized)
     if timing_cache is not None:
-        _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
-    _write_atomically(engine_path, engine_bytes)
+        write_bytes_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomically(engine_path, engine_bytes)
     sidecar = make_sidecar(
         onnx_name=onnx_path.name,
         onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
@@ -484,7 +483,7 @@ def build_engine(
         settings=settings,
         engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
     )
-    _write_atomically(sidecar_path(engine_path), json.dumps(sidecar, indent=2).encode())
+    write_bytes_atomically(sidecar_path(engine_path), json.dumps(sidecar, indent=2).encode())
     return engine_path
 
 
@@ -561,21 +560,6 @@ def _check_against_declared(name: str, declared: tuple[int, ...], shapes: InputS
     for axis, dim in enumerate(declared):
         if dim >= 0 and not shapes.min[axis] == shapes.max[axis] == dim:
             raise ValueError(f"input {name!r} has static size {dim} on axis {axis}, got {shapes}")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write, flush to disk and rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,10 +7,7 @@ images, which proves the plumbing, not the learning.
 import json
 from pathlib import Path
 
-import pytest
-
 from benchmarks import learn
-from training.config import ConfigError
 
 TINY_DETECTOR = Path(__file__).resolve().parents[2] / "configs/tiny/lla_fcos_synthetic.yaml"
 TINY_CROWDHUMAN = {"train_images": 2, "test_images": 1, "min_persons": 2, "max_persons": 3}
@@ -47,41 +44,12 @@ def test_main_prints_untrained_and_trained_rows_for_a_detector_config(tmp_path, 
     assert "1 threads" in output
 
 
-def test_a_generated_dataset_is_reused_and_other_options_get_another_folder(tmp_path):
-    root, generated = learn.synthetic_dataset(tmp_path, "crowdhuman", 0, TINY_CROWDHUMAN)
-    assert generated and (root / learn.COMPLETE_MARKER).is_file()
-
-    again, generated_again = learn.synthetic_dataset(tmp_path, "crowdhuman", 0, TINY_CROWDHUMAN)
-    assert (again, generated_again) == (root, False)
-
-    other_seed, _ = learn.synthetic_dataset(tmp_path, "crowdhuman", 1, TINY_CROWDHUMAN)
-    more_images = {**TINY_CROWDHUMAN, "train_images": 3}
-    other_options, _ = learn.synthetic_dataset(tmp_path, "crowdhuman", 0, more_images)
-    assert len({root, other_seed, other_options}) == 3
-    # Only finished datasets are left behind, no temporary folders.
-    assert sorted(tmp_path.iterdir()) == sorted([root, other_seed, other_options])
-
-
-def test_a_changed_generator_gets_another_folder(tmp_path, monkeypatch):
-    options = learn.synthetic_options("crowdhuman", TINY_CROWDHUMAN)
-    before = learn.dataset_folder(tmp_path, "crowdhuman", 0, options)
-    monkeypatch.setattr(learn, "generator_fingerprint", lambda: "0123456789ab")
-    assert learn.dataset_folder(tmp_path, "crowdhuman", 0, options) != before
-
-
-def test_an_unfinished_dataset_folder_is_generated_again(tmp_path):
-    options = learn.synthetic_options("crowdhuman", TINY_CROWDHUMAN)
-    root = learn.dataset_folder(tmp_path, "crowdhuman", 0, options)
-    (root / "leftover").mkdir(parents=True)  # an interrupted write: no completion marker
-
-    found, generated = learn.synthetic_dataset(tmp_path, "crowdhuman", 0, TINY_CROWDHUMAN)
-    assert (found, generated) == (root, True)
-    assert not (root / "leftover").exists()
-
-
-def test_a_format_without_a_generator_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="'market1501' has no synthetic generator"):
-        learn.synthetic_dataset(tmp_path, "market1501", 0, {})
+def test_a_format_without_a_generator_is_a_config_error(tmp_path, capsys):
+    argv = ["--config", str(TINY_DETECTOR), "--data-dir", str(tmp_path), "--set",
+            "data.dataset=market1501"]  # fmt: skip
+    assert learn.main(argv) == 2
+    assert "'market1501'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def search_result(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from export.artifact import ArtifactError, Manifest, write_manifest
+from export.artifact import ArtifactError, ModelManifest, write_model_manifest
 from export.cli import UsageError
 from models.preprocess import PreprocessConfig
 
@@ -34,7 +34,7 @@ def model_dir(tmp_path) -> Path:
     """A model folder as psearch-export leaves it (the graphs' bytes do not matter here)."""
     folder = tmp_path / "models" / "alignps"
     folder.mkdir(parents=True)
-    manifest = Manifest(
+    manifest = ModelManifest(
         psearch_version="0.1.0",
         name="alignps",
         config={},
@@ -43,7 +43,7 @@ def model_dir(tmp_path) -> Path:
         embeds_boxes=False,
         fingerprint=FINGERPRINT,
     )
-    write_manifest(manifest, folder)
+    write_model_manifest(manifest, folder)
     for name in ("model.onnx", "model.plugins.onnx", "checkpoint.safetensors"):
         (folder / name).write_bytes(name.encode())
     return folder
@@ -54,7 +54,7 @@ def fake_tensorrt(monkeypatch) -> list[Path]:
     """TensorRT "available", and an engine step that records the folder it built in."""
     built_in: list[Path] = []
 
-    def build(folder: Path, manifest: Manifest) -> dict[str, Path]:
+    def build(folder: Path, manifest: ModelManifest) -> dict[str, Path]:
         built_in.append(folder)
         (folder / ENGINE).write_bytes(b"engine of " + manifest.fingerprint.encode())
         return {"detect": folder / ENGINE}

@@ -18,7 +18,7 @@ from export.artifact import (
     fingerprint,
     load_model,
     load_run,
-    read_manifest,
+    read_model_manifest,
 )
 from export.onnx import OPSET, OUTPUT_NAMES
 from models.alignps import AlignPS
@@ -51,7 +51,7 @@ def test_fingerprint_changes_with_any_weight_or_config_value_but_not_with_key_or
 
 def test_the_manifest_describes_the_model(exported):
     result = exported("alignps")
-    manifest = read_manifest(result.model_dir)
+    manifest = read_model_manifest(result.model_dir)
     model = result.model
     assert manifest.format_version == FORMAT_VERSION
     assert manifest.name == "alignps"
@@ -88,18 +88,18 @@ def test_modified_weights_are_refused(exported, tmp_path):
 
 def test_reading_a_folder_that_is_not_a_model_folder_says_so(tmp_path):
     with pytest.raises(ArtifactError, match="not a directory"):
-        read_manifest(tmp_path / "missing")
+        read_model_manifest(tmp_path / "missing")
     with pytest.raises(ArtifactError, match=r"no psearch.json"):
-        read_manifest(tmp_path)
+        read_model_manifest(tmp_path)
     (tmp_path / "psearch.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
-        read_manifest(tmp_path)
+        read_model_manifest(tmp_path)
     (tmp_path / "psearch.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
     with pytest.raises(ArtifactError, match="re-export"):
-        read_manifest(tmp_path)
+        read_model_manifest(tmp_path)
     (tmp_path / "psearch.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
     with pytest.raises(ArtifactError, match="invalid manifest"):
-        read_manifest(tmp_path)
+        read_model_manifest(tmp_path)
 
 
 def test_reading_a_folder_that_is_not_a_run_folder_says_so(exported, tmp_path):

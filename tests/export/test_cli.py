@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from export import cli
-from export.artifact import ArtifactError, read_manifest
+from export.artifact import ArtifactError, read_model_manifest
 from export.runtime import ensure_tensorrt_engines
 
 
@@ -16,7 +16,7 @@ def test_export_writes_the_model_folder(exported, family):
     """RoI models (with embed_boxes) get the query graphs too."""
     result = exported(family)
     assert result.exit_code == 0, result.printed
-    manifest = read_manifest(result.model_dir)
+    manifest = read_model_manifest(result.model_dir)
     assert manifest.embeds_boxes == hasattr(result.model, "embed_boxes")
     expected = {"psearch.json", "checkpoint.safetensors", "model.onnx", "model.plugins.onnx"}
     if manifest.embeds_boxes:
@@ -28,14 +28,14 @@ def test_export_writes_the_model_folder(exported, family):
 
 def test_no_tensorrt_engine_is_built_from_graphs_without_image_sizes(exported):
     """What docker/prepare_model.py meets with a folder exported by an older psearch."""
-    manifest = read_manifest(exported("leaps").model_dir)
+    manifest = read_model_manifest(exported("leaps").model_dir)
     manifest.onnx.inputs = ["images"]
     with pytest.raises(ArtifactError, match="re-export"):
         ensure_tensorrt_engines(exported("leaps").model_dir, manifest)
 
 
 def test_no_tensorrt_engine_is_built_without_onnx_graphs(exported):
-    manifest = read_manifest(exported("leaps").model_dir)
+    manifest = read_model_manifest(exported("leaps").model_dir)
     manifest.onnx = None
     with pytest.raises(ArtifactError, match=r"no ONNX graphs.*--format onnx"):
         ensure_tensorrt_engines(exported("leaps").model_dir, manifest)

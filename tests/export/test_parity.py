@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.artifact import read_manifest
+from export.artifact import read_model_manifest
 from export.parity import (
     ParityReport,
     Tolerances,
@@ -25,7 +25,7 @@ from models.preprocess import PreprocessConfig
 def test_onnx_runtime_matches_pytorch_eager_for_every_family(exported, family):
     """Two batches: two images of different sizes padded together, then one image."""
     result = exported(family)
-    manifest = read_manifest(result.model_dir)
+    manifest = read_model_manifest(result.model_dir)
     batches, queries = parity_inputs(PreprocessConfig(min_size=160, max_size=224), seed=5)
     assert [tuple(b.images.shape) for b in batches] == [(2, 3, 224, 224), (1, 3, 160, 224)]
     assert batches[0].image_sizes.tolist() == [[160, 224], [224, 160]]
@@ -52,7 +52,7 @@ def test_psearch_export_prints_a_passing_parity_check(exported):
     result = exported("alignps")
     assert result.exit_code == 0
     assert "parity PASSED" in result.printed
-    assert read_manifest(result.model_dir).parity.passed
+    assert read_model_manifest(result.model_dir).parity.passed
 
 
 def one_image(boxes, scores, embeddings=None):

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 import export.tensorrt
-from export.artifact import ArtifactError, GraphFiles, Manifest, read_manifest, write_manifest
+from export.artifact import (
+    ArtifactError,
+    GraphFiles,
+    ModelManifest,
+    read_model_manifest,
+    write_model_manifest,
+)
 from export.parity import ParityReport, Tolerances, compare_batch, synthetic_images
 from export.runtime import (
     MAX_TENSORRT_BATCH,
@@ -52,7 +58,7 @@ def test_torch_and_onnxruntime_backends_give_the_same_answers(exported, family):
 def test_engine_info_names_the_model_and_where_it_runs(exported):
     model_dir = exported("alignps").model_dir
     info = load_engine(model_dir, "onnxruntime").info
-    manifest = read_manifest(model_dir)
+    manifest = read_model_manifest(model_dir)
     assert info == EngineInfo("alignps", manifest.fingerprint, 64, "onnxruntime", "cpu")
     assert load_engine(model_dir).info.backend == "onnxruntime"  # auto: ONNX Runtime first
 
@@ -84,7 +90,7 @@ class RecordingRunner:
 def engine_with(runner, embeds_boxes=False, min_input_side=33) -> Engine:
     """min_size 160 and max_size 224: a 100 x 200 image is scaled by min(160/100, 224/200) =
     1.12, to 112 x 224."""
-    manifest = Manifest(
+    manifest = ModelManifest(
         psearch_version="test",
         name="fake",
         config={},
@@ -207,9 +213,9 @@ def test_a_missing_onnx_file_or_section_is_reported(exported, tmp_path):
     (folder / "model.onnx").unlink()
     with pytest.raises(ArtifactError, match=r"model.onnx: ONNX file not found"):
         load_engine(folder, "onnxruntime")
-    manifest = read_manifest(folder)
+    manifest = read_model_manifest(folder)
     manifest.onnx = None
-    write_manifest(manifest, folder)
+    write_model_manifest(manifest, folder)
     with pytest.raises(ArtifactError, match="no ONNX graphs"):
         load_engine(folder, "onnxruntime")
     assert load_engine(folder).info.backend == "torch"  # auto falls back to PyTorch
@@ -221,9 +227,9 @@ def test_graphs_exported_without_image_sizes_are_refused_with_the_fix(exported, 
     LEAPS' proposals over the padding: one line says to re-export, on every graph backend. The
     PyTorch backend builds the model from the weights and still runs."""
     folder = shutil.copytree(exported("leaps").model_dir, tmp_path / "model")
-    manifest = read_manifest(folder)
+    manifest = read_model_manifest(folder)
     manifest.onnx.inputs = ["images"]
-    write_manifest(manifest, folder)
+    write_model_manifest(manifest, folder)
     with pytest.raises(ArtifactError, match=r"without 'image_sizes'.*re-export") as refused:
         load_engine(folder, backend, "cuda" if backend == "tensorrt" else "cpu")
     assert "\n" not in str(refused.value)
@@ -257,7 +263,7 @@ def test_a_roi_model_gets_a_tensorrt_engine_for_each_graph(exported, monkeypatch
     monkeypatch.setattr(export.tensorrt, "require_tensorrt", lambda: None)
     monkeypatch.setitem(vars(export.tensorrt), "ensure_engine", ensure_engine)
     model_dir = exported("alignps").model_dir
-    detector = read_manifest(model_dir)
+    detector = read_model_manifest(model_dir)
     assert sorted(ensure_tensorrt_engines(model_dir, detector)) == ["detect"]
 
     roi_model = detector.model_copy(deep=True)  # as a model with embed_boxes exports it

@@ -106,5 +106,5 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = artifact.build_manifest(model)
     directory = tmp_path_factory.mktemp("model")
     artifact.write_weights(model, directory, manifest)
-    artifact.write_manifest(manifest, directory)
+    artifact.write_model_manifest(manifest, directory)
     return directory

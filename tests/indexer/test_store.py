@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from indexer.store import INDEX_FILE, MANIFEST_FILE, SQLITE_FILE, Gallery
+from indexer.store import INDEX_FILE, SNAPSHOT_MANIFEST_FILE, SQLITE_FILE, Gallery
 from indexer.types import (
     GalleryBusy,
     GalleryError,
@@ -28,9 +28,9 @@ def test_create_writes_the_three_files_and_records_the_model(gallery, gallery_pa
     assert {path.name for path in gallery_path.iterdir()} >= {
         SQLITE_FILE,
         INDEX_FILE,
-        MANIFEST_FILE,
+        SNAPSHOT_MANIFEST_FILE,
     }
-    manifest = json.loads((gallery_path / MANIFEST_FILE).read_text())
+    manifest = json.loads((gallery_path / SNAPSHOT_MANIFEST_FILE).read_text())
     assert manifest["fingerprint"] == FINGERPRINT
     assert (manifest["dim"], manifest["metric"], manifest["index_type"]) == (
         8,
@@ -285,7 +285,7 @@ def test_persons_added_after_the_snapshot_are_replayed_on_open(
     gallery.snapshot()
     after = gallery.add_images([image(person(0.9))])[0]
     gallery.close(snapshot=False)
-    assert json.loads((gallery_path / MANIFEST_FILE).read_text())["watermark"] == 1
+    assert json.loads((gallery_path / SNAPSHOT_MANIFEST_FILE).read_text())["watermark"] == 1
     with Gallery.open(gallery_path, FINGERPRINT) as reopened:
         assert [hit.image_id for hit in reopened.search(query, 2)] == [
             after.image_id,
@@ -331,7 +331,7 @@ def test_a_corrupt_manifest_makes_open_rebuild_the_index(
 ):
     added = gallery.add_images([image(person(0.9))])[0]
     gallery.close()
-    (gallery_path / MANIFEST_FILE).write_text("{ not json")
+    (gallery_path / SNAPSHOT_MANIFEST_FILE).write_text("{ not json")
     with Gallery.open(gallery_path, FINGERPRINT) as reopened:
         assert reopened.search(query, 1)[0].image_id == added.image_id
 
@@ -343,17 +343,26 @@ def test_a_crash_between_writing_index_and_manifest_duplicates_nothing(
     the old watermark are in the file AND replayed from SQLite, unless open drops them first."""
     first = gallery.add_images([image(person(0.5))])[0]
     gallery.snapshot()
-    old_manifest = (gallery_path / MANIFEST_FILE).read_text()
+    old_manifest = (gallery_path / SNAPSHOT_MANIFEST_FILE).read_text()
     latest = gallery.add_images([image(person(0.9))])[0]
     gallery.snapshot()
     gallery.close()
-    (gallery_path / MANIFEST_FILE).write_text(old_manifest)
+    (gallery_path / SNAPSHOT_MANIFEST_FILE).write_text(old_manifest)
     with Gallery.open(gallery_path, FINGERPRINT) as reopened:
         assert reopened.stats().indexed == 2
         assert [hit.image_id for hit in reopened.search(query, 3)] == [
             latest.image_id,
             first.image_id,
         ]
+
+
+def test_temporary_files_of_a_snapshot_cut_short_are_removed_on_open(gallery, gallery_path):
+    gallery.close()
+    leftovers = [gallery_path / f".{name}.0123abcd.tmp" for name in (INDEX_FILE, "manifest.json")]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half written when the machine went down")
+    with Gallery.open(gallery_path, FINGERPRINT):
+        assert not any(leftover.exists() for leftover in leftovers)
 
 
 def test_stats_count_what_the_snapshot_lacks(gallery, image, person):

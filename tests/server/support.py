@@ -46,7 +46,7 @@ def write_model_folder(folder: Path) -> Path:
     manifest = artifact.build_manifest(model)
     folder.mkdir(parents=True, exist_ok=True)
     artifact.write_weights(model, folder, manifest)
-    artifact.write_manifest(manifest, folder)
+    artifact.write_model_manifest(manifest, folder)
     return folder
 
 

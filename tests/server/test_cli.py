@@ -43,8 +43,9 @@ def test_flags_and_settings_reach_the_app_and_uvicorn(tmp_path, served):
     [
         (["--set", "max_batch_size=0"], "max_batch_size"),
         (["--set", "no_such_setting=1"], "no_such_setting"),
-        (["--set", "max_batch_size"], "FIELD=VALUE"),
-        (["--config", "/no/such/file.yaml"], "No such file"),
+        (["--set", "max_batch_size"], "KEY=VALUE"),
+        (["--set", "max_batch_size=[1"], "not valid YAML"),
+        (["--config", "/no/such/file.yaml"], "settings file not found"),
     ],
 )
 def test_bad_settings_end_with_a_message_and_status_2(argv, message, served, capsys):

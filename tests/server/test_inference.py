@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from server.errors import InvalidField, NoPersonDetected
-from server.inference import DetectJob, InferenceWorker, QueryJob, box_iou, max_iou_query
+from server.inference import DetectJob, InferenceWorker, QueryJob, max_iou_query
 from tests.server.support import scene
 
 
@@ -82,13 +82,6 @@ def test_a_box_overlapping_nothing_still_takes_the_first_best_detection():
 
 def test_no_detection_is_an_error_of_that_query_only():
     assert isinstance(max_iou_query(detections([], []), (0.0, 0.0, 5.0, 5.0)), NoPersonDetected)
-
-
-def test_iou_of_empty_boxes_is_zero_not_nan():
-    overlaps = box_iou(
-        np.array([3.0, 3.0, 3.0, 3.0]), np.array([[3.0, 3.0, 3.0, 3.0], [0, 0, 6, 6]])
-    )
-    np.testing.assert_array_equal(overlaps, [0.0, 0.0])
 
 
 class RoIEngine:

@@ -8,7 +8,6 @@ from models import build_model
 from training.config import (
     ConfigError,
     TrainConfig,
-    apply_override,
     dump_config,
     load_config,
 )
@@ -107,9 +106,9 @@ def test_override_typo_gets_a_suggestion():
 
 def test_malformed_overrides_are_rejected():
     with pytest.raises(ConfigError, match="not of the form"):
-        apply_override({}, "optim.lr")
+        load_config(None, ["optim.lr"])
     with pytest.raises(ConfigError, match=r"optim\.lr is a value, not a section"):
-        apply_override({"optim": {"lr": 0.1}}, "optim.lr.x=1")
+        load_config(None, ["optim.lr=0.1", "optim.lr.x=1"])
 
 
 def test_multiscale_settings_are_checked():

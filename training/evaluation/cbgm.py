@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .boxes import iou_matrix
+from common.boxes import iou_matrix
 
 CBGM_PARAMETERS: dict[str, tuple[int, int]] = {"cuhk_sysu": (10, 3), "prw": (30, 4)}
 """(k1, k2) per dataset, as SeqNet, COAT and PS-ARM use them."""

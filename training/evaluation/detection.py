@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.boxes import iou_matrix
 from training.datasets.base import SceneAnnotation
 
 from .average_precision import average_precision
-from .boxes import iou_matrix
 from .predictions import Predictions, PredictionsError
 
 

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.boxes import ioa_matrix, iou_matrix
 from training.datasets.base import SceneAnnotation
 
-from .boxes import ioa_matrix, iou_matrix
 from .predictions import Predictions, PredictionsError
 
 FPPI_REFERENCE = (0.0100, 0.0178, 0.0316, 0.0562, 0.1000, 0.1778, 0.3162, 0.5623, 1.0000)

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.boxes import max_iou_pick, paired_iou
 from training.datasets.base import GalleryItem, PersonSearchSplit, Query
 
 from .average_precision import average_precision
-from .boxes import iou_matrix, paired_iou
 from .cbgm import cbgm_parameters, images_to_rescore, match_context, query_context
 from .predictions import Predictions, QueryMode
 
@@ -333,9 +333,7 @@ class _QueryVectors:
             boxes = detections[query.image]
             if len(boxes) == 0:
                 continue
-            overlaps = iou_matrix(boxes[:, :4], query.box)[:, 0]
-            chosen[q] = int(np.argmax(overlaps))
-            best_ious[q] = overlaps[chosen[q]]
+            chosen[q], best_ious[q] = max_iou_pick(boxes[:, :4], query.box)
             vectors[q] = embeddings[query.image][chosen[q]]
         return cls(vectors, chosen >= 0, chosen, best_ious)
 

@@ -1,8 +1,9 @@
 """Box overlaps in numpy (continuous coordinates, no "+1" pixel convention)."""
 
 import numpy as np
+import pytest
 
-from training.evaluation.boxes import ioa_matrix, iou_matrix, paired_iou
+from common.boxes import ioa_matrix, iou_matrix, max_iou_pick, paired_iou
 
 
 def test_iou_of_hand_computed_pairs():
@@ -25,3 +26,20 @@ def test_degenerate_boxes_overlap_nothing_instead_of_dividing_by_zero():
     np.testing.assert_array_equal(iou_matrix(point, point), [[0.0]])
     np.testing.assert_array_equal(ioa_matrix(point, np.array([[0, 0, 10, 10]])), [[0.0]])
     assert iou_matrix(np.zeros((0, 4)), point).shape == (0, 1)
+
+
+def test_the_max_iou_pick_is_the_box_overlapping_the_query_most():
+    query = np.array([0, 0, 10, 10])
+    boxes = np.array([[20, 20, 30, 30], [5, 0, 15, 10], [1, 0, 11, 10]])
+    # IoU 0, 50 / 150 and 90 / 110.
+    index, iou = max_iou_pick(boxes, query)
+    assert (index, iou) == (2, 90 / 110)
+
+
+def test_the_max_iou_pick_is_the_first_box_when_nothing_overlaps():
+    assert max_iou_pick(np.array([[20, 20, 30, 30], [40, 40, 50, 50]]), (0, 0, 10, 10)) == (0, 0.0)
+
+
+def test_there_is_no_pick_without_boxes():
+    with pytest.raises(ValueError, match="no boxes"):
+        max_iou_pick(np.zeros((0, 4)), (0, 0, 10, 10))

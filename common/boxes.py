@@ -1,12 +1,19 @@
-"""Overlaps between boxes, in numpy and float64, as the evaluation scripts of the literature do.
+"""Overlaps between boxes, in numpy and float64, as the evaluation scripts of the literature do,
+and the max-IoU pick of a query person.
 
-Boxes are ``(x1, y1, x2, y2)`` in original image pixels, continuous coordinates (no "+1" pixel
-convention). An overlap whose denominator is 0 (a degenerate box) is 0, never NaN.
+Boxes are ``(x1, y1, x2, y2)`` in image pixels, continuous coordinates (no "+1" pixel
+convention). An overlap whose denominator is 0 (a degenerate box) is 0, never NaN. The
+evaluation, the runtime and the service all measure overlaps with these functions, so a query
+picks the same detection wherever it is embedded.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in an image's pixels
 
 
 def _as_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -62,3 +69,24 @@ def ioa_matrix(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """
     intersection = intersection_areas(boxes, regions)
     return _safe_divide(intersection, box_areas(boxes)[:, None])
+
+
+class MaxIouPick(NamedTuple):
+    """The detection chosen for a query box: its ``index`` and its ``iou`` with the box."""
+
+    index: int
+    iou: float
+
+
+def max_iou_pick(boxes: np.ndarray, query_box: np.ndarray | Box) -> MaxIouPick:
+    """The box among ``boxes`` (n, 4) that overlaps ``query_box`` (4,) most: the query of the
+    protocol's max-IoU mode, for models that cannot embed a given box. It is the arg-max even
+    when nothing overlaps (then the first box, with IoU 0), as AlignPS's released evaluation
+    does. Raises ValueError when there are no boxes (the caller decides what a query without
+    detections means)."""
+    boxes = _as_boxes(boxes)
+    if not len(boxes):
+        raise ValueError("no boxes to pick the query from")
+    overlaps = iou_matrix(boxes, query_box)[:, 0]
+    index = int(np.argmax(overlaps))
+    return MaxIouPick(index, float(overlaps[index]))
