@@ -35,7 +35,7 @@ browser: $(CHROMIUM)
 
 # Generate data, train (or reuse) a tiny model, export, index, serve on localhost.
 demo: $(DEMO_STAMP)
-	$(BIN)/python -m server.demo
+	$(BIN)/python -m demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,7 +2,7 @@
 
 ``load_engine(MODEL_DIR, backend, device)`` returns an :class:`Engine`:
 
-- ``detect(images)``: RGB uint8 images (H, W, 3) of any sizes -> one :class:`Detections` of
+- ``detect(images)``: RGB uint8 images (H, W, 3) of any sizes -> one :class:`ImageDetections` of
   numpy arrays per image, in the image's own pixels, sorted by score, unused slots dropped
   (thresholding is the caller's: the gallery keeps what it wants).
 - ``embed_query(image, box=None)``: the (D,) embedding of the person in ``box`` (x1, y1, x2, y2
@@ -67,9 +67,10 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (the message says what to install or change)."""
 
 
-class Detections(NamedTuple):
-    """One image's detections: boxes (n, 4) x1 y1 x2 y2 in the image's pixels, scores (n,)
-    in descending order, embeddings (n, D) L2-normalised."""
+class ImageDetections(NamedTuple):
+    """One image's detections, in numpy and in the image's own pixels (the share of one image
+    of the model's batched ``models.types.Detections``, unused slots dropped): boxes (n, 4)
+    x1 y1 x2 y2, scores (n,) in descending order, embeddings (n, D) L2-normalised."""
 
     boxes: np.ndarray
     scores: np.ndarray
@@ -386,7 +387,7 @@ class Engine:
             np.ascontiguousarray(image_sizes, dtype=np.float32),
         )
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def detect(self, images: Sequence[np.ndarray]) -> list[ImageDetections]:
         """Detections of every image (see the module docstring), batched ``batch_size`` at a
         time."""
         if isinstance(images, np.ndarray):
@@ -402,7 +403,7 @@ class Engine:
                 height, width = image.shape[:2]
                 np.clip(image_boxes, 0, [width, height, width, height], out=image_boxes)
                 results.append(
-                    Detections(
+                    ImageDetections(
                         image_boxes.astype(np.float32),
                         scores[index][used],
                         embeddings[index][used],

@@ -7,7 +7,8 @@
     psearch-index rebuild GALLERY {flat,ivf_flat,ivf_pq} [--nlist N] [--nprobe N] [--m M] ...
     psearch-index add [PATHS ...] --gallery G --model MODEL_DIR [--camera C] [--recursive]
                   [--manifest FILE.csv|.jsonl] [--backend B] [--batch-size N] [--workers N]
-                  [--job NAME] [--min-score S] [--engine {local,ray}] [--address A]
+                  [--job NAME] [--min-score S] [--max-pixels N] [--engine {local,ray}]
+                  [--address A]
 
 ``search`` takes a query embedding saved with ``numpy.save`` (shape (D,)); the gallery cannot
 check which model made it, so pass ``--fingerprint`` to have that checked. Errors are one line
@@ -30,18 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.images import DEFAULT_MAX_PIXELS
 from indexer.index import INDEX_TYPES
-from indexer.ingest import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MIN_SCORE,
-    DEFAULT_WORKERS,
-    IngestSummary,
-    ingest,
-    open_gallery_for,
-)
+from indexer.ingest import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, IngestSummary, ingest
 from indexer.sources import ImageSource, collect_sources
-from indexer.store import Gallery
-from indexer.types import GalleryError, Hit
+from indexer.store import Gallery, open_gallery_for
+from indexer.types import DEFAULT_MIN_SCORE, GalleryError, Hit
 
 PROGRAM = "psearch-index"
 
@@ -117,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads")
     add.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
                      help="store persons detected with at least this score")  # fmt: skip
+    add.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="refuse images of more pixels (width x height) than this")  # fmt: skip
     add.add_argument("--job", help="record the ingest as this job; run again to resume")
     add.add_argument("--engine", choices=("local", "ray"), default="local")
     add.add_argument("--address", help="Ray cluster address (--engine ray; default: local)")
@@ -224,6 +221,7 @@ def _run_ingest(arguments: argparse.Namespace, sources: list[ImageSource]) -> In
         "job": arguments.job,
         "progress": not arguments.no_progress,
         "min_score": arguments.min_score,
+        "max_pixels": arguments.max_pixels,
     }
     if arguments.engine == "ray":
         from indexer.distributed import ingest_ray, model_identity

@@ -26,16 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from indexer.images import DEFAULT_MAX_PIXELS
 from indexer.ingest import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_MIN_SCORE,
     GallerySink,
     IngestSummary,
     ItemResult,
     LoadedImage,
     SizeBatcher,
     WorkItem,
-    check_engine_fits,
     detect_batch,
     load_item,
     run_plan,
@@ -43,7 +42,7 @@ from indexer.ingest import (
 from indexer.jobs import Job
 from indexer.sources import ImageSource
 from indexer.store import Gallery
-from indexer.types import NewImage
+from indexer.types import DEFAULT_MIN_SCORE, NewImage
 
 ROWS_PER_BLOCK = 64  # rows a read task decodes: big enough to amortise a task, small to spread
 
@@ -80,6 +79,7 @@ def ingest_ray(
     job: Job | str | None = None,
     progress: bool = True,
     min_score: float = DEFAULT_MIN_SCORE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     address: str | None = None,
 ) -> IngestSummary:
     """:func:`indexer.ingest.ingest` on Ray Data, with the model folder ``model_dir`` loaded in
@@ -90,7 +90,7 @@ def ingest_ray(
     """
     ray = import_ray()
     fingerprint, dim = model_identity(model_dir)
-    check_engine_fits(gallery, fingerprint, dim)
+    gallery.check_model(fingerprint, dim)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
@@ -99,7 +99,7 @@ def ingest_ray(
             sink = GallerySink(gallery, plan, progress)
             try:
                 rows = _detected_rows(ray, plan.work, str(model_dir), backend, batch_size, actors,
-                                      min_score)  # fmt: skip
+                                      min_score, max_pixels)  # fmt: skip
                 for row in rows:
                     sink.put(_result(plan.work[row["position"]], row, dim))
             except KeyboardInterrupt:
@@ -121,6 +121,7 @@ def _detected_rows(
     batch_size: int,
     actors: int | None,
     min_score: float,
+    max_pixels: int,
 ) -> Iterator[dict[str, Any]]:
     """The detection rows of every work item, in input order."""
     if not work:
@@ -135,9 +136,9 @@ def _detected_rows(
         for item in work
     ]
     dataset = ray.data.from_items(items, override_num_blocks=-(-len(items) // ROWS_PER_BLOCK))
-    dataset = dataset.map(_load_row)
+    dataset = dataset.map(_load_row, fn_kwargs={"max_pixels": max_pixels})
     dataset = dataset.map_batches(
-        Detector,
+        DetectionActor,
         fn_constructor_kwargs={
             "model_dir": model_dir,
             "backend": backend,
@@ -157,12 +158,12 @@ def _detected_rows(
 # -- Ray tasks: reading and decoding -----------------------------------------------------
 
 
-def _load_row(row: dict[str, Any]) -> dict[str, Any]:
+def _load_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
     """Read and decode one file (a Ray task). Pixels travel as raw bytes with their shape:
     Ray's tensor columns want one shape per column, and images differ."""
     done = tuple(int(value) for value in row["done"])
     work = WorkItem(row["position"], ImageSource(row["path"]), None, None if -1 in done else done)
-    loaded = load_item(work, known_image=lambda _: None)
+    loaded = load_item(work, known_image=lambda _: None, max_pixels=max_pixels)
     pixels = loaded.pixels
     height, width = (0, 0) if pixels is None else pixels.shape[:2]
     return {
@@ -188,7 +189,7 @@ def _result_columns(result: ItemResult) -> dict[str, Any]:
 # -- Ray actors: detection ---------------------------------------------------------------
 
 
-class Detector:
+class DetectionActor:
     """A Ray actor: the model folder loaded once; detects the persons of batches of rows."""
 
     def __init__(

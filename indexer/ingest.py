@@ -20,51 +20,45 @@ bad file never stops an ingest: it is reported with the reason, and the rest goe
 
 import functools
 import hashlib
-import io
 import math
 import os
-import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from os import PathLike
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from indexer import schema
+from indexer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from indexer.jobs import ItemOutcome, Job, JobItem, JobStore
 from indexer.sources import ImageSource
-from indexer.store import SQLITE_FILE, Gallery
-from indexer.types import AddResult, GalleryMismatch, GalleryNotFound, NewImage
+from indexer.store import Gallery
+from indexer.types import DEFAULT_MIN_SCORE, AddResult, NewImage
+
+if TYPE_CHECKING:  # the runtime imports torch, which reading a gallery does not need
+    from export.runtime import EngineInfo
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_WORKERS = 4
-DEFAULT_MIN_SCORE = 0.5
 WRITE_IMAGES = 256  # images per write transaction...
 WRITE_SECONDS = 10.0  # ...or fewer, so that a slow model still records its progress often
 ASPECT_STEPS = 8  # batches group aspect ratios within 2 ** (1 / 8), about 9%
 
 
-class Engine(Protocol):
-    """What ingest needs of ``export.runtime.Engine``."""
+class PersonDetector(Protocol):
+    """What ingest needs of an engine: ``export.runtime.Engine``, or the service's engine
+    behind its micro-batcher."""
 
-    info: Any  # .fingerprint, .dim
+    info: "EngineInfo"  # the model: its fingerprint and embedding dim must fit the gallery
 
     def detect(self, images: list[np.ndarray]) -> list[Any]:
-        """Per (H, W, 3) uint8 RGB image: boxes (K, 4) in its pixels, scores (K,), embeddings
-        (K, D)."""
+        """Per (H, W, 3) uint8 RGB image, its ``ImageDetections``: boxes (K, 4) in its pixels,
+        scores (K,), embeddings (K, D)."""
         ...
-
-
-class UnreadableImage(ValueError):
-    """An image file that cannot be decoded; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -109,40 +103,12 @@ class IngestSummary:
         return text if self.job_id is None else f"job {self.job_id}: {text}"
 
 
-# -- opening the gallery -----------------------------------------------------------------
-
-
-def open_gallery_for(path: str | PathLike, fingerprint: str, dim: int) -> Gallery:
-    """The gallery at ``path`` for the model with this fingerprint, created (flat, for this
-    ``dim``) if there is none. Raises :class:`GalleryMismatch` naming both models when the
-    gallery holds another model's embeddings."""
-    try:
-        return Gallery.open(path, fingerprint)
-    except GalleryNotFound:
-        return Gallery.create(path, fingerprint, dim)
-
-
-def check_engine_fits(gallery: Gallery, fingerprint: str, dim: int) -> None:
-    """Refuse a model whose embeddings are not comparable with the gallery's."""
-    if fingerprint != gallery.fingerprint:
-        raise GalleryMismatch(
-            f"the gallery at {gallery.path} holds embeddings of model {gallery.fingerprint!r}, "
-            f"but the model given is {fingerprint!r}: index with the gallery's model, or into "
-            "a new gallery"
-        )
-    if dim != gallery.dim:
-        raise GalleryMismatch(
-            f"the gallery at {gallery.path} holds {gallery.dim}-dimensional embeddings, "
-            f"the model gives {dim}"
-        )
-
-
 # -- the pipeline ------------------------------------------------------------------------
 
 
 def ingest(
     gallery: Gallery,
-    engine: Engine,
+    engine: PersonDetector,
     sources: Sequence[ImageSource],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -150,24 +116,28 @@ def ingest(
     job: Job | str | None = None,
     progress: bool = True,
     min_score: float = DEFAULT_MIN_SCORE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> IngestSummary:
     """Detect the persons of ``sources`` with ``engine`` and add them to ``gallery``.
 
     ``workers`` threads read and decode; ``batch_size`` images of similar aspect ratio go to
     ``engine.detect`` at a time (the engine may split them into its own smaller batches).
-    Persons scoring at least ``min_score`` are stored. ``job`` records the ingest in the
+    Images are decoded by :func:`indexer.images.decode_image` (larger than ``max_pixels``:
+    refused), and persons scoring at least ``min_score`` are stored
+    (:meth:`NewImage.from_detections`), as every other route does. ``job`` records the ingest in the
     gallery so that it can be resumed: a name (the job of that name, created if missing, with
     ``sources`` appended to its inputs; with no sources, its own inputs are resumed) or a
     :class:`Job` made with :class:`JobStore`. Unreadable files are reported in the summary's
     ``failures``; an error that is not one file's (the gallery, the engine as a whole) stops
     the ingest and raises, the job marked failed (``cancelled`` on KeyboardInterrupt).
     """
-    check_engine_fits(gallery, engine.info.fingerprint, engine.info.dim)
+    gallery.check_model(engine.info.fingerprint, engine.info.dim)
     _check_sizes(batch_size, workers)
     with run_plan(gallery, sources, job) as plan:
         sink = GallerySink(gallery, plan, progress)
-        with _HashLookup(gallery) as known_image, ThreadPoolExecutor(workers) as pool:
-            load = functools.partial(load_item, known_image=known_image)
+        with ThreadPoolExecutor(workers) as pool:
+            known_image = functools.partial(_stored_image_id, gallery)
+            load = functools.partial(load_item, known_image=known_image, max_pixels=max_pixels)
             batcher = SizeBatcher(batch_size, max_wait=4 * batch_size)
             loads = bounded_map(pool, load, plan.work, window=2 * workers + batch_size)
             try:
@@ -236,7 +206,9 @@ class LoadedImage:
 # -- reading and decoding ----------------------------------------------------------------
 
 
-def load_item(work: WorkItem, known_image: Callable[[str], int | None]) -> LoadedImage:
+def load_item(
+    work: WorkItem, known_image: Callable[[str], int | None], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> LoadedImage:
     """Stat, read, hash and decode one file; never raises for a bad file.
 
     ``known_image(sha256)`` is the id of the stored image with these bytes, or None.
@@ -255,8 +227,8 @@ def load_item(work: WorkItem, known_image: Callable[[str], int | None]) -> Loade
     if image_id is not None:
         return LoadedImage(work, ItemResult(work, "duplicate", image_id=image_id, **stats))
     try:
-        pixels = decode_image(content)
-    except UnreadableImage as error:
+        pixels = decode_image(content, max_pixels, what="the file")
+    except ImageError as error:
         return LoadedImage(work, ItemResult(work, "failed", error=str(error), **stats))
     return LoadedImage(work, ItemResult(work, "detected", **stats), content, pixels)
 
@@ -265,63 +237,9 @@ def _os_reason(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def decode_image(content: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 RGB pixels of an encoded image, upright (EXIF orientation applied).
-
-    Raises :class:`UnreadableImage` for bytes Pillow cannot decode, a truncated or corrupt
-    file, or one with more pixels than Pillow's decompression bomb limit.
-    """
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            return _rgb(image)
-    except Image.DecompressionBombError as error:
-        raise UnreadableImage(f"too many pixels ({error})") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage(
-            "not an image (or a format Pillow cannot read)" if content else "empty file"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow's words for a corrupt file
-        raise UnreadableImage(f"corrupt or truncated image ({error})") from None
-
-
-def _rgb(image: Image.Image) -> np.ndarray:
-    if image.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): 0..65535 scaled to 0..255
-        grey = np.asarray(image, dtype=np.float64) / 257.0
-        grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
-
-
-class _HashLookup:
-    """``lookup(sha256) -> image id | None`` against the gallery's SQLite, callable from any
-    thread (each thread reads through its own connection, beside the gallery's writer)."""
-
-    def __init__(self, gallery: Gallery) -> None:
-        self._path = gallery.path / SQLITE_FILE
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, sha256: str) -> int | None:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = schema.connect(self._path)
-            with self._lock:
-                self._connections.append(connection)
-        row = connection.execute("SELECT id FROM images WHERE sha256 = ?", (sha256,)).fetchone()
-        return None if row is None else row[0]
-
-    def __enter__(self) -> "_HashLookup":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
-            for connection in self._connections:
-                connection.close()
+def _stored_image_id(gallery: Gallery, sha256: str) -> int | None:
+    image = gallery.image_by_sha256(sha256)
+    return None if image is None else image.id
 
 
 def bounded_map(
@@ -383,7 +301,9 @@ class SizeBatcher:
         return groups
 
 
-def detect_batch(engine: Engine, batch: list[LoadedImage], min_score: float) -> list[ItemResult]:
+def detect_batch(
+    engine: PersonDetector, batch: list[LoadedImage], min_score: float
+) -> list[ItemResult]:
     """Run the engine on a batch; the persons scoring at least ``min_score`` of each image.
 
     When the batch fails, each image is tried alone, so that one image the engine cannot take
@@ -402,17 +322,14 @@ def detect_batch(engine: Engine, batch: list[LoadedImage], min_score: float) -> 
 
 
 def _detected(loaded: LoadedImage, found: Any, min_score: float) -> ItemResult:
-    scores = np.asarray(found.scores)
-    keep = (scores >= min_score) & (scores > 0)  # score 0 marks an unused detection slot
     height, width = loaded.pixels.shape[:2]
     source = loaded.work.source
-    image = NewImage(
-        data=loaded.content,
-        boxes=np.asarray(found.boxes)[keep],
-        scores=scores[keep],
-        embeddings=np.asarray(found.embeddings)[keep],
+    image = NewImage.from_detections(
+        loaded.content,
+        found,
         width=width,
         height=height,
+        min_score=min_score,
         camera=source.camera,
         timestamp=source.timestamp,
         uri=source.path,

@@ -82,6 +82,11 @@ CREATE TABLE job_items (
 """
 
 
+# Indexes added since galleries of SCHEMA_VERSION 1 were first made. They change no data (an
+# older psearch reads the gallery as before), so opening a gallery adds them where missing.
+ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS images_uri ON images (uri)",)
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit ``BEGIN``s), WAL journal.
 
@@ -104,12 +109,19 @@ def create_tables(connection: sqlite3.Connection, meta: dict[str, str]) -> None:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 connection.execute(statement)
+        add_missing_indexes(connection)
         rows = {**meta, "schema_version": str(SCHEMA_VERSION)}
         connection.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+
+
+def add_missing_indexes(connection: sqlite3.Connection) -> None:
+    """Create the :data:`ADDED_INDEXES` a gallery lacks."""
+    for statement in ADDED_INDEXES:
+        connection.execute(statement)
 
 
 def read_meta(connection: sqlite3.Connection) -> dict[str, str]:

@@ -21,10 +21,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-# What a folder listing picks up (a file named explicitly is taken whatever its name).
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
-)
+from indexer.images import IMAGE_SUFFIXES
+
 MANIFEST_COLUMNS = ("path", "camera", "timestamp")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -58,8 +56,8 @@ def collect_sources(
     for path in paths:
         sources += (ImageSource(str(file), camera) for file in _image_files(Path(path), recursive))
     for manifest in manifests:
-        sources += read_manifest(manifest, camera=camera)
-    return _first_of_each_path(sources)
+        sources += read_image_manifest(manifest, camera=camera)
+    return first_of_each_path(sources)
 
 
 def _image_files(path: Path, recursive: bool) -> Iterator[Path]:
@@ -82,7 +80,7 @@ def _listed_images(folder: Path, recursive: bool) -> Iterator[Path]:
         raise SourceError(f"cannot list folder {folder}: {error.strerror}") from None
     visible = [entry for entry in entries if not entry.name.startswith(".")]
     for entry in visible:
-        if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+        if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             yield Path(entry.path)
     if recursive:
         for entry in visible:
@@ -90,7 +88,9 @@ def _listed_images(folder: Path, recursive: bool) -> Iterator[Path]:
                 yield from _listed_images(Path(entry.path), recursive)
 
 
-def _first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
+def first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
+    """``sources`` without the repeats of a path (the first mention wins, with its camera and
+    time)."""
     seen: set[str] = set()
     unique = []
     for source in sources:
@@ -100,7 +100,7 @@ def _first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
     return unique
 
 
-def read_manifest(path: str | PathLike, *, camera: str | None = None) -> list[ImageSource]:
+def read_image_manifest(path: str | PathLike, *, camera: str | None = None) -> list[ImageSource]:
     """The images a manifest lists (CSV, or JSON lines by suffix), in its order. ``camera`` is
     the camera of rows that name none. Raises :class:`SourceError` naming the line at fault."""
     path = Path(path)

@@ -93,7 +93,7 @@ class Gallery:
         self.path = root
         self._lock_descriptor: int | None = lock_descriptor
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}  # one per thread
         self._connections_lock = threading.Lock()
         self._write_lock = threading.Lock()  # one writer: SQLite transaction + index update
         self._index_lock = threading.Lock()  # the FAISS index: mutation vs search
@@ -106,6 +106,7 @@ class Gallery:
             raise GalleryError(
                 f"{root / SQLITE_FILE} is not a complete gallery (was its creation interrupted?)"
             )
+        schema.add_missing_indexes(self._db())
         self.fingerprint: str = meta["fingerprint"]
         self.dim = int(meta["dim"])
         self._spec = IndexSpec(meta["index_type"], json.loads(meta["index_params"]))
@@ -178,7 +179,7 @@ class Gallery:
             raise GalleryNotFound(f"no gallery at {root} (no {SQLITE_FILE} there)")
         gallery = cls(root, _lock(root))
         try:
-            gallery._check_fingerprint(fingerprint)
+            gallery.check_model(fingerprint)
             gallery._load_index()
         except BaseException:
             gallery.close(snapshot=False)
@@ -193,7 +194,7 @@ class Gallery:
         if snapshot and self._dirty:
             self.snapshot()
         with self._connections_lock:
-            for connection in self._connections:
+            for connection in self._connections.values():
                 connection.close()
             self._connections.clear()
         os.close(self._lock_descriptor)  # releases the flock
@@ -205,12 +206,20 @@ class Gallery:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _check_fingerprint(self, fingerprint: str | None) -> None:
+    def check_model(self, fingerprint: str | None, dim: int | None = None) -> None:
+        """Refuse, with :class:`GalleryMismatch` naming both, a model whose embeddings are not
+        comparable with the gallery's: another fingerprint, or another dimension (None skips
+        that check)."""
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise GalleryMismatch(
                 f"the gallery at {self.path} holds embeddings of model {self.fingerprint!r}, but "
                 f"model {fingerprint!r} was given: embeddings of two models are not comparable "
                 "(index the images again with this model, into a new gallery)"
+            )
+        if dim is not None and dim != self.dim:
+            raise GalleryMismatch(
+                f"the gallery at {self.path} holds {self.dim}-dimensional embeddings, the model "
+                f"gives {dim}"
             )
 
     def _load_index(self) -> None:
@@ -274,7 +283,7 @@ class Gallery:
         uri: str | None = None,
     ) -> AddResult:
         """Add one image and its detections ``(boxes (n, 4), scores (n,), embeddings (n, D))``
-        (a tuple, or the runtime's ``Detections`` of one image). Adding an image whose bytes
+        (a tuple, or the runtime's ``ImageDetections`` of one image). Adding an image whose bytes
         are already stored changes nothing and returns ``added=False``. See :class:`NewImage`.
         """
         boxes, scores, embeddings = detections
@@ -369,24 +378,45 @@ class Gallery:
 
     def get_image(self, image_id: int) -> ImageInfo:
         """The stored image with this id and its persons; :class:`ImageNotFound` if none."""
+        found = self._images_where("id = ?", image_id)
+        if not found:
+            raise ImageNotFound(f"no image with id {image_id}")
+        return found[0]
+
+    def image_by_sha256(self, sha256: str) -> ImageInfo | None:
+        """The stored image whose bytes have this SHA-256 (hex digest), or None: images are
+        keyed by content, so there is at most one."""
+        found = self._images_where("sha256 = ?", sha256)
+        return found[0] if found else None
+
+    def images_by_uri(self, uri: str) -> list[ImageInfo]:
+        """The stored images recorded under ``uri`` (the path they were indexed from, or an
+        upload's file name), oldest first. A uri may name several images: a file that changed
+        and was indexed again, two uploads of one name."""
+        return self._images_where("uri = ?", uri)
+
+    def _images_where(self, condition: str, value: Any) -> list[ImageInfo]:
+        """The images matching one SQL ``condition`` on ``images`` with its persons, read in one
+        snapshot (an image is never seen without the persons it was stored with)."""
         connection = self._db()
-        connection.execute("BEGIN")  # one read snapshot for both queries
+        connection.execute("BEGIN")
         try:
-            image = connection.execute(
+            images = connection.execute(
                 "SELECT id, uri, sha256, camera, timestamp, width, height, added_at "
-                "FROM images WHERE id = ?",
-                (image_id,),
-            ).fetchone()
+                f"FROM images WHERE {condition} ORDER BY id",
+                (value,),
+            ).fetchall()
             persons = connection.execute(
-                "SELECT id, x1, y1, x2, y2, det_score FROM persons WHERE image_id = ? ORDER BY id",
-                (image_id,),
+                "SELECT image_id, id, x1, y1, x2, y2, det_score FROM persons "
+                "WHERE image_id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                (json.dumps([row[0] for row in images]),),
             ).fetchall()
         finally:
             connection.execute("COMMIT")
-        if image is None:
-            raise ImageNotFound(f"no image with id {image_id}")
-        people = tuple(Person(row[0], tuple(row[1:5]), row[5]) for row in persons)
-        return ImageInfo(*image, persons=people)
+        by_image: dict[int, list[Person]] = {}
+        for row in persons:
+            by_image.setdefault(row[0], []).append(Person(row[1], tuple(row[2:6]), row[6]))
+        return [ImageInfo(*row, persons=tuple(by_image.get(row[0], ()))) for row in images]
 
     def search(
         self,
@@ -613,7 +643,8 @@ class Gallery:
     # -- helpers ---------------------------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
-        """This thread's SQLite connection."""
+        """This thread's SQLite connection. Making one closes those of threads that have ended,
+        so that a long-lived gallery read from many short-lived threads holds few."""
         if self._lock_descriptor is None:
             raise GalleryError(f"the gallery at {self.path} is closed")
         connection = getattr(self._local, "connection", None)
@@ -621,11 +652,37 @@ class Gallery:
             connection = schema.connect(self.path / SQLITE_FILE)
             self._local.connection = connection
             with self._connections_lock:
-                self._connections.append(connection)
+                for thread in [thread for thread in self._connections if not thread.is_alive()]:
+                    self._connections.pop(thread).close()
+                self._connections[threading.current_thread()] = connection
         return connection
 
     def _count(self, table: str) -> int:
         return self._db().execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def open_gallery_for(
+    path: str | PathLike, fingerprint: str, dim: int, *, create: bool = True
+) -> Gallery:
+    """The gallery at ``path`` for the model with this ``fingerprint`` and embedding ``dim``:
+    what every route that indexes (``psearch-index add``, the service, Ray) opens.
+
+    A folder without a gallery gets a new (flat) one, unless ``create`` is False (then
+    :class:`GalleryNotFound`). Raises :class:`GalleryMismatch` naming both models when the
+    gallery holds another model's embeddings.
+    """
+    try:
+        gallery = Gallery.open(path, fingerprint)
+    except GalleryNotFound:
+        if not create:
+            raise
+        return Gallery.create(path, fingerprint, dim)
+    try:
+        gallery.check_model(fingerprint, dim)
+    except GalleryMismatch:
+        gallery.close(snapshot=False)
+        raise
+    return gallery
 
 
 def _lock(root: Path) -> int:

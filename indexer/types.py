@@ -4,7 +4,11 @@ from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in original image pixels
+import numpy as np
+
+from common.boxes import Box
+
+DEFAULT_MIN_SCORE = 0.5  # persons detected with a lower score are not stored
 
 
 class GalleryError(Exception):
@@ -53,6 +57,37 @@ class NewImage:
     camera: str | None = None
     timestamp: float | None = None
     uri: str | None = None
+
+    @classmethod
+    def from_detections(
+        cls,
+        data: bytes | str | PathLike,
+        detections: Any,
+        *,
+        width: int,
+        height: int,
+        min_score: float = DEFAULT_MIN_SCORE,
+        camera: str | None = None,
+        timestamp: float | None = None,
+        uri: str | None = None,
+    ) -> "NewImage":
+        """An image and the persons the engine detected in it that score at least
+        ``min_score``: how every route turns one image's ``detections`` (boxes (K, 4), scores
+        (K,), embeddings (K, D), as ``export.runtime`` gives them) into stored persons. A score
+        of 0 marks an unused slot of a model's fixed-size output: never a person."""
+        scores = np.asarray(detections.scores, dtype=np.float64)
+        keep = (scores > 0) & (scores >= min_score)
+        return cls(
+            data=data,
+            boxes=np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)[keep],
+            scores=scores[keep],
+            embeddings=np.asarray(detections.embeddings, dtype=np.float32)[keep],
+            width=width,
+            height=height,
+            camera=camera,
+            timestamp=timestamp,
+            uri=uri,
+        )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from server.errors import Forbidden, Unauthenticated, UnsupportedMediaType
-from server.services import GalleryService, SearchService, ServiceState
+from server.jobs import JobService
+from server.lifecycle import ServiceState
+from server.services import GalleryService, SearchService
 from server.settings import ServerSettings
 
 API_KEY_HEADER = "X-API-Key"
@@ -45,8 +47,14 @@ async def get_gallery_service(state: StateDep) -> GalleryService:
     return state.require().gallery_service
 
 
+async def get_job_service(state: StateDep) -> JobService:
+    """The job service; 503 while loading, 409 or 503 if loading failed."""
+    return state.require().jobs
+
+
 SearchServiceDep = Annotated[SearchService, Depends(get_search_service)]
 GalleryServiceDep = Annotated[GalleryService, Depends(get_gallery_service)]
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 
 
 async def require_api_key(

@@ -1,7 +1,7 @@
 """Bulk indexing jobs of the service: server folders and manifests, indexed in the background.
 
 - :func:`collect_job_sources` turns a :class:`~server.schemas.JobRequest` into image sources,
-  refusing (403) every path that does not resolve inside the configured allowed roots.
+  refusing (403) every path that does not resolve inside the allowed roots (``server/roots.py``).
 - :class:`JobRunner` runs the jobs one at a time, in submission order, on a thread of its own,
   with :func:`indexer.ingest.ingest` writing to the service's open gallery.
 - :class:`BatcherEngine` is the engine the jobs see: it sends their images through the service's
@@ -9,7 +9,7 @@
   first out, and a job submits its next batch only once the previous one is answered: a search
   waits behind at most one job batch (of at most half the queue, so searches always find room).
 - :class:`JobService` submits and reports jobs. It is one of the services
-  (:func:`server.services.start_services` opens it once the gallery and the batcher are up,
+  (:func:`server.lifecycle.start_services` opens it once the gallery and the batcher are up,
   resuming the jobs a stop or a crash left queued or running); the app's shutdown closes it
   before the batcher and the gallery.
 
@@ -21,20 +21,25 @@ goes back to ``queued``.
 import asyncio
 import concurrent.futures
 import logging
-import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.runtime import EngineInfo
 from indexer.ingest import ingest
 from indexer.jobs import Job, JobNotFound, JobStore
-from indexer.sources import ImageSource, SourceError, collect_sources, read_manifest
+from indexer.sources import (
+    ImageSource,
+    SourceError,
+    collect_sources,
+    first_of_each_path,
+    read_image_manifest,
+)
 from indexer.store import Gallery
 from server.batcher import MicroBatcher
 from server.errors import (
@@ -43,12 +48,12 @@ from server.errors import (
     NotFound,
     NotReady,
     Overloaded,
-    PathNotAllowed,
     ServiceError,
 )
-from server.inference import DetectJob
-from server.schemas import JobFailureOut, JobListOut, JobOut, JobRequest, JobSummaryOut, ModelOut
+from server.roots import AllowedRoots
+from server.schemas import JobFailureOut, JobListOut, JobOut, JobRequest, JobSummaryOut
 from server.settings import ServerSettings
+from server.worker import DetectTask
 
 logger = logging.getLogger(__name__)
 
@@ -64,35 +69,6 @@ class JobInterrupted(KeyboardInterrupt):
 
 
 # -- paths -------------------------------------------------------------------------------
-
-
-class AllowedRoots:
-    """The server folders jobs may read, symlinks resolved."""
-
-    def __init__(self, roots: Iterable[Path]) -> None:
-        self.roots = tuple(os.path.realpath(root) for root in roots)
-
-    def resolve(self, path: str, described: str) -> str:
-        """The real path of ``path`` (``..`` applied, symlinks followed); raises
-        :class:`PathNotAllowed` naming ``described`` unless it lies inside an allowed root."""
-        if not self.roots:
-            raise PathNotAllowed(
-                f"{described}: this service indexes no server files (no allowed_roots are "
-                "configured)"
-            )
-        try:
-            real = os.path.realpath(path)
-        except (OSError, ValueError) as error:
-            raise InvalidField(f"{described}: {error}") from None
-        if not any(_inside(real, root) for root in self.roots):
-            raise PathNotAllowed(
-                f"{described} is outside the allowed roots ({', '.join(self.roots)})"
-            )
-        return real
-
-
-def _inside(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root
 
 
 def collect_job_sources(request: JobRequest, roots: AllowedRoots) -> list[ImageSource]:
@@ -113,14 +89,15 @@ def collect_job_sources(request: JobRequest, roots: AllowedRoots) -> list[ImageS
     if request.manifest is not None:
         manifest = roots.resolve(request.manifest, f"manifest {request.manifest!r}")
         with _source_errors_as_invalid("manifest"):
-            listed = read_manifest(manifest, camera=request.camera)
+            listed = read_image_manifest(manifest, camera=request.camera)
         sources += (
             _resolved(source, roots, f"manifest {request.manifest!r}, entry {number}")
             for number, source in enumerate(listed, start=1)
         )
     if not sources:
         raise InvalidField("no image files found in the given paths and manifest")
-    return _first_of_each_path(sources)
+    # Two names of one file (a symlink and its target) are one image: the first wins.
+    return first_of_each_path(sources)
 
 
 @contextmanager
@@ -135,17 +112,6 @@ def _source_errors_as_invalid(field: str) -> Iterator[None]:
 def _resolved(source: ImageSource, roots: AllowedRoots, where: str) -> ImageSource:
     real = roots.resolve(source.path, f"{source.path!r} ({where})")
     return ImageSource(real, source.camera, source.timestamp)
-
-
-def _first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
-    """Two names of one file (a symlink and its target) are one image: the first wins."""
-    seen: set[str] = set()
-    unique = []
-    for source in sources:
-        if source.path not in seen:
-            seen.add(source.path)
-            unique.append(source)
-    return unique
 
 
 # -- running jobs ------------------------------------------------------------------------
@@ -163,7 +129,7 @@ class BatcherEngine:
         self,
         batcher: MicroBatcher[Any, Any],
         loop: asyncio.AbstractEventLoop,
-        info: ModelOut,
+        info: EngineInfo,
         stopping: threading.Event,
         retry_after_s: float,
     ) -> None:
@@ -200,7 +166,7 @@ class BatcherEngine:
         """Results or errors, one per image, from the batcher (in the event loop)."""
 
         async def submit_all() -> list[Any]:
-            submitted = (self._batcher.submit(DetectJob(pixels)) for pixels in images)
+            submitted = (self._batcher.submit(DetectTask(pixels)) for pixels in images)
             return await asyncio.gather(*submitted, return_exceptions=True)
 
         try:
@@ -211,10 +177,11 @@ class BatcherEngine:
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """How jobs run ``ingest``."""
+    """How jobs run ``ingest``: the service's own detection floor and pixel limit, as uploads."""
 
     batch_size: int
     min_score: float
+    max_pixels: int
     workers: int = DECODE_WORKERS
 
 
@@ -280,6 +247,7 @@ class JobRunner:
                 workers=self._options.workers,
                 progress=False,
                 min_score=self._options.min_score,
+                max_pixels=self._options.max_pixels,
             )
         except JobInterrupted:
             self._jobs.set_status(job.id, "queued", INTERRUPTED)
@@ -321,17 +289,17 @@ class JobService:
         settings: ServerSettings,
         gallery: Gallery,
         batcher: MicroBatcher[Any, Any],
-        model: ModelOut,
+        info: EngineInfo,
+        roots: AllowedRoots,
         loop: asyncio.AbstractEventLoop,
     ) -> "JobService":
         """Open the gallery's jobs and start the runner on those left queued or running (by a
         shutdown or a crash), oldest first."""
         stopping = threading.Event()
-        engine = BatcherEngine(batcher, loop, model, stopping, settings.retry_after_s)
+        engine = BatcherEngine(batcher, loop, info, stopping, settings.retry_after_s)
         # A job's batch takes at most half the queue: searches always find room in it.
         batch_size = max(1, min(settings.max_batch_size, settings.queue_size // 2))
-        options = IngestOptions(batch_size, settings.min_detection_score)
-        roots = AllowedRoots(settings.allowed_roots)
+        options = IngestOptions(batch_size, settings.min_detection_score, settings.max_image_pixels)
         jobs = JobStore(gallery)
         runner = JobRunner(gallery, engine, jobs, roots, options, stopping)
         try:

@@ -22,7 +22,7 @@ from pydantic import (
 # Hard bound of top_k in the schema; the configured top_k_max (at most this) is checked too.
 TOP_K_LIMIT = 10_000
 
-Box = Annotated[
+BoxOut = Annotated[
     list[float],
     Field(
         min_length=4,
@@ -144,13 +144,13 @@ class ErrorResponse(BaseModel):
 class QueryInfo(BaseModel):
     """The query person as the service embedded it."""
 
-    box: Box = Field(description="The box whose embedding was searched for.")
+    box: BoxOut = Field(description="The box whose embedding was searched for.")
     method: Literal["box", "max_iou_detection"] = Field(
         description="`box`: the model embedded the requested box itself; `max_iou_detection`: "
         "the model (one that cannot embed a given box) detected the persons of the query image "
         "and the one overlapping the requested box most was used."
     )
-    requested_box: Box = Field(
+    requested_box: BoxOut = Field(
         description="The box asked for: `box`, or the whole image when none was given."
     )
     iou: float = Field(
@@ -172,7 +172,7 @@ class SearchHit(BaseModel):
     uri: str | None = Field(description="Where the gallery image came from (file name or path).")
     camera: str | None = Field(description="Camera of the gallery image, if known.")
     timestamp: float | None = Field(description="When the image was taken (POSIX seconds).")
-    box: Box = Field(description="The person in the gallery image, in its pixels.")
+    box: BoxOut = Field(description="The person in the gallery image, in its pixels.")
     similarity: float = Field(description="Cosine similarity to the query, -1 to 1.")
     det_score: float = Field(description="Detection score of the person, 0 to 1.")
 
@@ -228,7 +228,7 @@ class PersonOut(BaseModel):
     """A person detected in a gallery image."""
 
     id: int = Field(description="Id of the person.")
-    box: Box = Field(description="The person in the image, in its pixels.")
+    box: BoxOut = Field(description="The person in the image, in its pixels.")
     det_score: float = Field(description="Detection score, 0 to 1.")
 
 

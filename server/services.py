@@ -4,59 +4,35 @@
   the gallery) and adding images (decode, detect on the worker, store in one transaction).
 - :class:`GalleryService`: reading and removing gallery images, serving their files, counts.
 - :class:`~server.jobs.JobService`: bulk indexing jobs, run on the batcher in the background.
-- :class:`ServiceState`: the services once loaded, or why they are not (yet).
 
-Blocking work (decoding, SQLite, FAISS, files) runs in the thread pool, never on the event
-loop; the engine runs only on the batcher's worker thread.
+``server/lifecycle.py`` builds them once the model and the gallery are loaded. Blocking work
+(decoding, SQLite, FAISS, files) runs in the thread pool, never on the event loop; the engine
+runs only on the batcher's worker thread.
 """
 
 import asyncio
 import hashlib
-import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from common.boxes import Box
 from indexer.store import Gallery
-from indexer.types import (
-    AddResult,
-    GalleryMismatch,
-    GalleryNotFound,
-    Hit,
-    ImageInfo,
-    ImageNotFound,
-    NewImage,
-)
+from indexer.types import AddResult, Hit, ImageInfo, ImageNotFound, NewImage
 from server.batcher import MicroBatcher
-from server.errors import InvalidField, ModelMismatch, NotFound, NotReady, ServiceError, TooLarge
+from server.errors import InvalidField, NotFound, TooLarge
 from server.files import ImageFiles, media_type
-from server.images import DecodedImage, check_media_type, decode_image
-from server.inference import (
-    Box,
-    DetectJob,
-    Engine,
-    EngineLoader,
-    InferenceWorker,
-    Job,
-    QueryEmbedding,
-    QueryJob,
-    warm_up,
-)
-from server.jobs import JobService
-from server.metrics import ServiceMetrics
+from server.roots import AllowedRoots
 from server.schemas import (
     AddedImage,
     AddImagesResponse,
     AddImagesTimings,
     GalleryStatsOut,
     ImageOut,
-    ModelOut,
     PersonOut,
     QueryInfo,
     RemovedImage,
@@ -66,24 +42,10 @@ from server.schemas import (
     SearchTimings,
 )
 from server.settings import ServerSettings
-
-logger = logging.getLogger(__name__)
+from server.uploads import Upload, decode_upload, image_size
+from server.worker import DetectTask, InferenceTask, QueryEmbedding, QueryTask
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Upload:
-    """An uploaded file as read from the request."""
-
-    data: bytes
-    filename: str | None
-    media_type: str | None
-
-
-async def read_upload(file: UploadFile) -> Upload:
-    """The bytes, file name and declared media type of an uploaded file."""
-    return Upload(await file.read(), file.filename, file.content_type)
 
 
 class SearchService:
@@ -93,7 +55,7 @@ class SearchService:
         self,
         settings: ServerSettings,
         gallery: Gallery,
-        batcher: MicroBatcher[Job, Any],
+        batcher: MicroBatcher[InferenceTask, Any],
         files: ImageFiles,
     ) -> None:
         self.settings = settings
@@ -108,10 +70,11 @@ class SearchService:
             raise InvalidField(
                 f"top_k: {form.top_k} is more than this service returns ({self.settings.top_k_max})"
             )
-        image = await run_in_threadpool(self._decode, upload, "the query image")
+        pixels = await run_in_threadpool(self._decode, upload, "the query image")
         decoded = time.perf_counter()
-        requested = _requested_box(form.box, image)
-        query: QueryEmbedding = await self.batcher.submit(QueryJob(image.pixels, requested))
+        width, height = image_size(pixels)
+        requested = _requested_box(form.box, width, height)
+        query: QueryEmbedding = await self.batcher.submit(QueryTask(pixels, requested))
         embedded = time.perf_counter()
         time_range = None if form.since is None and form.until is None else (form.since, form.until)
         hits = await run_in_threadpool(
@@ -131,8 +94,8 @@ class SearchService:
                 requested_box=list(requested),
                 iou=query.iou,
                 det_score=query.det_score,
-                width=image.width,
-                height=image.height,
+                width=width,
+                height=height,
             ),
             hits=[_hit(hit) for hit in hits],
             timings=SearchTimings(
@@ -160,12 +123,22 @@ class SearchService:
             for i, upload in enumerate(uploads)
         )
         decoded = time.perf_counter()
-        detections = await _all(self.batcher.submit(DetectJob(image.pixels)) for image in images)
+        detections = await _all(self.batcher.submit(DetectTask(pixels)) for pixels in images)
         detected = time.perf_counter()
+        sizes = [image_size(pixels) for pixels in images]
         new_images = [
-            self._new_image(upload, image, found, camera, timestamp)
-            for upload, image, found, camera, timestamp in zip(
-                uploads, images, detections, per_image_cameras, per_image_timestamps, strict=True
+            NewImage.from_detections(
+                upload.data,
+                found,
+                width=width,
+                height=height,
+                min_score=self.settings.min_detection_score,
+                camera=camera,
+                timestamp=timestamp,
+                uri=upload.filename,
+            )
+            for upload, (width, height), found, camera, timestamp in zip(
+                uploads, sizes, detections, per_image_cameras, per_image_timestamps, strict=True
             )
         ]
         results = await run_in_threadpool(self._store, uploads, new_images)
@@ -178,10 +151,10 @@ class SearchService:
                     sha256=result.sha256,
                     added=result.added,
                     num_persons=result.num_persons,
-                    width=image.width,
-                    height=image.height,
+                    width=width,
+                    height=height,
                 )
-                for upload, image, result in zip(uploads, images, results, strict=True)
+                for upload, (width, height), result in zip(uploads, sizes, results, strict=True)
             ],
             timings=AddImagesTimings(
                 decode_ms=_ms(started, decoded),
@@ -191,31 +164,8 @@ class SearchService:
             ),
         )
 
-    def _decode(self, upload: Upload, what: str) -> DecodedImage:
-        check_media_type(upload.media_type, what)
-        return decode_image(upload.data, self.settings.max_image_pixels, what)
-
-    def _new_image(
-        self,
-        upload: Upload,
-        image: DecodedImage,
-        detections: Any,
-        camera: str | None,
-        timestamp: float | None,
-    ) -> NewImage:
-        scores = np.asarray(detections.scores, dtype=np.float64)
-        keep = (scores > 0) & (scores >= self.settings.min_detection_score)
-        return NewImage(
-            data=upload.data,
-            boxes=np.asarray(detections.boxes, dtype=np.float64)[keep].reshape(-1, 4),
-            scores=scores[keep],
-            embeddings=np.asarray(detections.embeddings, dtype=np.float32)[keep],
-            width=image.width,
-            height=image.height,
-            camera=camera,
-            timestamp=timestamp,
-            uri=upload.filename,
-        )
+    def _decode(self, upload: Upload, what: str) -> np.ndarray:
+        return decode_upload(upload, self.settings.max_image_pixels, what)
 
     def _store(self, uploads: Sequence[Upload], images: list[NewImage]) -> list[AddResult]:
         # Files first: once an image id is visible, its file can be served.
@@ -228,12 +178,12 @@ class GalleryService:
     """Reading and removing gallery images; no engine needed."""
 
     def __init__(
-        self, settings: ServerSettings, gallery: Gallery, files: ImageFiles, model: ModelOut
+        self, settings: ServerSettings, gallery: Gallery, files: ImageFiles, roots: AllowedRoots
     ) -> None:
         self.settings = settings
         self.gallery = gallery
         self.files = files
-        self.model = model
+        self.roots = roots
 
     def get_image(self, image_id: int) -> ImageOut:
         """The image's metadata and persons; 404 if there is no such image."""
@@ -264,26 +214,30 @@ class GalleryService:
         return RemovedImage(image_id=image_id, num_persons=removed)
 
     def image_file(self, image_id: int) -> tuple[Path, str]:
-        """(path, media type) of the image's file: the uploaded bytes, or a file under an allowed
-        root whose content still hashes as indexed; 404 otherwise."""
+        """(path, media type) of the image's file: the bytes uploaded to this service, or the
+        file the image was indexed from (a folder, a manifest, ``psearch-index add``) when it
+        lies under an allowed root and still holds the same bytes; 404 saying why otherwise."""
         info = self._image(image_id)
-        path = self.files.find(info.sha256) or self._indexed_file(info.uri, info.sha256)
-        if path is None:
-            raise NotFound(f"the file of image {image_id} is not available on this server")
+        path = self.files.find(info.sha256) or self._indexed_file(info)
         return path, media_type(path)
 
-    def _indexed_file(self, uri: str | None, sha256: str) -> Path | None:
-        if not uri or not self.settings.allowed_roots:
-            return None
-        path = Path(uri)
-        if not path.is_absolute() or not path.is_file():
-            return None
-        resolved = path.resolve()
-        if not any(resolved.is_relative_to(root.resolve()) for root in self.settings.allowed_roots):
-            return None
-        if hashlib.sha256(resolved.read_bytes()).hexdigest() != sha256:
-            return None  # changed since it was indexed: it is not the image any more
-        return resolved
+    def _indexed_file(self, info: ImageInfo) -> Path:
+        unavailable = f"the file of image {info.id} is not available on this server"
+        if not info.uri or not Path(info.uri).is_absolute():
+            raise NotFound(f"{unavailable}: it was not uploaded here and has no server path")
+        real = self.roots.locate(info.uri)
+        if real is None:
+            raise NotFound(
+                f"{unavailable}: {info.uri} is outside the allowed roots "
+                f"({self.roots.describe()}); add its folder to allowed_roots to serve it"
+            )
+        try:
+            content = Path(real).read_bytes()
+        except OSError as error:
+            raise NotFound(f"{unavailable}: {info.uri}: {error.strerror}") from None
+        if hashlib.sha256(content).hexdigest() != info.sha256:
+            raise NotFound(f"{unavailable}: {info.uri} has changed since it was indexed")
+        return Path(real)
 
     def stats(self) -> GalleryStatsOut:
         """Counts and settings of the gallery."""
@@ -311,130 +265,15 @@ class GalleryService:
             raise NotFound(str(error)) from None
 
 
-@dataclass
-class Services:
-    """Everything loaded: the gallery, the batcher on the engine, and the services on them."""
-
-    gallery: Gallery
-    batcher: MicroBatcher[Job, Any]
-    search: SearchService
-    gallery_service: GalleryService
-    jobs: JobService
-
-    @property
-    def model(self) -> ModelOut:
-        return self.gallery_service.model
-
-
-def load_engine_and_gallery(
-    settings: ServerSettings, load_engine: EngineLoader
-) -> tuple[Engine, Gallery]:
-    """Load the model, warm it up, and open (or create) its gallery: blocking, for a worker
-    thread.
-
-    Raises :class:`ModelMismatch` when the gallery belongs to another model, :class:`NotReady`
-    when there is no gallery and ``create_gallery`` is off.
-    """
-    engine = load_engine(settings)
-    try:
-        gallery = Gallery.open(settings.gallery_dir, engine.info.fingerprint)
-    except GalleryMismatch as error:
-        raise ModelMismatch(str(error)) from None
-    except GalleryNotFound as error:
-        if not settings.create_gallery:
-            raise NotReady(f"{error}; create one, or set create_gallery") from None
-        gallery = Gallery.create(settings.gallery_dir, engine.info.fingerprint, engine.info.dim)
-    try:
-        warm_up(engine)
-    except BaseException:
-        gallery.close()
-        raise
-    return engine, gallery
-
-
-async def start_services(
-    settings: ServerSettings, engine: Engine, gallery: Gallery, metrics: ServiceMetrics
-) -> Services:
-    """Start the batcher on the engine, build the services, and start the job runner, which
-    resumes the jobs left unfinished (in the event loop). Stop them with :func:`stop_services`.
-    """
-    batcher: MicroBatcher[Job, Any] = MicroBatcher(
-        InferenceWorker(engine),
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_ms / 1000,
-        queue_size=settings.queue_size,
-        retry_after_s=settings.retry_after_s,
-        observer=metrics,
-        name="inference",
-    )
-    await batcher.start()
-    files = ImageFiles(settings.uploads_dir)
-    info = engine.info
-    model = ModelOut(
-        name=info.name,
-        fingerprint=info.fingerprint,
-        dim=info.dim,
-        backend=str(info.backend),
-        device=str(info.device),
-    )
-    try:
-        jobs = await run_in_threadpool(
-            JobService.open, settings, gallery, batcher, model, asyncio.get_running_loop()
-        )
-    except BaseException:
-        await batcher.stop()
-        raise
-    return Services(
-        gallery=gallery,
-        batcher=batcher,
-        search=SearchService(settings, gallery, batcher, files),
-        gallery_service=GalleryService(settings, gallery, files, model),
-        jobs=jobs,
-    )
-
-
-async def stop_services(services: Services) -> None:
-    """Stop the job runner (its running job stops after its current batch, which still needs
-    the batcher and the gallery), then the batcher, then close the gallery, which writes its
-    index snapshot."""
-    await run_in_threadpool(services.jobs.close)  # off the loop: the last batch needs it
-    await services.batcher.stop()
-    await run_in_threadpool(services.gallery.close)
-
-
-class ServiceState:
-    """The services once loaded; until then, or when loading failed, why there are none."""
-
-    def __init__(self, retry_after_s: int) -> None:
-        self.retry_after_s = retry_after_s
-        self.services: Services | None = None
-        self._failure: tuple[type[ServiceError], str] | None = None
-
-    def fail(self, error: ServiceError) -> None:
-        """Loading failed for good: requests get this error from now on."""
-        self._failure = (type(error), error.message)
-
-    def require(self) -> Services:
-        """The services; raises while loading (503) or if loading failed."""
-        if self.services is not None:
-            return self.services
-        if self._failure is not None:
-            error_type, message = self._failure
-            raise error_type(message)  # a new exception each time: tracebacks do not pile up
-        raise NotReady(
-            "the model and the gallery are still loading", retry_after_s=self.retry_after_s
-        )
-
-
-def _requested_box(box: list[float] | None, image: DecodedImage) -> Box:
+def _requested_box(box: list[float] | None, width: int, height: int) -> Box:
     """The query box asked for (the whole image when none), checked to lie inside the image."""
     if box is None:
-        return (0.0, 0.0, float(image.width), float(image.height))
+        return (0.0, 0.0, float(width), float(height))
     x1, y1, x2, y2 = box
-    if x1 < 0 or y1 < 0 or x2 > image.width or y2 > image.height:
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
         raise InvalidField(
-            f"box: {box} is not inside the {image.width} x {image.height} image "
-            f"(0 <= x1 < x2 <= {image.width}, 0 <= y1 < y2 <= {image.height})"
+            f"box: {box} is not inside the {width} x {height} image "
+            f"(0 <= x1 < x2 <= {width}, 0 <= y1 < y2 <= {height})"
         )
     return (x1, y1, x2, y2)
 

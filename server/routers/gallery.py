@@ -19,7 +19,7 @@ from server.schemas import (
     RemovedImage,
     error_responses,
 )
-from server.services import read_upload
+from server.uploads import read_upload
 
 router = APIRouter(
     prefix="/v1/gallery",

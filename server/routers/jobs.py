@@ -4,8 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from server.dependencies import StateDep, require_api_key
-from server.jobs import JobService
+from server.dependencies import JobServiceDep, require_api_key
 from server.schemas import (
     JobListOut,
     JobOut,
@@ -17,13 +16,6 @@ from server.schemas import (
 MAX_JOB_ID = 2**63 - 1  # SQLite row ids
 JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="Id of a job.")]
 
-
-async def get_job_service(state: StateDep) -> JobService:
-    """The job service; 503 while loading, 409 or 503 if loading failed."""
-    return state.require().jobs
-
-
-JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 
 router = APIRouter(
     prefix="/v1/gallery/jobs",

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Form
 
 from server.dependencies import SearchServiceDep, require_api_key, require_multipart
 from server.schemas import SearchForm, SearchResponse, error_responses
-from server.services import read_upload
+from server.uploads import read_upload
 
 router = APIRouter(
     prefix="/v1",

@@ -7,6 +7,8 @@ images, which proves the plumbing, not the learning.
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import learn
 
 TINY_DETECTOR = Path(__file__).resolve().parents[2] / "configs/tiny/lla_fcos_synthetic.yaml"

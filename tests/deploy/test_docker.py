@@ -284,6 +284,15 @@ def test_every_copied_file_exists_and_is_in_the_build_context(dockerfile):
         assert not dockerignore_excludes(source), f"COPY {source}: .dockerignore leaves it out"
 
 
+def test_every_package_psearch_installs_is_copied_into_the_build(dockerfile):
+    packages = [
+        p.removesuffix("*")
+        for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    ]
+    missing = sorted(set(packages) - set(copy_sources(dockerfile)))
+    assert not missing, f"the image would install psearch without {missing}"
+
+
 def test_base_images_are_pinned_by_a_version_tag(dockerfile):
     for image in base_images(dockerfile):
         name, _, tag = image.rpartition(":")
@@ -639,8 +648,21 @@ def test_entrypoint_index_adds_images_with_the_prepared_model_and_the_settings(t
     assert calls == [
         PREPARE_CALL,
         f"psearch-index add --model {MIRROR} --gallery /galleries/main --backend tensorrt "
-        f"--device cuda /images --job bulk (PSEARCH_MODEL_DIR={MIRROR})",
+        "--device cuda --min-score 0.5 --max-pixels 40000000 /images --job bulk "
+        f"(PSEARCH_MODEL_DIR={MIRROR})",
     ]
+
+
+def test_entrypoint_index_takes_the_services_detection_floor_and_pixel_limit(tmp_path):
+    """Bulk indexing stores what an upload of the same image would: the service's settings,
+    with the service's defaults when they are not set."""
+    defaults = ServerSettings()
+    _, [_, default_call] = run_entrypoint(tmp_path, "index", "/images")
+    assert f"--min-score {defaults.min_detection_score} " in default_call
+    assert f"--max-pixels {defaults.max_image_pixels} " in default_call
+    settings = {"PSEARCH_MIN_DETECTION_SCORE": "0.3", "PSEARCH_MAX_IMAGE_PIXELS": "1000"}
+    _, [_, call] = run_entrypoint(tmp_path, "index", "/images", **settings)
+    assert "--min-score 0.3 --max-pixels 1000 " in call
 
 
 def test_entrypoint_runs_other_commands_as_given_without_preparing(tmp_path):

@@ -9,9 +9,10 @@ from PIL import Image
 
 from export.parity import synthetic_images
 from export.runtime import load_engine
-from indexer.ingest import ingest, open_gallery_for
+from indexer.ingest import ingest
 from indexer.jobs import JobStore
 from indexer.sources import ImageSource
+from indexer.store import open_gallery_for
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'psearch[distributed]'")
 pytest.importorskip("ray.data", reason="Ray Data is not installed: the ray[data] extra")

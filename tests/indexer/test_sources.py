@@ -10,7 +10,7 @@ from indexer.sources import (
     SourceError,
     collect_sources,
     parse_timestamp,
-    read_manifest,
+    read_image_manifest,
 )
 
 
@@ -67,7 +67,7 @@ def test_a_csv_manifest_gives_paths_relative_to_it_cameras_and_timestamps(tmp_pa
         "/data/b.jpg,,2024-05-01T08:30:00+02:00\n"
         "c.jpg,hall,\n"
     )
-    sources = read_manifest(manifest, camera="default")
+    sources = read_image_manifest(manifest, camera="default")
     # 08:30 at +02:00 is 06:30 UTC.
     expected_b = datetime(2024, 5, 1, 6, 30, tzinfo=UTC).timestamp()
     assert sources == [
@@ -85,7 +85,7 @@ def test_a_json_lines_manifest_reads_the_same_keys(tmp_path):
         {"path": "c.jpg", "camera": None},
     ]
     manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
-    assert read_manifest(manifest) == [
+    assert read_image_manifest(manifest) == [
         ImageSource(str(tmp_path / "a.jpg"), "gate", 12.5),
         ImageSource(str(tmp_path / "b.jpg"), None, 60.0),
         ImageSource(str(tmp_path / "c.jpg"), None, None),
@@ -113,13 +113,13 @@ def test_manifest_errors_name_the_line(tmp_path, name, text, message):
     manifest = tmp_path / name
     manifest.write_text(text)
     with pytest.raises(SourceError, match=message):
-        read_manifest(manifest)
+        read_image_manifest(manifest)
 
 
 def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path):
     manifest = tmp_path / "excel.csv"
     manifest.write_bytes("\ufeffpath,camera\na.jpg,gate\n".encode())
-    assert read_manifest(manifest) == [ImageSource(str(tmp_path / "a.jpg"), "gate")]
+    assert read_image_manifest(manifest) == [ImageSource(str(tmp_path / "a.jpg"), "gate")]
 
 
 def test_manifests_follow_the_paths_in_collect_sources(tmp_path, folder):

@@ -1,13 +1,22 @@
 """The gallery store: creating and opening, adding, removing, searching, snapshots, recovery."""
 
+import hashlib
 import json
 import sqlite3
+import threading
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from indexer.store import INDEX_FILE, SNAPSHOT_MANIFEST_FILE, SQLITE_FILE, Gallery
+from indexer.store import (
+    INDEX_FILE,
+    SNAPSHOT_MANIFEST_FILE,
+    SQLITE_FILE,
+    Gallery,
+    open_gallery_for,
+)
 from indexer.types import (
     GalleryBusy,
     GalleryError,
@@ -15,6 +24,7 @@ from indexer.types import (
     GalleryMismatch,
     GalleryNotFound,
     ImageNotFound,
+    NewImage,
 )
 
 FINGERPRINT = "model-a"  # the gallery fixture's model
@@ -84,6 +94,25 @@ def test_a_gallery_is_open_once_at_a_time(gallery, gallery_path):
     Gallery.open(gallery_path, FINGERPRINT).close()  # released by close
 
 
+def test_open_gallery_for_creates_a_missing_gallery_unless_told_not_to(tmp_path):
+    with pytest.raises(GalleryNotFound):
+        open_gallery_for(tmp_path / "g", FINGERPRINT, DIM, create=False)
+    with open_gallery_for(tmp_path / "g", FINGERPRINT, DIM) as created:
+        assert (created.fingerprint, created.dim) == (FINGERPRINT, DIM)
+    open_gallery_for(tmp_path / "g", FINGERPRINT, DIM, create=False).close()
+
+
+def test_open_gallery_for_refuses_another_model_or_dimension_and_releases_the_gallery(
+    gallery, gallery_path
+):
+    gallery.close()
+    with pytest.raises(GalleryMismatch, match="model-b"):
+        open_gallery_for(gallery_path, "model-b", DIM)
+    with pytest.raises(GalleryMismatch, match="8-dimensional embeddings, the model gives 16"):
+        open_gallery_for(gallery_path, FINGERPRINT, 16)
+    Gallery.open(gallery_path, FINGERPRINT).close()  # not left locked
+
+
 # -- add / duplicate / remove ----------------------------------------------------------------
 
 
@@ -122,6 +151,68 @@ def test_a_file_path_is_hashed_by_its_bytes_and_becomes_the_uri(gallery, tmp_pat
     assert gallery.get_image(result.image_id).uri == str(path)
     duplicate = gallery.add_image(b"jpeg bytes", ([], [], []), width=4, height=4)
     assert not duplicate.added and duplicate.image_id == result.image_id
+
+
+def test_an_image_is_found_by_its_content_hash(gallery, image, person):
+    stored = gallery.add_images([image(person(0.5), person(0.7))])[0]
+    found = gallery.image_by_sha256(hashlib.sha256(b"image 0").hexdigest())
+    assert found == gallery.get_image(stored.image_id) and len(found.persons) == 2
+    assert gallery.image_by_sha256(hashlib.sha256(b"never added").hexdigest()) is None
+
+
+def test_images_are_found_by_uri_oldest_first(gallery, image, person):
+    first, other, second = gallery.add_images(
+        [
+            replace(image(person(0.5)), uri="/frames/a.jpg"),
+            replace(image(person(0.6)), uri="/frames/b.jpg"),
+            replace(image(), uri="/frames/a.jpg"),  # the file changed and was indexed again
+        ]
+    )
+    found = gallery.images_by_uri("/frames/a.jpg")
+    assert [info.id for info in found] == [first.image_id, second.image_id]
+    assert [len(info.persons) for info in found] == [1, 0]
+    assert [info.id for info in gallery.images_by_uri("/frames/b.jpg")] == [other.image_id]
+    assert gallery.images_by_uri("/frames/c.jpg") == []
+
+
+def test_a_gallery_made_before_the_uri_index_gets_it_on_open(gallery, gallery_path):
+    gallery.close()
+    with sqlite3.connect(gallery_path / SQLITE_FILE) as connection:
+        connection.execute("DROP INDEX images_uri")
+    Gallery.open(gallery_path, FINGERPRINT).close()
+    with sqlite3.connect(gallery_path / SQLITE_FILE) as connection:
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM images WHERE uri = 'x'"
+        ).fetchall()
+    assert "images_uri" in str(plan)
+
+
+def test_the_connections_of_ended_threads_are_closed(gallery):
+    def read() -> None:
+        gallery.stats()
+
+    for _ in range(5):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    gallery.stats()  # a new thread's first read closes the connections of the ended ones
+    assert len(gallery._connections) <= 2
+
+
+def test_detections_become_the_persons_scoring_at_least_the_threshold(person):
+    detections = SimpleNamespace(
+        boxes=np.array([[0, 0, 5, 10], [5, 0, 9, 10], [0, 0, 0, 0]], np.float32),
+        scores=np.array([0.9, 0.3, 0.0], np.float32),
+        embeddings=np.array([person(0.1), person(0.2), np.zeros(DIM)], np.float32),
+    )
+    kept = NewImage.from_detections(b"x", detections, width=9, height=10, min_score=0.3)
+    np.testing.assert_array_equal(kept.scores, np.float32([0.9, 0.3]))
+    assert kept.boxes.shape == (2, 4) and kept.embeddings.shape == (2, DIM)
+    # A score of 0 is an unused slot of the model's output, never a person, whatever the floor.
+    everything = NewImage.from_detections(b"x", detections, width=9, height=10, min_score=0.0)
+    assert len(everything.scores) == 2
+    none = NewImage.from_detections(b"x", detections, width=9, height=10, min_score=0.95)
+    assert none.boxes.shape == (0, 4) and none.embeddings.shape == (0, DIM)
 
 
 def test_a_batch_is_one_transaction_and_reports_duplicates_within_it(gallery, image, person):

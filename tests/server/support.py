@@ -23,7 +23,7 @@ from PIL import Image
 import models
 from export import artifact
 from server.app import create_app
-from server.inference import EngineLoader
+from server.lifecycle import EngineLoader
 from server.settings import ServerSettings
 
 TINY_CONFIG = Path(__file__).parents[2] / "configs" / "tiny" / "alignps_synthetic.yaml"

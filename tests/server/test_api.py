@@ -280,7 +280,30 @@ async def test_an_indexed_server_file_is_served_while_it_is_unchanged(model_dir,
         assert served.content == inside.read_bytes()
         refused = await service.client.get(f"/v1/gallery/images/{ids[1]}/file")
         assert refused.status_code == 404
+        message = refused.json()["error"]["message"]
+        assert "outside the allowed roots" in message and "add its folder to" in message
 
         inside.write_bytes(encode(scene(32)))  # changed since indexed: no longer that image
         changed = await service.client.get(f"/v1/gallery/images/{ids[0]}/file")
         assert changed.status_code == 404
+        assert "has changed since it was indexed" in changed.json()["error"]["message"]
+
+
+async def test_a_symlink_under_an_allowed_root_to_a_file_outside_is_not_served(
+    model_dir, tmp_path, engine
+):
+    allowed = tmp_path / "cameras"
+    allowed.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(encode(scene(33)))
+    (allowed / "link.png").symlink_to(secret)
+    settings = make_settings(model_dir, tmp_path, allowed_roots=[allowed])
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        gallery = service.app.state.service_state.services.gallery
+        found = engine.detect([scene(0)])[0]
+        added = gallery.add_image(allowed / "link.png", found, width=128, height=96)
+
+        refused = await service.client.get(f"/v1/gallery/images/{added.image_id}/file")
+        assert refused.status_code == 404
+        assert "outside the allowed roots" in refused.json()["error"]["message"]

@@ -72,9 +72,10 @@ def jpeg() -> bytes:
     return encode(scene(2), "JPEG")
 
 
-def ppm() -> bytes:
+def tga() -> bytes:
+    """A Targa image: Pillow reads it, the service does not (indexer/images.py FORMATS)."""
     buffer = io.BytesIO()
-    Image.fromarray(scene(3)).save(buffer, format="PPM")
+    Image.fromarray(scene(3)).save(buffer, format="TGA")
     return buffer.getvalue()
 
 
@@ -124,8 +125,8 @@ BAD_REQUESTS = {
     "pdf file": search_image(
         415, "unsupported_media_type", "a.pdf", b"%PDF-1.4\n", "application/pdf"
     ),
-    "ppm image": search_image(
-        415, "unsupported_media_type", "a.ppm", ppm(), "application/octet-stream"
+    "tga image": search_image(
+        415, "unsupported_media_type", "a.tga", tga(), "application/octet-stream"
     ),
     "empty file": search_image(400, "bad_image", "empty.png", b"", "image/png"),
     "truncated jpeg": search_image(400, "bad_image", "cut.jpg", jpeg()[:600], "image/jpeg"),

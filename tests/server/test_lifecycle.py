@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from indexer.store import Gallery
-from server.inference import load_runtime_engine
+from server.lifecycle import load_runtime_engine
 from tests.server.support import API_KEY, make_settings, png_file, running_app, wait_until_ready
 
 pytestmark = pytest.mark.anyio

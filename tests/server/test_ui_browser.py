@@ -1,142 +1,83 @@
 """The web page at ``GET /``, driven in a real headless Chromium against the service running
-under uvicorn (the tiny random model of tests/server/support.py, a gallery of two scenes).
+under uvicorn (the tiny random model of tests/server/support.py). Its gallery holds two uploaded
+scenes and one scene a bulk job indexed from a server folder.
 
 The test finds the page's controls by their accessible names (labels, button texts): if a label
 goes missing, the test fails. Chromium is Debian's (``apt-get install chromium``), driven by
-Playwright's Python package; no browser is downloaded.
+Playwright's Python package (tests/server/browser.py); no browser is downloaded.
 """
 
 import re
-import socket
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from export.runtime import Engine
 from server.app import create_app
+from tests.server.browser import (
+    chromium,
+    require_chromium,
+    search_and_wait_for_thumbnails,
+    serving,
+    watched_page,
+)
 from tests.server.support import API_KEY, MAX_DETECTIONS, encode, make_settings, png_file, scene
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(
-        f"no Chromium at {CHROMIUM} (apt-get install chromium) to run the page in",
-        allow_module_level=True,
-    )
-playwright = pytest.importorskip(
-    "playwright.sync_api", reason="the playwright package drives Chromium (pip install playwright)"
-)
+playwright = require_chromium()
 expect = playwright.expect
 
-# Offline and quiet: no first-run pages, no background downloads, no updates, no sync.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 QUERY_WIDTH, QUERY_HEIGHT = 128, 96  # the test scenes' size (support.scene)
-GALLERY_CAMERAS = ("east", "west")
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free port of 127.0.0.1, in a thread; yields its URL."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        _wait_for(lambda: server.started, "uvicorn to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
-
-
-def _wait_for(condition, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _ready(url: str) -> bool:
-    return httpx.get(f"{url}/readyz").status_code == 200
+GALLERY_CAMERAS = ("east", "west")  # of the uploaded scenes
+FOLDER_CAMERA = "yard"  # of the scene indexed from a folder
 
 
 @pytest.fixture(scope="module")
 def api(engine: Engine, model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """An httpx client (with the API key) of the service under uvicorn, its gallery holding two
-    scenes of MAX_DETECTIONS persons each, one per camera of GALLERY_CAMERAS."""
-    settings = make_settings(model_dir, tmp_path_factory.mktemp("browser"))
-    with serving(create_app(settings, lambda _: engine)) as url:
-        _wait_for(lambda: _ready(url), "the service to be ready")
-        with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
-            files = [("images", png_file(seed)) for seed in (1, 2)]
-            added = client.post(
-                "/v1/gallery/images", files=files, data={"cameras": GALLERY_CAMERAS}
-            )
-            assert added.status_code == 200, added.text
-            yield client
+    uploaded scenes of MAX_DETECTIONS persons each, one per camera of GALLERY_CAMERAS, and one
+    scene of FOLDER_CAMERA indexed by a job from a folder under the service's allowed root."""
+    folder = tmp_path_factory.mktemp("browser")
+    frames = folder / "frames"
+    frames.mkdir()
+    (frames / "yard-1.png").write_bytes(encode(scene(3)))
+    settings = make_settings(model_dir, folder, allowed_roots=[frames])
+    with (
+        serving(create_app(settings, lambda _: engine)) as url,
+        httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client,
+    ):
+        files = [("images", png_file(seed)) for seed in (1, 2)]
+        added = client.post("/v1/gallery/images", files=files, data={"cameras": GALLERY_CAMERAS})
+        assert added.status_code == 200, added.text
+        job = {"paths": [str(frames)], "camera": FOLDER_CAMERA}
+        submitted = client.post("/v1/gallery/jobs", json=job)
+        assert submitted.status_code == 202, submitted.text
+        _wait_for_job(client, submitted.headers["Location"])
+        yield client
+
+
+def _wait_for_job(client: httpx.Client, location: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (job := client.get(location).json())["status"] != "done":
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["added"] == 1, job
 
 
 @pytest.fixture(scope="module")
 def browser_context():
-    """Chromium with a fresh profile, at a laptop's window size."""
-    with (
-        tempfile.TemporaryDirectory(prefix="psearch-chromium-") as profile,
-        playwright.sync_playwright() as driver,
-    ):
-        context = driver.chromium.launch_persistent_context(
-            profile,
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
-        # Generous: a busy CI machine runs the model slowly; a working page answers far sooner.
-        context.set_default_timeout(20_000)
-        expect.set_options(timeout=20_000)
+    with chromium(playwright) as context:
         yield context
-        context.close()
 
 
 @pytest.fixture
 def page(browser_context, api: httpx.Client):
     """The page, opened with the API key typed in."""
-    page = browser_context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    page.on(
-        "console",
-        lambda message: problems.append(message.text) if message.type == "error" else None,
-    )
-    page.goto(str(api.base_url))
-    page.get_by_label("API key").fill(API_KEY)
-    page.get_by_label("API key").press("Enter")  # "change": the page reloads the gallery counts
-    yield page
-    page.close()
-    assert not [p for p in problems if not _expected_console_error(p)], problems
-
-
-def _expected_console_error(text: str) -> bool:
-    # Chromium logs every failed request; tests that provoke an error answer expect those.
-    return "Failed to load resource" in text
+    with watched_page(browser_context, str(api.base_url)) as page:
+        page.get_by_label("API key").fill(API_KEY)
+        page.get_by_label("API key").press("Enter")  # "change": the page reloads the counts
+        yield page
 
 
 @pytest.fixture
@@ -164,14 +105,8 @@ def drag_across_query(page, start: tuple[float, float], end: tuple[float, float]
 
 
 def search(page, top_k: int):
-    """Search with ``top_k`` and wait until every match's thumbnail is drawn (its gallery image
-    fetched with the API key and cropped); the matches."""
-    page.get_by_label("Matches (top_k)").fill(str(top_k))
-    page.get_by_role("button", name="Search", exact=True).click()
-    expect(page.locator("#search-status")).to_contain_text("match")
-    hits = page.locator(".hit")
-    expect(hits.locator("canvas.thumb[data-state=drawn]")).to_have_count(hits.count())
-    return hits
+    """Search with ``top_k``; the matches, once every thumbnail is drawn."""
+    return search_and_wait_for_thumbnails(page, expect, top_k)
 
 
 def box_field(page):
@@ -224,6 +159,19 @@ def test_a_typed_box_and_a_camera_filter_are_sent_with_the_search(page, query_fi
     # The tiny model cannot embed a given box: it answers with the detected person nearest to
     # it, and the page says which box was asked for.
     expect(page.locator("#search-status")).to_contain_text("10,20,50,90")
+
+
+def test_the_matches_in_a_gallery_indexed_from_a_folder_show_their_pictures(page, query_file):
+    choose_query(page, query_file)
+    page.get_by_label("Cameras").fill(FOLDER_CAMERA)
+
+    hits = search(page, top_k=10)
+
+    # The scene the job indexed from the server folder: its persons, each drawn from the file
+    # the service read under its allowed root.
+    expect(hits).to_have_count(MAX_DETECTIONS)
+    assert set(hits.locator(".camera dd").all_inner_texts()) == {FOLDER_CAMERA}
+    expect(hits.first.locator(".image dd")).to_contain_text("yard-1.png")
 
 
 def test_adding_an_image_through_the_page_updates_the_gallery_counts(page, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from server.errors import InvalidField, NoPersonDetected
-from server.inference import DetectJob, InferenceWorker, QueryJob, max_iou_query
+from server.worker import DetectTask, InferenceWorker, QueryTask, max_iou_query
 from tests.server.support import scene
 
 
@@ -38,7 +38,7 @@ def test_a_max_iou_query_is_what_the_engine_itself_embeds(engine):
     image = scene(1)
     worker = InferenceWorker(engine)
     for box in ((30.0, 10.0, 70.0, 90.0), (0.0, 0.0, 128.0, 96.0)):
-        [query] = worker([QueryJob(image, box)])
+        [query] = worker([QueryTask(image, box)])
         np.testing.assert_array_equal(query.embedding, engine.embed_query(image, box))
         assert query.method == "max_iou_detection"
 
@@ -46,13 +46,13 @@ def test_a_max_iou_query_is_what_the_engine_itself_embeds(engine):
 def test_detections_and_queries_share_one_engine_pass(engine):
     counting = CountingEngine(engine)
     images = [scene(seed) for seed in (1, 2, 3)]
-    jobs = [
-        DetectJob(images[0]),
-        QueryJob(images[1], (10.0, 10.0, 50.0, 90.0)),
-        DetectJob(images[2]),
+    tasks = [
+        DetectTask(images[0]),
+        QueryTask(images[1], (10.0, 10.0, 50.0, 90.0)),
+        DetectTask(images[2]),
     ]
 
-    results = InferenceWorker(counting)(jobs)
+    results = InferenceWorker(counting)(tasks)
 
     assert counting.calls == [3]
     alone = engine.detect([images[0]])[0]
@@ -105,13 +105,13 @@ class RoIEngine:
 
 def test_a_roi_model_embeds_each_query_box_itself():
     engine = RoIEngine()
-    jobs = [
-        QueryJob(scene(1), (3.0, 4.0, 10.0, 10.0)),
-        DetectJob(scene(2)),
-        QueryJob(scene(3), (5.0, 5.0, 5.0, 9.0)),
+    tasks = [
+        QueryTask(scene(1), (3.0, 4.0, 10.0, 10.0)),
+        DetectTask(scene(2)),
+        QueryTask(scene(3), (5.0, 5.0, 5.0, 9.0)),
     ]
-    embedded, detected, refused = InferenceWorker(engine)(jobs)
-    assert engine.detected == [1]  # only the DetectJob went through detection
+    embedded, detected, refused = InferenceWorker(engine)(tasks)
+    assert engine.detected == [1]  # only the DetectTask went through detection
     np.testing.assert_array_equal(embedded.embedding, [3, 4])
     assert (embedded.method, embedded.box, embedded.iou) == ("box", (3.0, 4.0, 10.0, 10.0), 1.0)
     assert len(detected.scores) == 1
