@@ -232,8 +232,10 @@ def ingest_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from export.runtime import load_engine
-    from indexer.ingest import decode_image, ingest, open_gallery_for
+    from indexer.images import decode_image
+    from indexer.ingest import ingest
     from indexer.sources import ImageSource
+    from indexer.store import open_gallery_for
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -317,7 +319,8 @@ def tiny_onnx_model(out: Path) -> Path:
     import torch
     import yaml
 
-    from export.artifact import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, build_model
+    from common.run_folder import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE
+    from export.artifact import build_model
     from export.cli import export_checkpoint
 
     config = yaml.safe_load((REPOSITORY / "configs/tiny/alignps_synthetic.yaml").read_text())

@@ -57,10 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.artifact import GraphFiles, build_manifest, write_model_manifest, write_weights
 from export.onnx import write_onnx_graphs
 from export.runtime import Engine, load_engine
-from indexer.ingest import ingest, open_gallery_for
+from indexer.images import decode_image
+from indexer.ingest import ingest
 from indexer.sources import ImageSource
+from indexer.store import open_gallery_for
 from models import build_model
-from training.data import read_rgb
 from training.datasets import load_dataset
 from training.synthetic import generate
 
@@ -145,7 +146,8 @@ def synthetic_queries(folder: Path, frames: int) -> tuple[list[Path], list[Searc
     for query in split.queries:
         path = paths[query.image]
         x1, y1, x2, y2 = (float(v) for v in query.box)
-        queries.append(SearchQuery(path.name, path.read_bytes(), read_rgb(path), (x1, y1, x2, y2)))
+        data = path.read_bytes()
+        queries.append(SearchQuery(path.name, data, decode_image(data), (x1, y1, x2, y2)))
     if not queries:
         raise SystemExit("the synthetic frames have no queries: use more --frames")
     return [annotation.path for annotation in split.images], queries

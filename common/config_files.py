@@ -2,13 +2,15 @@
 
 - :func:`read_yaml_mapping`: the mapping a YAML file holds (JSON is YAML), for training
   configs, service settings and run folders.
-- :func:`apply_overrides`: ``--set key=value`` overrides, the value read as YAML (``8``,
-  ``0.5``, ``[8, 11]``, ``null``) and a dotted key naming a nested field (``optim.lr=0.002``),
-  for ``psearch-train``, ``psearch-serve`` and the benchmark scripts.
+- :func:`add_overrides_argument` and :func:`apply_overrides`: ``--set key=value`` overrides,
+  the value read as YAML (``8``, ``0.5``, ``[8, 11]``, ``null``) and a dotted key naming a
+  nested field (``optim.lr=0.002``), for ``psearch-train``, ``psearch-serve`` and the
+  benchmark scripts.
 
 Errors are :class:`ConfigFileError` with a one-line message that names the file or the override.
 """
 
+import argparse
 from collections.abc import Iterable
 from os import PathLike
 from pathlib import Path
@@ -38,6 +40,19 @@ def read_yaml_mapping(path: str | PathLike, what: str = "file") -> dict[str, Any
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected in ``overrides`` for
+    :func:`apply_overrides`; ``what`` it overrides and an ``example`` go into its help."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set {example} (the value is read as YAML; repeatable)",
+    )
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from common.config_files import apply_overrides
+from common.config_files import add_overrides_argument, apply_overrides
 from server.app import create_app
 from server.settings import load_settings
 
@@ -30,14 +30,7 @@ USER_ERROR = 2
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="Serve the person search API.")
     parser.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a setting, e.g. --set max_batch_size=16 (the value is read as YAML)",
-    )
+    add_overrides_argument(parser, "a setting", "max_batch_size=16")
     parser.add_argument("--host", help="address to listen on (setting: host)")
     parser.add_argument("--port", type=int, help="port to listen on (setting: port)")
     parser.add_argument(

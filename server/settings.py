@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 
 from common.config_files import read_yaml_mapping
 from export.runtime import Backend, Device
+from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.types import DEFAULT_MIN_SCORE
 
 ENV_PREFIX = "PSEARCH_"
 
@@ -44,10 +46,11 @@ class ServerSettings(BaseSettings):
         default=None, ge=1, description="CPU threads of the backend (default: its own choice)."
     )
     min_detection_score: float = Field(
-        default=0.5,
+        default=DEFAULT_MIN_SCORE,
         ge=0,
         le=1,
-        description="Detections in gallery images scored lower than this are not stored.",
+        description="Detections in gallery images (uploaded or indexed by jobs) scored lower "
+        "than this are not stored.",
     )
     max_batch_size: int = Field(
         default=8, ge=1, description="Most images the engine runs in one forward pass."
@@ -74,10 +77,10 @@ class ServerSettings(BaseSettings):
         description="Largest request body accepted, all files and form fields together.",
     )
     max_image_pixels: int = Field(
-        default=40_000_000,
+        default=DEFAULT_MAX_PIXELS,
         ge=1,
-        description="Largest image accepted (width x height, read from the file header "
-        "before decoding: decompression bombs are refused unopened).",
+        description="Largest image accepted, uploaded or indexed by a job (width x height, read "
+        "from the file header before decoding: decompression bombs are refused unopened).",
     )
     max_images_per_request: int = Field(
         default=32, ge=1, description="Most images one POST /v1/gallery/images may carry."
@@ -89,7 +92,8 @@ class ServerSettings(BaseSettings):
     )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="Server folders whose images may be indexed and served by path.",
+        description="Server folders whose images jobs may index, and whose indexed images the "
+        "file endpoint serves (the web page's pictures of the matches).",
     )
     host: str = Field(default="127.0.0.1", description="Address psearch-serve listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port psearch-serve listens on.")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from common.config_files import add_overrides_argument
 from common.run_folder import RUN_CONFIG_FILE, RUN_STATE_FILE
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, TrainConfig, load_config
@@ -42,14 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config", type=Path, help="YAML config (default with --resume: the run's own)."
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optim.lr=0.002 (the value is read as YAML)",
-    )
+    add_overrides_argument(parser, "a config field", "optim.lr=0.002")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a saved run")
     parser.add_argument(
         "--output", type=Path, metavar="RUN_DIR", help="the run folder (output_dir)"

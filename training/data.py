@@ -58,7 +58,13 @@ def load_split(data: DataConfig, split: str, **options: object) -> PersonSearchS
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file as an (H, W, 3) uint8 RGB array."""
+    """Decode a dataset frame as an (H, W, 3) uint8 RGB array, as stored.
+
+    Not with the service's decoder (``indexer/images.py``), which turns a photo upright by its
+    EXIF orientation: the datasets give their boxes in the stored pixel grid, and a turned frame
+    would no longer match its boxes. Their frames are 8-bit camera frames (JPEG, PNG), which
+    both decoders read to the same pixels.
+    """
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))
