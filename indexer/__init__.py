@@ -2,7 +2,7 @@
 stored in SQLite (the source of truth) with a FAISS index over the embeddings."""
 
 from indexer.index import INDEX_TYPES, IndexSpec
-from indexer.store import Gallery
+from indexer.store import Gallery, open_gallery_for
 from indexer.types import (
     AddResult,
     GalleryBusy,
@@ -34,4 +34,5 @@ __all__ = [
     "IndexSpec",
     "NewImage",
     "Person",
+    "open_gallery_for",
 ]

@@ -85,8 +85,20 @@ class _PreparedImage:
 
 
 class Gallery:
-    """A person gallery on local disk. Use :meth:`create` or :meth:`open`, then :meth:`close`
-    (or a ``with`` block), which snapshots the index when it changed."""
+    """A person gallery on local disk. Use :meth:`create` or :meth:`open` (or
+    :func:`open_gallery_for`, which creates a missing one), then :meth:`close` (or a ``with``
+    block), which snapshots the index when it changed.
+
+    What the indexer and the service use of it, and all that another store would provide:
+
+    - its model: ``fingerprint``, ``dim``, :meth:`check_model`;
+    - writing: :meth:`add_images` (:meth:`add_image` for one), :meth:`remove_image`;
+    - reading: :meth:`get_image` (by id), :meth:`image_by_sha256` (by content),
+      :meth:`images_by_uri` (by where it came from), :meth:`search`, :meth:`stats`;
+    - upkeep: :meth:`snapshot`, :meth:`rebuild`, :meth:`close`.
+
+    Bulk jobs (``indexer/jobs.py``) keep their records in the same SQLite file (``path``).
+    """
 
     def __init__(self, root: Path, lock_descriptor: int) -> None:
         """Not for direct use: takes over an already acquired lock on ``root``."""
