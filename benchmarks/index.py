@@ -319,11 +319,12 @@ def tiny_onnx_model(out: Path) -> Path:
     import torch
     import yaml
 
+    from common.config_files import read_yaml_mapping
     from common.run_folder import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE
     from export.artifact import build_model
     from export.cli import export_checkpoint
 
-    config = yaml.safe_load((REPOSITORY / "configs/tiny/alignps_synthetic.yaml").read_text())
+    config = read_yaml_mapping(REPOSITORY / "configs/tiny/alignps_synthetic.yaml")
     config["model"]["inference"]["score_thresh"] = 0.0  # keep all 50 slots: heavy writes
     run = out.parent / "run"
     run.mkdir(parents=True)

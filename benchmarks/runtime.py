@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config_files import read_yaml_mapping
 from export.artifact import GraphFiles, build_manifest, write_model_manifest, write_weights
 from export.artifact import build_model as build_model_without_weights
 from export.onnx import write_onnx_graphs
@@ -77,7 +77,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def export_paper_model(name: str, folder: Path) -> Path:
     """A model folder of the paper configuration with random weights (no parity check)."""
     torch.manual_seed(0)
-    config = yaml.safe_load(PAPER_CONFIGS[name].read_text())["model"]
+    config = read_yaml_mapping(PAPER_CONFIGS[name])["model"]
     model = build_model_without_weights(config).eval()
     out = folder / name
     out.mkdir(parents=True)

@@ -49,11 +49,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-import yaml
 
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config_files import read_yaml_mapping
 from export.artifact import GraphFiles, build_manifest, write_model_manifest, write_weights
 from export.onnx import write_onnx_graphs
 from export.runtime import Engine, load_engine
@@ -116,7 +116,7 @@ def log(line: str = "") -> None:
 
 def export_tiny_model(folder: Path) -> Path:
     """An ONNX model folder of the tiny AlignPS with random weights, every slot detected."""
-    config = yaml.safe_load(TINY_CONFIG.read_text())["model"]
+    config = read_yaml_mapping(TINY_CONFIG)["model"]
     config["inference"]["score_thresh"] = 0.0
     torch.manual_seed(0)
     model = build_model(config).eval()
