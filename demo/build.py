@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from common.run_folder import RUN_CONFIG_FILE, RUN_STATE_FILE
-from demo.options import DemoError, DemoOptions, Stage, Stages, log
-from export.artifact import MODEL_MANIFEST_FILE, read_model_manifest
+from demo.options import DEFAULT_CONFIG, REPOSITORY, DemoError, DemoOptions, Stage, Stages, log
+from demo.shipped import SHIPPED_DIR, misfits, read_card
+from export.artifact import MODEL_MANIFEST_FILE, ArtifactError, read_model_manifest
 from export.cli import export_checkpoint
 from export.runtime import load_engine
 from indexer.ingest import ingest
@@ -69,6 +70,31 @@ def model_folder(options: DemoOptions, data_root: Path, stages: Stages) -> DemoM
         model_dir = exported_model(run_dir, options.parity, stage)
     min_score = load_config(run_dir / RUN_CONFIG_FILE).eval.det_thresh
     return DemoModel(model_dir, min_score)
+
+
+def shipped_model(options: DemoOptions) -> DemoModel | None:
+    """The shipped model (``demo/shipped.py``) when the options ask for what it was trained as
+    (the default config and data, the card's seed, no --train) and it fits today's code; None
+    otherwise, saying why when the reason is the code."""
+    if not options.wants_shipped_model():
+        return None
+    try:
+        card = read_card(SHIPPED_DIR)
+    except ArtifactError:
+        log(f"no shipped model in {SHIPPED_DIR}: training one")
+        return None
+    if card["seed"] != options.seed or REPOSITORY / card["config"] != DEFAULT_CONFIG:
+        return None
+    problems = misfits(SHIPPED_DIR)
+    if problems:
+        log(f"the shipped model no longer fits the code ({'; '.join(problems)}): training one")
+        return None
+    api = card["api"]
+    log(
+        f"serving the shipped model {SHIPPED_DIR} ({card['model']}, {card['fingerprint'][:19]}; "
+        f"its card: API top-1 {api['right']}/{api['queries']}); --train trains a new one"
+    )
+    return DemoModel(SHIPPED_DIR, card["det_thresh"])
 
 
 def digest(value: Any) -> str:

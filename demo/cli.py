@@ -10,9 +10,11 @@ import httpx
 
 from demo.build import (
     DATASET_FORMAT,
+    DemoModel,
     gallery_folder,
     indexed_gallery,
     model_folder,
+    shipped_model,
     synthetic_dataset,
 )
 from demo.check import CheckResult, check_search
@@ -26,16 +28,19 @@ USER_ERROR = 2
 INTERRUPTED = 130
 
 
-def run_demo(options: DemoOptions) -> CheckResult | None:
+def run_demo(options: DemoOptions, model: DemoModel | None = None) -> CheckResult | None:
     """Build everything (or reuse it), then serve until Ctrl-C, or with ``--no-serve`` check
-    in process; returns the check's result (None when the service stopped before it ended)."""
+    in process; returns the check's result (None when the service stopped before it ended).
+    ``model`` serves that model folder; otherwise the shipped model where it fits the options
+    and the code, else one trained now."""
     sock = reserve_port(options.host, options.port) if options.serve else None
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(5)
+    model = model or shipped_model(options)
+    stages = Stages(4 if model else 5)
     try:
         with stages.run("data", "synthetic PRW-format dataset") as stage:
             data_root = synthetic_dataset(options, stage)
-        model = model_folder(options, data_root, stages)
+        model = model or model_folder(options, data_root, stages)
         split = load_dataset(DATASET_FORMAT, data_root, "test")
         gallery_dir = gallery_folder(options, model.model_dir)
         with stages.run("index", f"{len(split.images)} test frames") as stage:
@@ -60,7 +65,7 @@ def run_demo(options: DemoOptions) -> CheckResult | None:
 def parse_args(argv: Sequence[str] | None) -> DemoOptions:
     parser = argparse.ArgumentParser(
         prog="python -m demo",
-        description="Generate data, train (or reuse) a tiny model, export it, index the test "
+        description="Generate data, take the shipped tiny model (or train one), index the test "
         "frames and serve the search API on localhost.",
     )
     defaults = DemoOptions()
@@ -76,6 +81,11 @@ def parse_args(argv: Sequence[str] | None) -> DemoOptions:
     )
     parser.add_argument("--config", type=Path, default=defaults.config, help="tiny model config")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and training seed")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="train a model now even where the shipped one would do",
+    )
     parser.add_argument(
         "--no-serve",
         dest="serve",
@@ -94,6 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> DemoOptions:
         minutes=args.minutes,
         port=args.port,
         serve=args.serve,
+        train=args.train,
     )
 
 

@@ -20,7 +20,8 @@ class DemoError(Exception):
 class DemoOptions:
     """What the demo builds and where. ``synthetic`` (generator options) and ``overrides``
     (``key=value`` config fields) make a smaller demo for tests; ``parity`` compares ONNX
-    Runtime with PyTorch after the export."""
+    Runtime with PyTorch after the export; ``train`` trains a model even where the shipped one
+    would do."""
 
     data_dir: Path = Path("data/demo")
     config: Path = DEFAULT_CONFIG
@@ -32,6 +33,17 @@ class DemoOptions:
     synthetic: dict[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()
     parity: bool = True
+    train: bool = False
+
+    def wants_shipped_model(self) -> bool:
+        """Whether the shipped model is what these options would train: the default config
+        and data, and no --train."""
+        return (
+            not self.train
+            and self.config.resolve() == DEFAULT_CONFIG
+            and not self.synthetic
+            and not self.overrides
+        )
 
 
 def log(line: str = "") -> None:
