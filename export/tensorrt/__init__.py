@@ -3,8 +3,8 @@
 - :mod:`export.tensorrt.plugins`: ``psearch::DynamicRoIAlign``, ``psearch::DeformIm2col`` and
   ``psearch::DeformGemm``, TensorRT Python plugins whose kernels are the Triton kernels of
   :mod:`export.kernels`, compiled ahead of time (the engines run without Python).
-- :mod:`export.tensorrt.builder`: ONNX plugin graph -> engine, cached per GPU architecture and
-  TensorRT version beside a JSON sidecar; loading and running an engine.
+- :mod:`export.tensorrt.builder`: ONNX plugin graph -> engine, cached per GPU, TensorRT version,
+  NVIDIA driver and plugin build beside a JSON sidecar; loading and running an engine.
 - :mod:`export.tensorrt.converters`: torch2trt converters that emit the same plugins.
 
 Everything here needs a supported TensorRT (:data:`TENSORRT_REQUIREMENT`) and an NVIDIA GPU,
