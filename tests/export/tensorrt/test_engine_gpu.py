@@ -1,8 +1,8 @@
 """TensorRT engines with the psearch plugins, run on a GPU and compared with PyTorch.
 
-Needs a supported TensorRT (>=10.9,<12) and a CUDA GPU; elsewhere every test skips, its reason saying what it
-would check. Run on a GPU node, in a pytest process of its own (the kernels' tests set
-TRITON_INTERPRET for their process, which rules out compiling the plugins' kernels):
+Needs a supported TensorRT (>=10.9,<12) and a CUDA GPU; elsewhere every test skips, its reason
+saying what it would check. Run on a GPU node, in a pytest process of its own (the kernels'
+tests set TRITON_INTERPRET for their process, which rules out compiling the plugins' kernels):
 
     python -m pytest tests/export/tensorrt -q -rs
 

@@ -1,5 +1,6 @@
 """The supported TensorRT range and driver range are stated once in code; the README, the
-deployment guide and the GPU image must say the same (a test, so that they cannot drift)."""
+deployment and export guides and the GPU image must say the same (a test, so that they cannot
+drift)."""
 
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ REPOSITORY = Path(__file__).resolve().parents[3]
 # Prose as one line: a statement may wrap anywhere.
 README = " ".join((REPOSITORY / "README.md").read_text().split())
 DEPLOY = " ".join((REPOSITORY / "docs/deploy.md").read_text().split())
+EXPORT = " ".join((REPOSITORY / "docs/export.md").read_text().split())
 DOCKERFILE = (REPOSITORY / "docker/Dockerfile.gpu").read_text()
 
 
@@ -23,8 +25,13 @@ def argument(name: str) -> str:
 
 def test_the_readme_the_guide_and_the_image_quote_the_supported_tensorrt_range():
     assert TENSORRT_REQUIREMENT == ">=10.9,<12"
-    for name, text in (("README.md", README), ("docs/deploy.md", DEPLOY)):
+    for name, text in (
+        ("README.md", README),
+        ("docs/deploy.md", DEPLOY),
+        ("docs/export.md", EXPORT),
+    ):
         assert f"TensorRT {TENSORRT_REQUIREMENT}" in text, name
+        assert "TensorRT >= " not in text, f"{name} states another range"
     assert f"# TensorRT {TENSORRT_REQUIREMENT}" in DOCKERFILE
 
 
@@ -38,6 +45,8 @@ def test_the_guide_states_the_driver_range_the_plugins_need():
     assert f"NVIDIA drivers for {cuda} or newer, that is {MIN_DRIVER_BRANCH}" in DEPLOY
     assert f"PTX ISA {PTX_ISA_VERSION // 10}.{PTX_ISA_VERSION % 10}" in DEPLOY
     assert f"{cuda} or newer (R570+" in README
+    assert f"PTX ISA {PTX_ISA_VERSION // 10}.{PTX_ISA_VERSION % 10}" in EXPORT
+    assert f"driver for {cuda} or newer" in EXPORT
 
 
 def test_the_image_s_cuda_is_the_oldest_the_plugins_load_on():
