@@ -53,7 +53,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,19 @@ def needs_cuda() -> None:
 def needs_module(name: str, purpose: str) -> None:
     if importlib.util.find_spec(name) is None:
         raise Skip(f"{name} is not installed ({purpose})")
+
+
+@contextmanager
+def imports_of(part: str) -> Iterator[None]:
+    """A missing package skips the part, named (a bare GPU machine has no package index: carry
+    the wheel) instead of failing it."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        raise Skip(
+            f"{error.name} is not installed ({part} imports it; without a package index, carry "
+            "its wheel)"
+        ) from None
 
 
 def needs_compiled_triton() -> None:
@@ -304,6 +318,8 @@ def _tolerance(*tensors: torch.Tensor) -> float:
 def check_ops(args: argparse.Namespace, result: PartResult) -> None:
     needs_cuda()
     needs_module("torchvision", "the reference CUDA kernels")
+    with imports_of("models.ops"):
+        import models.ops  # noqa: F401
     for name, case in _op_cases(torch.Generator().manual_seed(0)).items():
         ours, theirs = _op_calls(name)
         for mode in ("fp32", "fp16", "autocast"):
@@ -352,9 +368,10 @@ def _forward_only(function, tensors, mode):
 def check_triton(args: argparse.Namespace, result: PartResult) -> None:
     needs_cuda()
     needs_compiled_triton()
-    import models.ops as ops
-    from export.kernels.deform_conv import deform_conv2d_triton
-    from export.kernels.dynamic_roi_align import dynamic_roi_align_triton
+    with imports_of("export.kernels"):
+        import models.ops as ops
+        from export.kernels.deform_conv import deform_conv2d_triton
+        from export.kernels.dynamic_roi_align import dynamic_roi_align_triton
 
     case = _op_cases(torch.Generator().manual_seed(1))
     deform = case["deform_conv2d_v2"]["tensors"]
@@ -506,7 +523,10 @@ def check_aot_ptx(args: argparse.Namespace, result: PartResult) -> None:
     needs_cuda()
     needs_module("triton", "the plugins' kernels are compiled by Triton")
     launcher_class = _launcher_class()
-    from export.kernels.ptx import driver_rejection
+    with imports_of("export.tensorrt.plugins"):
+        from export.kernels.compile import compile_ptx  # noqa: F401
+        from export.kernels.ptx import driver_rejection
+        from export.tensorrt.plugins import compile_for_tensorrt  # noqa: F401
 
     driver = driver_cuda_version()
     result.check(driver_rejection(driver) is None, f"driver CUDA {driver} rejects the plugins")
@@ -692,8 +712,10 @@ SMOKE_RUN = ModelRun(
 def _models(run: ModelRun):
     """(config path, TrainConfig, model) of every config; a config that does not build is
     reported as (path, None, the error), not fatal."""
-    import models
-    from training.config import load_config
+    with imports_of("the model parts (models/, training/)"):
+        import models
+        from training.config import load_config
+        from training.trainer import build_optimizer  # noqa: F401  (the training part's)
 
     for path in run.configs:
         try:
@@ -869,7 +891,8 @@ def check_tensorrt(args: argparse.Namespace, result: PartResult) -> None:
         trt = require_tensorrt()
     except TensorRTUnavailableError as error:
         raise Skip(str(error).split(". ")[0]) from None
-    needs_module("pytest", "it runs the TensorRT engine tests")
+    for module in ("pytest", "hypothesis", "onnx"):
+        needs_module(module, "the TensorRT engine tests need it")
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
@@ -906,7 +929,8 @@ def check_faiss_gpu(args: argparse.Namespace, result: PartResult) -> None:
     needs_module("faiss", "faiss-gpu-cu12")
     import numpy as np
 
-    from indexer.index import VectorIndex, gpu_available, resolve_spec
+    with imports_of("indexer.index"):
+        from indexer.index import VectorIndex, gpu_available, resolve_spec
 
     if not gpu_available():
         raise Skip("this FAISS build has no GPU support or sees no GPU")

@@ -71,3 +71,12 @@ def test_a_config_that_does_not_build_fails_its_part_and_the_run(tmp_path, monke
     part = json.loads((out / "gpu_check.json").read_text())["parts"]["latency"]
     assert part["status"] == "failed"
     assert "broken.yaml: does not build" in part["failures"][0]
+
+
+def test_a_package_missing_on_a_bare_machine_skips_the_part_and_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
+    monkeypatch.setitem(sys.modules, "training.config", None)
+    assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--parts", "training"]) == 0
+    part = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["training"]
+    assert part["status"] == "skipped"
+    assert "is not installed" in part["reason"] and "carry its wheel" in part["reason"]
