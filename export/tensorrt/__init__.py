@@ -56,7 +56,7 @@ __all__ = [
     "TENSORRT_VERSION_BELOW",
     "TensorRTUnavailableError",
     "require_tensorrt",
-    "tensorrt_version",
+    "tensorrt_release",
 ]
 
 
@@ -64,7 +64,7 @@ class TensorRTUnavailableError(ImportError):
     """TensorRT is missing, or a release psearch does not support."""
 
 
-def tensorrt_version(version: str) -> tuple[int, int]:
+def tensorrt_release(version: str) -> tuple[int, int]:
     """``"10.16.1.11"`` -> ``(10, 16)``: the release, as the supported range counts it."""
     major, minor = version.split(".")[:2]
     return int(major), int(minor)
@@ -76,7 +76,7 @@ def require_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as error:
         raise TensorRTUnavailableError(f"TensorRT is not installed. {INSTALL_HINT}") from error
-    version = tensorrt_version(tensorrt.__version__)
+    version = tensorrt_release(tensorrt.__version__)
     if version < MIN_TENSORRT_VERSION:
         raise TensorRTUnavailableError(
             f"TensorRT {tensorrt.__version__} is too old. {INSTALL_HINT}"

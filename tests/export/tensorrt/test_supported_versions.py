@@ -6,8 +6,12 @@ import re
 from pathlib import Path
 
 from export.kernels.ptx import MIN_DRIVER_BRANCH, MIN_DRIVER_CUDA, PTX_ISA_VERSION
-from export.tensorrt import MIN_TENSORRT_VERSION, TENSORRT_REQUIREMENT, TENSORRT_VERSION_BELOW
-from export.tensorrt import tensorrt_version as release
+from export.tensorrt import (
+    MIN_TENSORRT_VERSION,
+    TENSORRT_REQUIREMENT,
+    TENSORRT_VERSION_BELOW,
+    tensorrt_release,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 # Prose as one line: a statement may wrap anywhere.
@@ -36,7 +40,8 @@ def test_the_readme_the_guide_and_the_image_quote_the_supported_tensorrt_range()
 
 
 def test_the_image_installs_a_tensorrt_of_the_supported_range():
-    assert MIN_TENSORRT_VERSION <= release(argument("TENSORRT_VERSION")) < TENSORRT_VERSION_BELOW
+    release = tensorrt_release(argument("TENSORRT_VERSION"))
+    assert MIN_TENSORRT_VERSION <= release < TENSORRT_VERSION_BELOW
 
 
 def test_the_guide_states_the_driver_range_the_plugins_need():
