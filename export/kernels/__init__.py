@@ -4,6 +4,7 @@
   zero offsets).
 - :mod:`export.kernels.deform_conv`: ``psearch::deform_conv2d`` (im2col and GEMM kernels).
 - :mod:`export.kernels.compile`: ahead-of-time compilation to PTX (no GPU needed).
+- :mod:`export.kernels.ptx`: the PTX ISA version compiled to and the drivers that load it.
 
 Importing this package does not import Triton; :func:`register_cuda_kernels` does.
 """

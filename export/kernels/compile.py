@@ -7,6 +7,9 @@ pointers Triton adds (global and profile scratch: pass null when their sizes are
 it on 1-D blocks of ``num_warps * 32`` threads with ``shared_memory`` bytes of dynamic shared
 memory; the grids are in the kernels' modules.
 
+The PTX declares ISA :data:`export.kernels.ptx.PTX_ISA_VERSION` (8.7), not the newest one the
+bundled ``ptxas`` knows, so that the drivers psearch supports can load it (see that module).
+
 Compilation needs the kernels as ``triton.jit`` made them: not in a process that imported them
 with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter).
 """
@@ -19,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from export.kernels import deform_conv, dynamic_roi_align
+from export.kernels.ptx import PTX_ISA_VERSION
 
 SUPPORTED_ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16")
@@ -138,6 +142,8 @@ def compile_ptx(
             "num_warps": spec.num_warps if num_warps is None else num_warps,
             # No FMA contraction: the FP32 steps of the PyTorch reference (as the JIT launch).
             "enable_fp_fusion": False,
+            # The ISA the supported drivers load (Triton's ptxas would write a newer one).
+            "ptx_version": PTX_ISA_VERSION,
         },
     )
     metadata = compiled.metadata

@@ -1,27 +1,35 @@
 """TensorRT engines from the plugin graph: build, cache, load, run.
 
 A model folder holds plugin graphs such as ``model.plugins.onnx`` (see :mod:`export.onnx`).
-Engines are specific to a GPU architecture and a TensorRT version, so each lives beside its
-graph under a name that says the graph, the architecture and the TensorRT version, with a JSON
+Engines are specific to a GPU and a TensorRT version, so each lives beside its graph under a
+name that says the graph, the GPU (architecture and model) and the TensorRT version, with a JSON
 sidecar saying the rest::
 
-    model.sm90-trt10.9.0.34.engine        the serialized engine of model.plugins.onnx
-    model.sm90-trt10.9.0.34.engine.json   schema, the graph's file name and SHA-256, model
-                                          fingerprint, TensorRT version, GPU name and
-                                          architecture, build settings, engine SHA-256
-    timing.sm90-trt10.9.0.34.cache        TensorRT's timing cache (faster rebuilds), shared
-    embed.sm90-trt10.9.0.34.engine        the engine of embed.plugins.onnx, and so on
+    model.sm90-h100-80gb-hbm3-trt10.16.1.11.engine       the engine of model.plugins.onnx
+    model.sm90-h100-80gb-hbm3-trt10.16.1.11.engine.json  schema, the graph's file name and
+                        SHA-256, model fingerprint, build settings, engine SHA-256, and the
+                        build environment: TensorRT version, GPU name and architecture, NVIDIA
+                        driver (its version and CUDA version), and the plugins' Triton version,
+                        kernel source SHA-256 and PTX ISA
+    timing.sm90-h100-80gb-hbm3-trt10.16.1.11.cache       TensorRT's timing cache, shared
+    embed.sm90-h100-80gb-hbm3-trt10.16.1.11.engine       the engine of embed.plugins.onnx
 
 :func:`ensure_engine` reuses a cached engine only when :func:`decide_cache` finds nothing changed
-(graph bytes, architecture, TensorRT version, fingerprint, settings, engine bytes); anything else
-is rebuilt, with the reasons logged. :func:`load_engine` refuses an engine built for another GPU
-architecture or TensorRT version with :class:`EngineMismatchError`, instead of TensorRT's
-deserialization error or, worse, an engine that loads and misbehaves.
+(graph bytes, fingerprint, settings, engine bytes, anything of the :class:`BuildEnvironment`: an
+updated driver JIT-compiles the plugins' PTX anew, an edited kernel must not reuse old PTX);
+anything else is rebuilt, with the reasons logged. :func:`load_engine` refuses an engine built
+for another GPU or TensorRT version, or whose PTX this driver cannot load, with
+:class:`EngineMismatchError`, instead of TensorRT's deserialization error or, worse, an engine
+that loads and misbehaves. Both refuse a driver too old for the plugins
+(:class:`export.tensorrt.plugins.UnsupportedDriverError`, docs/deploy.md).
 
 Before parsing, :func:`prepare_plugin_graph` rewrites the graph for the plugins of
 :mod:`export.tensorrt.plugins`: every ``psearch::DeformConv2d`` becomes ``DeformIm2col`` +
 ``DeformGemm`` (the mask and bias are dropped when the exporter filled them with the constants
-of DCNv1 / no bias), and every plugin node lists its attributes in the plugin's order.
+of DCNv1 / no bias), and every plugin node lists its attributes in the plugin's order and names
+its plugin namespace. TensorRT's own plugins (``ROIAlign_TRT`` for ONNX ``RoiAlign``,
+``ModulatedDeformConv2d`` for ``DeformConv``) are registered before any graph is parsed and
+before any engine is deserialised.
 
 FP16: TensorRT 10 builds an FP32 graph with FP16 kernels allowed (``BuildSettings.fp16``).
 TensorRT 11 removed that flag (networks are strongly typed): there, convert the ONNX graph to
@@ -31,8 +39,10 @@ replaces it).
 """
 
 import hashlib
+import importlib.metadata
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +53,7 @@ import onnx
 from onnx import numpy_helper
 
 from common.files import write_bytes_atomically
+from export.kernels.ptx import PTX_ISA_VERSION, driver_version, loadable_isa
 from export.tensorrt import require_tensorrt
 from export.tensorrt.plugins import (
     DEFORM_GEMM,
@@ -50,19 +61,24 @@ from export.tensorrt.plugins import (
     DYNAMIC_ROI_ALIGN,
     NAMESPACE,
     PLUGIN_ATTRIBUTES,
+    plugin_source_sha256,
     register_plugins,
+    require_supported_driver,
 )
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_GRAPH = "model.plugins.onnx"
-# 2: the sidecar records the ONNX graph's SHA-256 (schema 1 engines are rebuilt: nothing says
-# which graph they came from).
-SIDECAR_SCHEMA = 2
+# 3: the GPU model, the driver and the plugins' Triton version, kernel sources and PTX ISA are
+# part of the key (schema 2 engines are rebuilt: nothing says which driver or kernels they had).
+SIDECAR_SCHEMA = 3
 # The ONNX node export.onnx writes for a deformable convolution (export.onnx.PLUGIN_OPS).
 DEFORM_CONV2D = "DeformConv2d"
 DEFORM_CONV2D_INPUTS = ("input", "offset", "weight", "bias", "mask")
 DEFORM_CONV2D_ATTRIBUTES = ("strides", "pads", "dilations", "groups", "offset_groups")
+# The attribute by which TensorRT's ONNX parser finds a plugin's namespace. TensorRT >= 10.10
+# also reads it from the node's domain; 10.9 only from this attribute.
+PLUGIN_NAMESPACE_ATTRIBUTE = "plugin_namespace"
 
 
 class EngineBuildError(RuntimeError):
@@ -130,23 +146,69 @@ class GpuInfo:
         """``sm90`` for compute capability 9.0."""
         return f"sm{self.capability[0]}{self.capability[1]}"
 
+    @property
+    def key(self) -> str:
+        """Architecture and model, as engine file names hold them: ``NVIDIA H100 80GB HBM3`` ->
+        ``sm90-h100-80gb-hbm3``. Engines are tuned per GPU model (TensorRT warns against
+        moving one between models of one architecture)."""
+        model = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        return f"{self.arch}-{model.removeprefix('nvidia-')}"
 
-def engine_file_name(onnx_name: str, arch: str, tensorrt_version: str) -> str:
-    """The cache key of the engine of graph ``onnx_name`` for a GPU architecture and TensorRT:
-    ``model.plugins.onnx`` -> ``model.sm90-trt10.9.0.34.engine``, ``embed.plugins.onnx`` ->
-    ``embed.sm90-trt10.9.0.34.engine``, so the graphs of one folder never share an engine."""
+
+@dataclass(frozen=True)
+class BuildEnvironment:
+    """What an engine is built with besides its graph and settings: TensorRT, the GPU, the
+    NVIDIA driver (it JIT-compiles the plugins' PTX) and the plugins' kernels."""
+
+    tensorrt_version: str
+    gpu: GpuInfo
+    driver_cuda: tuple[int, int]  # the CUDA version the driver supports
+    driver_version: str | None  # the driver's own version; None where NVML is missing
+    triton_version: str
+    plugin_source_sha256: str
+    ptx_isa: int = PTX_ISA_VERSION
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, as the sidecar records it."""
+        gpu = self.gpu
+        return {
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": {"name": gpu.name, "arch": gpu.arch, "compute_capability": list(gpu.capability)},
+            "driver": {"version": self.driver_version, "cuda": _dotted(self.driver_cuda)},
+            "plugins": {
+                "triton_version": self.triton_version,
+                "source_sha256": self.plugin_source_sha256,
+                "ptx_isa": _dotted(divmod(self.ptx_isa, 10)),
+            },
+        }
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def _parse_dotted(text: Any) -> tuple[int, int] | None:
+    match = re.fullmatch(r"(\d+)\.(\d+)", str(text))
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def engine_file_name(onnx_name: str, gpu: GpuInfo, tensorrt_version: str) -> str:
+    """The engine of graph ``onnx_name`` for a GPU and TensorRT: ``model.plugins.onnx`` ->
+    ``model.sm90-h100-80gb-hbm3-trt10.16.1.11.engine``, ``embed.plugins.onnx`` ->
+    ``embed.sm90-...engine``, so the graphs of one folder never share an engine, and GPUs of
+    different models never share one folder's engine either."""
     if not onnx_name.endswith(".onnx") or "/" in onnx_name:
         raise ValueError(f"expected the file name of an ONNX graph, got {onnx_name!r}")
     graph = onnx_name.split(".", 1)[0]
-    return f"{graph}.{arch}-trt{tensorrt_version}.engine"
+    return f"{graph}.{gpu.key}-trt{tensorrt_version}.engine"
 
 
 def sidecar_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def timing_cache_path(model_dir: Path, arch: str, tensorrt_version: str) -> Path:
-    return model_dir / f"timing.{arch}-trt{tensorrt_version}.cache"
+def timing_cache_path(model_dir: Path, gpu: GpuInfo, tensorrt_version: str) -> Path:
+    return model_dir / f"timing.{gpu.key}-trt{tensorrt_version}.cache"
 
 
 def make_sidecar(
@@ -154,8 +216,7 @@ def make_sidecar(
     onnx_name: str,
     onnx_sha256: str,
     fingerprint: str,
-    tensorrt_version: str,
-    gpu: GpuInfo,
+    environment: BuildEnvironment,
     settings: BuildSettings,
     engine_sha256: str,
 ) -> dict[str, Any]:
@@ -164,8 +225,7 @@ def make_sidecar(
         "schema": SIDECAR_SCHEMA,
         "onnx": {"file": onnx_name, "sha256": onnx_sha256},
         "fingerprint": fingerprint,
-        "tensorrt_version": tensorrt_version,
-        "gpu": {"name": gpu.name, "arch": gpu.arch, "compute_capability": list(gpu.capability)},
+        **environment.as_dict(),
         "settings": settings.as_dict(),
         "engine_sha256": engine_sha256,
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -173,28 +233,35 @@ def make_sidecar(
 
 
 def engine_mismatches(
-    sidecar: Mapping[str, Any],
-    *,
-    arch: str,
-    tensorrt_version: str,
-    fingerprint: str | None = None,
+    sidecar: Mapping[str, Any], *, environment: BuildEnvironment, fingerprint: str | None = None
 ) -> list[str]:
-    """Why an engine with this sidecar cannot serve here (empty when it can).
+    """Why an engine with this sidecar cannot run here (empty when it can): another GPU
+    architecture or model, another TensorRT, PTX this driver cannot load, another model.
 
     ``fingerprint=None`` skips the model check (loading an engine without knowing its model).
     """
     if sidecar.get("schema") != SIDECAR_SCHEMA:
         return [f"sidecar schema {sidecar.get('schema')!r} is not {SIDECAR_SCHEMA}"]
     problems = []
-    gpu = sidecar.get("gpu", {})
-    if gpu.get("arch") != arch:
+    built_on = sidecar.get("gpu", {})
+    gpu = environment.gpu
+    if built_on.get("arch") != gpu.arch:
         problems.append(
-            f"built for {gpu.get('name')} ({gpu.get('arch')}), this GPU's architecture is {arch}"
+            f"built for {built_on.get('name')} ({built_on.get('arch')}), this GPU's "
+            f"architecture is {gpu.arch}"
         )
-    if sidecar.get("tensorrt_version") != tensorrt_version:
+    elif built_on.get("name") != gpu.name:
+        problems.append(f"built on a {built_on.get('name')}, this GPU is a {gpu.name}")
+    if sidecar.get("tensorrt_version") != environment.tensorrt_version:
         problems.append(
             f"built with TensorRT {sidecar.get('tensorrt_version')}, "
-            f"this is TensorRT {tensorrt_version}"
+            f"this is TensorRT {environment.tensorrt_version}"
+        )
+    isa = _parse_dotted(sidecar.get("plugins", {}).get("ptx_isa"))
+    if isa is None or isa[0] * 10 + isa[1] > loadable_isa(environment.driver_cuda):
+        problems.append(
+            f"its plugins are PTX ISA {isa and _dotted(isa)}, which this driver (CUDA "
+            f"{_dotted(environment.driver_cuda)}) cannot load"
         )
     if fingerprint is not None and sidecar.get("fingerprint") != fingerprint:
         problems.append(
@@ -214,8 +281,7 @@ class CacheDecision:
 def decide_cache(
     sidecar: Mapping[str, Any] | None,
     *,
-    arch: str,
-    tensorrt_version: str,
+    environment: BuildEnvironment,
     fingerprint: str,
     settings: Mapping[str, Any],
     onnx_sha256: str | None,
@@ -225,7 +291,7 @@ def decide_cache(
 
     Args:
         sidecar: the cached engine's sidecar; None when missing or unreadable.
-        arch, tensorrt_version: this machine's GPU architecture (``sm90``) and TensorRT.
+        environment: this machine's TensorRT, GPU, driver and plugin build.
         fingerprint: the model's fingerprint now.
         settings: :meth:`BuildSettings.as_dict` of the settings asked for now.
         onnx_sha256: SHA-256 of the ONNX graph the engine is asked for; None when it is missing.
@@ -235,9 +301,10 @@ def decide_cache(
         return CacheDecision(False, ("no readable sidecar: never built here, or interrupted",))
     if engine_sha256 is None:
         return CacheDecision(False, ("the engine file is missing",))
-    reasons = engine_mismatches(
-        sidecar, arch=arch, tensorrt_version=tensorrt_version, fingerprint=fingerprint
-    )
+    reasons = engine_mismatches(sidecar, environment=environment, fingerprint=fingerprint)
+    if sidecar.get("schema") != SIDECAR_SCHEMA:
+        return CacheDecision(False, tuple(reasons))
+    reasons += _environment_changes(sidecar, environment)
     recorded = sidecar.get("settings", {})
     # JSON round trip: tuples and lists, int keys and str keys compare as the sidecar stores them.
     wanted = json.loads(json.dumps(settings))
@@ -253,6 +320,18 @@ def decide_cache(
     if sidecar.get("engine_sha256") != engine_sha256:
         reasons.append("the engine file is not the one its sidecar describes")
     return CacheDecision(not reasons, tuple(reasons))
+
+
+def _environment_changes(sidecar: Mapping[str, Any], environment: BuildEnvironment) -> list[str]:
+    """The driver and plugin facts that differ from the sidecar's (GPU and TensorRT are
+    :func:`engine_mismatches`'): a new driver compiles the PTX anew, new kernels are new PTX."""
+    now = environment.as_dict()
+    return [
+        f"{section} {key} was {sidecar.get(section, {}).get(key)}, is now {value}"
+        for section in ("driver", "plugins")
+        for key, value in now[section].items()
+        if sidecar.get(section, {}).get(key) != value
+    ]
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -311,7 +390,9 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _with_plugin_attributes(node: onnx.NodeProto, values: Mapping[str, Any]) -> onnx.NodeProto:
-    """``node`` with exactly the plugin's attributes, in its registration order."""
+    """``node`` with exactly the plugin's attributes, in its registration order, and the
+    ``plugin_namespace`` attribute by which every supported TensorRT finds the plugin (the
+    parser passes the plugin only the attributes it declares)."""
     expected = PLUGIN_ATTRIBUTES[node.op_type]
     if set(values) != set(expected):
         raise ValueError(
@@ -322,6 +403,7 @@ def _with_plugin_attributes(node: onnx.NodeProto, values: Mapping[str, Any]) -> 
     plugin.CopyFrom(node)
     del plugin.attribute[:]
     plugin.attribute.extend(onnx.helper.make_attribute(name, values[name]) for name in expected)
+    plugin.attribute.append(onnx.helper.make_attribute(PLUGIN_NAMESPACE_ATTRIBUTE, NAMESPACE))
     return plugin
 
 
@@ -434,6 +516,42 @@ def current_gpu() -> GpuInfo:
     return GpuInfo(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
 
 
+def current_environment(trt: Any) -> BuildEnvironment:
+    """This machine's TensorRT, GPU, NVIDIA driver and plugin build.
+
+    Raises :class:`export.tensorrt.plugins.UnsupportedDriverError` when the driver is too old to
+    load the plugins' PTX, before anything is built or loaded.
+    """
+    gpu = current_gpu()
+    return BuildEnvironment(
+        tensorrt_version=trt.__version__,
+        gpu=gpu,
+        driver_cuda=require_supported_driver(),
+        driver_version=driver_version(),
+        triton_version=_installed_version("triton"),
+        plugin_source_sha256=plugin_source_sha256(),
+    )
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def logger_with_standard_plugins(trt: Any) -> Any:
+    """A TensorRT logger, once TensorRT's own plugins are registered with it.
+
+    The ONNX parser maps ``RoiAlign`` (LEAPS's graphs) to ``ROIAlign_TRT`` and ``DeformConv`` to
+    ``ModulatedDeformConv2d``, whose creators exist only after ``init_libnvinfer_plugins``; an
+    engine holding them deserialises only after it too. Calling it again is harmless.
+    """
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(trt_logger, "")
+    return trt_logger
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -448,9 +566,9 @@ def build_engine(
     Returns ``engine_path``. Raises :class:`EngineBuildError` with TensorRT's messages.
     """
     trt = require_tensorrt()
+    environment = current_environment(trt)
     register_plugins()
-    gpu = current_gpu()
-    trt_logger = trt.Logger(trt.Logger.WARNING)
+    trt_logger = logger_with_standard_plugins(trt)
     builder = trt.Builder(trt_logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, trt_logger)
@@ -478,8 +596,7 @@ def build_engine(
         onnx_name=onnx_path.name,
         onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         fingerprint=fingerprint,
-        tensorrt_version=trt.__version__,
-        gpu=gpu,
+        environment=environment,
         settings=settings,
         engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
     )
@@ -492,14 +609,13 @@ def ensure_engine(
 ) -> Path:
     """The engine of ``model_dir/onnx_name`` for this GPU and TensorRT: the cached one when
     :func:`decide_cache` allows it, else freshly built. Returns its path, named after the graph
-    (``embed.plugins.onnx`` -> ``embed.sm90-trt<version>.engine``)."""
+    (``embed.plugins.onnx`` -> ``embed.<gpu>-trt<version>.engine``)."""
     trt = require_tensorrt()
-    gpu = current_gpu()
-    engine_path = model_dir / engine_file_name(onnx_name, gpu.arch, trt.__version__)
+    environment = current_environment(trt)
+    engine_path = model_dir / engine_file_name(onnx_name, environment.gpu, trt.__version__)
     decision = decide_cache(
         read_sidecar(sidecar_path(engine_path)),
-        arch=gpu.arch,
-        tensorrt_version=trt.__version__,
+        environment=environment,
         fingerprint=fingerprint,
         settings=settings.as_dict(),
         onnx_sha256=file_sha256(model_dir / onnx_name),
@@ -513,7 +629,7 @@ def ensure_engine(
         engine_path,
         fingerprint=fingerprint,
         settings=settings,
-        timing_cache=timing_cache_path(model_dir, gpu.arch, trt.__version__),
+        timing_cache=timing_cache_path(model_dir, environment.gpu, trt.__version__),
     )
 
 
@@ -568,28 +684,28 @@ def _check_against_declared(name: str, declared: tuple[int, ...], shapes: InputS
 
 def load_engine(engine_path: Path, *, fingerprint: str | None = None) -> "TensorRTEngine":
     """Deserialize an engine after checking, from its sidecar, that it was built for this GPU
-    architecture and TensorRT version (and for the model ``fingerprint``, when given).
+    and TensorRT version, that this driver loads its plugins (and that it is the model
+    ``fingerprint``'s, when given).
 
-    Raises :class:`EngineMismatchError` otherwise, or when the sidecar is missing.
+    Raises :class:`EngineMismatchError` otherwise, or when the sidecar is missing, and
+    :class:`export.tensorrt.plugins.UnsupportedDriverError` on a driver too old for the plugins.
     """
     trt = require_tensorrt()
-    gpu = current_gpu()
+    environment = current_environment(trt)
     sidecar = read_sidecar(sidecar_path(engine_path))
     if sidecar is None:
         raise EngineMismatchError(
             f"{engine_path} has no readable sidecar, so nothing says which GPU and TensorRT it "
             "was built for: rebuild it on this machine (export.tensorrt.ensure_engine)"
         )
-    problems = engine_mismatches(
-        sidecar, arch=gpu.arch, tensorrt_version=trt.__version__, fingerprint=fingerprint
-    )
+    problems = engine_mismatches(sidecar, environment=environment, fingerprint=fingerprint)
     if problems:
         raise EngineMismatchError(
             f"{engine_path} cannot run here: {'; '.join(problems)}. Engines are specific to a "
-            "GPU architecture and TensorRT version: rebuild it on this machine "
-            "(export.tensorrt.ensure_engine) instead of copying it"
+            "GPU, a TensorRT version and the drivers that load their plugins: rebuild it on "
+            "this machine (export.tensorrt.ensure_engine) instead of copying it"
         )
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = trt.Runtime(logger_with_standard_plugins(trt))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise EngineMismatchError(f"TensorRT could not deserialize {engine_path} (see its log)")

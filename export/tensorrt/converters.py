@@ -16,14 +16,23 @@ up: ``roi_align()`` and ``dynamic_roi_align()`` call their op's ``CustomOpDef``,
 plain ``torch2trt(model, ...)`` would therefore never meet the wrappers: use
 :func:`convert_with_torch2trt`, which converts inside :func:`calls_through_op_overloads`.
 
-torch2trt networks have the static shapes of the example inputs. Importing this module needs
-TensorRT >= 10.9 and torch2trt, which is not on PyPI: install it from its repository,
+Inside torch2trt's conversion ``tensor.shape`` yields ``IntWrapper`` values (ints that add
+shape layers to the network when used in arithmetic); plugin attributes must be plain ``int``
+(``tensorrt.plugin`` refuses anything else), so the converters read shapes with the wrapping
+off, as torch2trt's own helpers do.
+
+torch2trt networks have the static shapes of the example inputs, and torch2trt creates them
+with TensorRT's ``EXPLICIT_BATCH`` flag, which TensorRT 11 removed: on TensorRT 11
+:func:`convert_with_torch2trt` refuses with :class:`Torch2trtUnsupportedError` (export through
+ONNX instead: ``psearch-export --format tensorrt``). Importing this module needs a supported
+TensorRT and torch2trt, which is not on PyPI: install it from its repository,
 https://github.com/NVIDIA-AI-IOT/torch2trt (``pip install .`` where TensorRT is installed).
 """
 
+import functools
 import importlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +49,7 @@ from export.tensorrt.plugins import (
     NAMESPACE,
     PLUGIN_ATTRIBUTES,
     register_plugins,
+    require_supported_driver,
 )
 
 TORCH2TRT_HINT = (
@@ -74,11 +84,26 @@ _OP_GLOBALS = {
 _OVERLOAD_PACKETS = ("deform_conv2d",)
 
 
+class Torch2trtUnsupportedError(RuntimeError):
+    """torch2trt cannot build networks with the installed TensorRT."""
+
+
 def convert_with_torch2trt(model: nn.Module, inputs: Sequence[Tensor], **kwargs: Any) -> Any:
     """``torch2trt.torch2trt(model, inputs, **kwargs)`` with our ops converted to plugins.
 
-    Returns torch2trt's ``TRTModule``.
+    Returns torch2trt's ``TRTModule``. Raises :class:`Torch2trtUnsupportedError` on TensorRT 11
+    and :class:`export.tensorrt.plugins.UnsupportedDriverError` on a driver too old for the
+    plugins.
     """
+    trt = require_tensorrt()
+    if not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        raise Torch2trtUnsupportedError(
+            f"torch2trt cannot run on TensorRT {trt.__version__}: it creates every network with "
+            "the EXPLICIT_BATCH flag, which TensorRT 11 removed. Build the engine from the ONNX "
+            "plugin graph instead (psearch-export --format tensorrt, or "
+            "export.tensorrt.ensure_engine), which works on every supported TensorRT"
+        )
+    require_supported_driver()
     register_plugins()
     with calls_through_op_overloads():
         return _torch2trt.torch2trt(model, list(inputs), **kwargs)
@@ -114,7 +139,25 @@ def _call_by_name(name: str) -> Any:
 # Converters
 
 
+def _shape_wrapping_off() -> Any:
+    """torch2trt's ``use_shape_wrapping(False)``; nothing for releases without shape wrapping."""
+    use_shape_wrapping = getattr(_torch2trt, "use_shape_wrapping", None)
+    return nullcontext() if use_shape_wrapping is None else use_shape_wrapping(False)
+
+
+def _plain_shapes(converter: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Run ``converter`` with ``tensor.shape`` giving plain ints (see the module docstring)."""
+
+    @functools.wraps(converter)
+    def convert(ctx: Any) -> None:
+        with _shape_wrapping_off():
+            converter(ctx)
+
+    return convert
+
+
 @tensorrt_converter("torch.ops.psearch.dynamic_roi_align.default")
+@_plain_shapes
 def convert_dynamic_roi_align(ctx: Any) -> None:
     features, rois, offsets, spatial_scale, sampling_ratio, aligned = _arguments(
         ctx, torch.ops.psearch.dynamic_roi_align.default
@@ -123,6 +166,7 @@ def convert_dynamic_roi_align(ctx: Any) -> None:
 
 
 @tensorrt_converter("torch.ops.psearch.roi_align.default")
+@_plain_shapes
 def convert_roi_align(ctx: Any) -> None:
     features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = _arguments(
         ctx, torch.ops.psearch.roi_align.default
@@ -132,6 +176,7 @@ def convert_roi_align(ctx: Any) -> None:
 
 
 @tensorrt_converter("torch.ops.psearch.deform_conv2d.default")
+@_plain_shapes
 def convert_deform_conv2d(ctx: Any) -> None:
     features, offset, weight, bias, stride, padding, dilation, mask = _arguments(
         ctx, torch.ops.psearch.deform_conv2d.default

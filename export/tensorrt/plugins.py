@@ -36,17 +36,20 @@ PTX targets: ``sm_90a`` on compute capability 9.0 (Hopper), else ``sm_80``, whic
 compiles for any newer GPU when the engine loads (:func:`ptx_arch`).
 """
 
-import ctypes
 import functools
+import hashlib
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+import export.kernels as kernels
+from export.kernels.ptx import driver_cuda_version, driver_rejection
 from export.tensorrt import require_tensorrt
 
 # Triton and the kernels (export.kernels.compile) are imported where a kernel is compiled: the
@@ -306,41 +309,32 @@ def tensorrt_parameter_order(metadata: "LaunchMetadata", num_outputs: int = 1) -
     return pointers[:-num_outputs] + scalars + pointers[-num_outputs:] + scratch
 
 
-def ptx_isa_version(ptx: str) -> int:
-    """The PTX ISA version the text declares, numbered as Triton does: ``.version 9.4`` -> 94."""
-    match = re.search(r"^\.version\s+(\d+)\.(\d+)", ptx, re.MULTILINE)
-    if match is None:
-        raise ValueError("the PTX declares no .version")
-    return int(match.group(1)) * 10 + int(match.group(2))
+class UnsupportedDriverError(RuntimeError):
+    """The NVIDIA driver is too old to load the plugins' PTX (docs/deploy.md, GPU drivers)."""
 
 
-def driver_rejection(ptx: str, driver_cuda: tuple[int, int]) -> str | None:
-    """Why a driver of CUDA version ``driver_cuda`` cannot load ``ptx``, or None if it can.
+def require_supported_driver() -> tuple[int, int]:
+    """The driver's CUDA version, or :class:`UnsupportedDriverError` saying which is needed.
 
-    Triton writes the newest PTX ISA its bundled ``ptxas`` knows; an older driver refuses it
-    when the engine loads, with an error that names neither the ISA nor the driver.
+    Checked before TensorRT builds or loads an engine: TensorRT itself fails only when it loads
+    the PTX, with an error that names neither the ISA nor the driver.
     """
-    from triton.backends.nvidia.compiler import ptx_get_version
-
-    needed = ptx_isa_version(ptx)
-    loadable = ptx_get_version(f"{driver_cuda[0]}.{driver_cuda[1]}")
-    if needed <= loadable:
-        return None
-    return (
-        f"the plugins' PTX is ISA {needed // 10}.{needed % 10}, and this NVIDIA driver "
-        f"(CUDA {driver_cuda[0]}.{driver_cuda[1]}) loads ISA {loadable // 10}.{loadable % 10} "
-        "at most: update the driver"
-    )
+    driver = driver_cuda_version()
+    rejection = driver_rejection(driver)
+    if rejection is not None:
+        raise UnsupportedDriverError(rejection)
+    return driver
 
 
-@functools.cache
-def driver_cuda_version() -> tuple[int, int]:
-    """The CUDA version of the installed NVIDIA driver (``cuDriverGetVersion``)."""
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    version = ctypes.c_int()
-    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        raise RuntimeError("cuDriverGetVersion failed: is the NVIDIA driver installed?")
-    return version.value // 1000, version.value % 1000 // 10
+def plugin_source_sha256() -> str:
+    """SHA-256 of the sources the plugins' PTX and launches come from: the kernels' package and
+    this module. An edited kernel changes it, so cached engines are rebuilt with the new PTX."""
+    digest = hashlib.sha256()
+    sources = [*sorted(Path(kernels.__file__).parent.glob("*.py")), Path(__file__)]
+    for source in sources:
+        digest.update(f"{source.parent.name}/{source.name}\0".encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -385,8 +379,10 @@ def register_plugins() -> None:
     """Register the three plugins with TensorRT: needed to build engines (the engines embed the
     kernels and load without Python).
 
-    Calling it again does nothing. Raises :class:`export.tensorrt.TensorRTUnavailableError`
-    without TensorRT >= 10.9.
+    Calling it again does nothing. A call that failed part-way can be repeated: TensorRT refuses
+    to describe a plugin twice in a process, so a description already there is kept and the
+    tuning and kernel functions are attached to it again. Raises
+    :class:`export.tensorrt.TensorRTUnavailableError` without a supported TensorRT.
     """
     global _registered
     if _registered:
@@ -394,10 +390,16 @@ def register_plugins() -> None:
     trt = require_tensorrt()
     import tensorrt.plugin as trtp
 
-    _register_dynamic_roi_align(trt, trtp)
-    _register_deform_im2col(trt, trtp)
-    _register_deform_gemm(trt, trtp)
+    for register in (_register_dynamic_roi_align, _register_deform_im2col, _register_deform_gemm):
+        register(trt, trtp)
     _registered = True
+
+
+def _describe_once(trtp: Any, name: str, describe: Callable[..., Any]) -> None:
+    """``@trtp.register`` the description of plugin ``name`` unless this process already has."""
+    namespace = getattr(trtp.op, NAMESPACE, None)
+    if namespace is None or not hasattr(namespace, name):
+        trtp.register(f"{NAMESPACE}::{name}")(describe)
 
 
 def _dtype_name(trt: Any, dtype: Any) -> str:
@@ -412,11 +414,8 @@ def _check_rank(name: str, desc: Any, rank: int) -> None:
         raise ValueError(f"{name} must have rank {rank}, got {desc.ndim}")
 
 
-def _aot_result(trtp: Any, kernel: PluginKernel, launch: Launch) -> tuple[Any, ...]:
+def _aot_result(trtp: Any, kernel: PluginKernel, launch: Launch) -> tuple[str, str, Any, Any]:
     """``aot_impl``'s answer: entry name, PTX, launch parameters, scalar arguments."""
-    rejection = driver_rejection(kernel.ptx, driver_cuda_version())
-    if rejection is not None:
-        raise RuntimeError(rejection)
     metadata = kernel.metadata
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = launch.grid
@@ -438,7 +437,6 @@ def _pair(values: npt.NDArray[np.int32]) -> tuple[int, int]:
 def _register_dynamic_roi_align(trt: Any, trtp: Any) -> None:
     plugin_id = f"{NAMESPACE}::{DYNAMIC_ROI_ALIGN}"
 
-    @trtp.register(plugin_id)
     def describe(
         features: trtp.TensorDesc,
         rois: trtp.TensorDesc,
@@ -458,14 +456,17 @@ def _register_dynamic_roi_align(trt: Any, trtp: Any) -> None:
         )
         return trtp.from_shape_expr(shape, dtype=features.dtype)
 
+    _describe_once(trtp, DYNAMIC_ROI_ALIGN, describe)
+
     @trtp.autotune(plugin_id)
-    def tune(features, rois, offsets, outputs):
+    def tune(features, rois, offsets, outputs) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[DYNAMIC_ROI_ALIGN], "LINEAR")]
 
+    # TensorRT requires the return annotation (its validator refuses an aot_impl without one).
     @trtp.aot_impl(plugin_id)
     def compile_kernel(
         features, rois, offsets, spatial_scale, sampling_ratio, aligned, outputs, tactic
-    ):
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         kernel = compile_for_tensorrt(
             "dynamic_roi_align", target_arch(), _dtype_name(trt, features.dtype)
         )
@@ -489,7 +490,6 @@ def _register_dynamic_roi_align(trt: Any, trtp: Any) -> None:
 def _register_deform_im2col(trt: Any, trtp: Any) -> None:
     plugin_id = f"{NAMESPACE}::{DEFORM_IM2COL}"
 
-    @trtp.register(plugin_id)
     def describe(
         features: trtp.TensorDesc,
         offset: trtp.TensorDesc,
@@ -506,8 +506,10 @@ def _register_deform_im2col(trt: Any, trtp: Any) -> None:
         shape = im2col_output_shape(features.shape_expr, offset.shape_expr, _pair(kernel_shape))
         return trtp.from_shape_expr(shape, dtype=features.dtype)
 
+    _describe_once(trtp, DEFORM_IM2COL, describe)
+
     @trtp.autotune(plugin_id)
-    def tune(features, offset, mask, outputs):
+    def tune(features, offset, mask, outputs) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[DEFORM_IM2COL], "LINEAR")]
 
     @trtp.aot_impl(plugin_id)
@@ -523,7 +525,7 @@ def _register_deform_im2col(trt: Any, trtp: Any) -> None:
         has_mask,
         outputs,
         tactic,
-    ):
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         kernel = compile_for_tensorrt(
             "deform_im2col",
             target_arch(),
@@ -553,7 +555,6 @@ def _register_deform_im2col(trt: Any, trtp: Any) -> None:
 def _register_deform_gemm(trt: Any, trtp: Any) -> None:
     plugin_id = f"{NAMESPACE}::{DEFORM_GEMM}"
 
-    @trtp.register(plugin_id)
     def describe(
         weight: trtp.TensorDesc,
         columns: trtp.TensorDesc,
@@ -566,12 +567,16 @@ def _register_deform_gemm(trt: Any, trtp: Any) -> None:
         shape = gemm_output_shape(weight.shape_expr, columns.shape_expr)
         return trtp.from_shape_expr(shape, dtype=columns.dtype)
 
+    _describe_once(trtp, DEFORM_GEMM, describe)
+
     @trtp.autotune(plugin_id)
-    def tune(weight, columns, bias, outputs):
+    def tune(weight, columns, bias, outputs) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(TYPE_COMBINATIONS[DEFORM_GEMM], "LINEAR")]
 
     @trtp.aot_impl(plugin_id)
-    def compile_kernel(weight, columns, bias, groups, has_bias, outputs, tactic):
+    def compile_kernel(
+        weight, columns, bias, groups, has_bias, outputs, tactic
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         kernel = compile_for_tensorrt(
             "deform_gemm",
             target_arch(),

@@ -1,6 +1,8 @@
 """Exact geometric ops, each a `torch.library.custom_op` in the "psearch" namespace with a
 PyTorch implementation (CPU and CUDA), a fake implementation for `torch.export`, and autograd
 where it applies. Slow loop references that define their semantics are in `models.ops.reference`.
+Every op takes tensors of any memory layout, computes half precision in float32 and follows
+torchvision's autocast rule (`models.ops.precision`).
 """
 
 from models.ops.boxes import (

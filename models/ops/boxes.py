@@ -3,6 +3,11 @@
 Boxes are ``(x1, y1, x2, y2)`` in pixels unless a function says otherwise. A box whose
 ``x2 < x1`` or ``y2 < y1`` is treated as empty: its width or height counts as zero. Overlaps
 between boxes of zero area are 0 (never NaN), so losses stay finite on degenerate predictions.
+
+Every function that does arithmetic on coordinates first widens narrow dtypes, as torchvision
+does, and returns the widened dtype: float16 and bfloat16 to float32 (a float16 area above
+65504 is inf, so two large boxes would have IoU 0 and GIoU NaN), int8, int16 and uint8 to int32.
+float32, float64, int32 and int64 are used as they are.
 """
 
 import math
@@ -13,6 +18,13 @@ from torch import Tensor
 # Faster R-CNN clamps the predicted log-scale so that exp() cannot overflow: a box may grow at most
 # 1000 / 16 times its proposal's size in one step.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def _widened(boxes: Tensor) -> Tensor:
+    """``boxes`` in a dtype whose products of coordinates cannot overflow (see the module)."""
+    if boxes.is_floating_point():
+        return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+    return boxes if boxes.dtype in (torch.int32, torch.int64) else boxes.int()
 
 
 def _check_boxes(name: str, boxes: Tensor) -> None:
@@ -45,6 +57,7 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 def box_area(boxes: Tensor) -> Tensor:
     """Areas of boxes ``(..., 4)`` -> ``(...)``; an inverted box has area 0."""
     _check_boxes("boxes", boxes)
+    boxes = _widened(boxes)
     widths = (boxes[..., 2] - boxes[..., 0]).clamp(min=0)
     heights = (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
     return widths * heights
@@ -84,6 +97,7 @@ def _giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise intersection over union: ``(N, 4), (M, 4) -> (N, M)``, 0 where the union is 0."""
     _check_pairwise(boxes1, boxes2)
+    boxes1, boxes2 = _widened(boxes1), _widened(boxes2)
     return _iou(boxes1[:, None, :], boxes2[None, :, :])
 
 
@@ -94,32 +108,33 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     union; each ratio counts as 0 where its denominator is 0. Values lie in ``[-1, 1]``.
     """
     _check_pairwise(boxes1, boxes2)
+    boxes1, boxes2 = _widened(boxes1), _widened(boxes2)
     return _giou(boxes1[:, None, :], boxes2[None, :, :])
 
 
 def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of matched pairs ``boxes1[i], boxes2[i]``: ``(..., 4), (..., 4) -> (...)``."""
     _check_matched(boxes1, boxes2)
-    return _iou(boxes1, boxes2)
+    return _iou(_widened(boxes1), _widened(boxes2))
 
 
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Generalized IoU of matched pairs: ``(..., 4), (..., 4) -> (...)``."""
     _check_matched(boxes1, boxes2)
-    return _giou(boxes1, boxes2)
+    return _giou(_widened(boxes1), _widened(boxes2))
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """``(x1, y1, x2, y2) -> (center x, center y, width, height)``, shape ``(..., 4)``."""
     _check_boxes("boxes", boxes)
-    x1, y1, x2, y2 = boxes.unbind(-1)
+    x1, y1, x2, y2 = _widened(boxes).unbind(-1)
     return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """``(center x, center y, width, height) -> (x1, y1, x2, y2)``, shape ``(..., 4)``."""
     _check_boxes("boxes", boxes)
-    cx, cy, w, h = boxes.unbind(-1)
+    cx, cy, w, h = _widened(boxes).unbind(-1)
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
 
@@ -161,6 +176,7 @@ def encode_boxes(
     ``weights = (wx, wy, ww, wh)``. Proposals must have positive width and height.
     """
     _check_matched(target_boxes, proposals)
+    target_boxes, proposals = _widened(target_boxes), _widened(proposals)
     cx, cy, w, h = _centers_and_sizes(proposals)
     if not bool(((w > 0) & (h > 0)).all()):
         raise ValueError("encode_boxes needs proposals with positive width and height")
@@ -190,6 +206,8 @@ def decode_boxes(
     """
     _check_boxes("deltas", deltas)
     _check_boxes("proposals", proposals)
+    # A float16 box grows out of range: exp(4.1) * 1500 pixels is above 65504.
+    deltas, proposals = _widened(deltas), _widened(proposals)
     cx, cy, w, h = _centers_and_sizes(proposals)
     wx, wy, ww, wh = weights
     dx, dy, dw, dh = deltas.unbind(-1)

@@ -18,7 +18,8 @@ pixel in one call (its zero padding is exactly the rule above), the mask scales 
 columns, and one batched matmul over the convolution groups contracts them with the weight.
 Its gradients are ``grid_sample``'s native backward, about 2x faster on CPU than gathering and
 scattering the four neighbours by hand (``benchmarks/ops.py``). It runs on any device PyTorch
-does.
+does, takes tensors of any memory layout, computes half-precision tensors in float32 and, under
+autocast, casts the mixed dtypes to float32 (``models.ops.precision``).
 """
 
 import math
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.ops.precision import compute_in_float32_under_autocast, in_compute_dtype
 
 __all__ = [
     "DeformConv2d",
@@ -245,7 +248,12 @@ def check_deform_conv_arguments(
             f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}"
         )
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
-    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+    # Under autocast the op casts them to one dtype (float32) itself, as torchvision does.
+    mixed_precision = torch.is_autocast_enabled(input.device.type) and all(
+        t.is_floating_point() for t in tensors
+    )
+    dtypes = {t.dtype for t in tensors}
+    if (len(dtypes) != 1 and not mixed_precision) or len({t.device for t in tensors}) != 1:
         raise ValueError(
             "input, offset, weight, bias and mask must share one dtype and device, got "
             f"{[(t.dtype, str(t.device)) for t in tensors]}"
@@ -322,7 +330,16 @@ def _deform_conv2d(
     dilation: Sequence[int],
     mask: Tensor | None,
 ) -> Tensor:
-    """The op's computation in differentiable PyTorch (its gradients are autograd's)."""
+    """The op's computation in differentiable PyTorch (its gradients are autograd's), in
+    float32 for half-precision tensors (models.ops.precision); returns the input's dtype."""
+    dtype = input.dtype
+    input, offset, weight = (
+        in_compute_dtype(input),
+        in_compute_dtype(offset),
+        in_compute_dtype(weight),
+    )
+    bias = None if bias is None else in_compute_dtype(bias)
+    mask = None if mask is None else in_compute_dtype(mask)
     batch, in_channels, height, width = input.shape
     out_channels, in_per_group, kh, kw = weight.shape
     taps = kh * kw
@@ -339,28 +356,31 @@ def _deform_conv2d(
     out_rows = torch.arange(out_h, **options).view(out_h, 1) * stride[0] - padding[0] + 1
     out_cols = torch.arange(out_w, **options) * stride[1] - padding[1] + 1
     # offset [N, og * kh * kw * 2, oH, oW] -> [N, og, kh, kw, 2, oH, oW]
-    shifts = offset.view(batch, offset_groups, kh, kw, 2, out_h, out_w)
+    shifts = offset.reshape(batch, offset_groups, kh, kw, 2, out_h, out_w)
     rows = tap_rows + out_rows + shifts[:, :, :, :, 0]
     cols = tap_cols + out_cols + shifts[:, :, :, :, 1]
     # Pixel -> [-1, 1] with aligned corners; grid points are (x, y).
     grid = torch.stack(
         [cols * (2 / (padded_w - 1)) - 1, rows * (2 / (padded_h - 1)) - 1], dim=-1
-    ).view(batch * offset_groups, taps * length, 1, 2)
-    per_group = padded.view(batch * offset_groups, in_channels // offset_groups, *padded.shape[2:])
+    ).reshape(batch * offset_groups, taps * length, 1, 2)
+    # reshape, not view: the input, offsets and mask may come in any memory layout.
+    per_group = padded.reshape(
+        batch * offset_groups, in_channels // offset_groups, *padded.shape[2:]
+    )
     columns = F.grid_sample(
         per_group, grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    ).view(batch, offset_groups, in_channels // offset_groups, taps, length)
+    ).reshape(batch, offset_groups, in_channels // offset_groups, taps, length)
     if mask is not None:
-        columns = columns * mask.view(batch, offset_groups, 1, taps, length)
+        columns = columns * mask.reshape(batch, offset_groups, 1, taps, length)
     groups = in_channels // in_per_group
     # [groups, Cout / groups, Cin / groups * K] @ [N, groups, Cin / groups * K, L]
-    out = weight.reshape(groups, out_channels // groups, in_per_group * taps) @ columns.view(
+    out = weight.reshape(groups, out_channels // groups, in_per_group * taps) @ columns.reshape(
         batch, groups, in_per_group * taps, length
     )
-    out = out.view(batch, out_channels, out_h, out_w)
+    out = out.reshape(batch, out_channels, out_h, out_w)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    return out
+    return out.to(dtype)
 
 
 def _padded_side(size: int) -> int:
@@ -401,7 +421,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: Tensor):
     saved = ctx.saved_tensors  # input, offset, weight, bias, mask
     wanted = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 7)]
-    with torch.enable_grad():
+    # The recomputation runs in the saved tensors' dtype even if backward() is called under
+    # autocast: the forward ran with autocast off (models.ops.precision).
+    with torch.enable_grad(), torch.autocast(saved[0].device.type, enabled=False):
         leaves = [
             None if tensor is None else tensor.detach().requires_grad_(need)
             for tensor, need in zip(saved, wanted, strict=True)
@@ -419,3 +441,4 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+compute_in_float32_under_autocast("deform_conv2d", result_dtype_of=0)

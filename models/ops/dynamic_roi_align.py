@@ -25,11 +25,11 @@ a sample coordinate that the border rules clamp has zero derivative), not to ``r
 import torch
 from torch import Tensor
 
+from models.ops.precision import compute_in_float32_under_autocast, in_compute_dtype
 from models.ops.roi_align import (
     _bilinear_plan,
     _BilinearPlan,
     _check_roi_align_args,
-    _compute_in_float32_under_autocast,
     _normalize_output_size,
     _pool,
     _pool_backward_input,
@@ -63,6 +63,27 @@ def _offset_gradient(
     return grad_offsets
 
 
+def _plan(
+    rois: Tensor,
+    offsets: Tensor,
+    feature_shape: tuple[int, ...],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> _BilinearPlan:
+    """The bilinear plan of the shifted bins, in the dtype the op computes in."""
+    pooled_size = (offsets.shape[1], offsets.shape[2])
+    return _bilinear_plan(
+        in_compute_dtype(rois),
+        in_compute_dtype(offsets),
+        feature_shape,
+        spatial_scale,
+        pooled_size,
+        sampling_ratio,
+        aligned,
+    )
+
+
 @torch.library.custom_op("psearch::dynamic_roi_align", mutates_args=())
 def dynamic_roi_align_op(
     input: Tensor,
@@ -77,10 +98,8 @@ def dynamic_roi_align_op(
     if num_rois == 0:
         return input.new_zeros(0, input.shape[1], *pooled_size)
     check_dynamic_roi_values(rois, offsets, input.shape[0])
-    plan = _bilinear_plan(
-        rois, offsets, input.shape, spatial_scale, pooled_size, sampling_ratio, aligned
-    )
-    return _pool(input, plan, num_rois, pooled_size)
+    plan = _plan(rois, offsets, input.shape, spatial_scale, sampling_ratio, aligned)
+    return _pool(in_compute_dtype(input), plan, num_rois, pooled_size).to(input.dtype)
 
 
 @dynamic_roi_align_op.register_fake
@@ -101,13 +120,13 @@ def dynamic_roi_align_backward_op(
     """Gradients of ``psearch::dynamic_roi_align`` w.r.t. (input, offsets)."""
     if rois.shape[0] == 0:
         return _contiguous_zeros_like(input), _contiguous_zeros_like(offsets)
-    pooled_size = (offsets.shape[1], offsets.shape[2])
-    plan = _bilinear_plan(
-        rois, offsets, input.shape, spatial_scale, pooled_size, sampling_ratio, aligned
-    )
+    plan = _plan(rois, offsets, input.shape, spatial_scale, sampling_ratio, aligned)
+    grad_output = in_compute_dtype(grad_output)
     grad_input = _pool_backward_input(grad_output, plan, input.shape)
-    grad_offsets = _offset_gradient(input, offsets, grad_output, plan)
-    return grad_input, grad_offsets
+    grad_offsets = _offset_gradient(
+        in_compute_dtype(input), in_compute_dtype(offsets), grad_output, plan
+    )
+    return grad_input.to(input.dtype), grad_offsets.to(offsets.dtype)
 
 
 @dynamic_roi_align_backward_op.register_fake
@@ -140,7 +159,7 @@ def _backward(ctx, grad_output):
 
 
 dynamic_roi_align_op.register_autograd(_backward, setup_context=_setup_context)
-_compute_in_float32_under_autocast(dynamic_roi_align_op)
+compute_in_float32_under_autocast("dynamic_roi_align", result_dtype_of=0)
 
 
 def dynamic_roi_align(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from models.ops.boxes import box_iou
+from models.ops.precision import compute_in_float32_under_autocast
 
 # Boxes settled together; larger blocks mean fewer loop steps but (block x block) masks.
 _BLOCK_SIZE = 256
@@ -26,8 +27,9 @@ def _suppresses(
     iou_threshold: float,
 ) -> Tensor:
     """(A, B) bool: box a would suppress box b (same class, IoU > threshold)."""
-    # Compare in float64 like torchvision's kernel: torch would round the threshold to the
-    # boxes' dtype first (0.3 -> 0.30000001 in float32) and keep an IoU that equals it.
+    # box_iou widens half-precision boxes (float16 areas overflow). Compare in float64 like
+    # torchvision's kernel: torch would round the threshold to the IoU's dtype first
+    # (0.3 -> 0.30000001 in float32) and keep an IoU that equals it.
     overlapping = box_iou(boxes_a, boxes_b).double() > iou_threshold
     if classes_a is None or classes_b is None:
         return overlapping
@@ -127,6 +129,11 @@ def batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: f
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     num_kept = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty(num_kept, dtype=torch.long)
+
+
+# Indices need no cast back; the overlaps are computed in float32 (float16 areas overflow).
+compute_in_float32_under_autocast("nms", result_dtype_of=None)
+compute_in_float32_under_autocast("batched_nms", result_dtype_of=None)
 
 
 def _check_threshold(iou_threshold: float) -> float:

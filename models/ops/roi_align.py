@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.ops.precision import compute_in_float32_under_autocast, in_compute_dtype
+
 
 def _normalize_output_size(output_size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(output_size, int):
@@ -316,13 +318,6 @@ def _sample_position_grad(input: Tensor, grad_output: Tensor, plan: _BilinearPla
     return torch.stack((grad_x, grad_y), dim=1)
 
 
-def _compute_in_float32_under_autocast(op) -> None:
-    """Like torchvision: under autocast (half-precision features, float32 boxes) the op runs in
-    float32; box coordinates in float16 would be off by up to a pixel at 1500 pixels."""
-    for device_type in ("cpu", "cuda"):
-        torch.library.register_autocast(op, device_type, torch.float32)
-
-
 @torch.library.custom_op("psearch::roi_align", mutates_args=())
 def roi_align_op(
     input: Tensor,
@@ -340,9 +335,15 @@ def roi_align_op(
         return input.new_zeros(0, channels, *pooled_size)
     check_roi_values(rois, input.shape[0])
     plan = _bilinear_plan(
-        rois, None, input.shape, spatial_scale, pooled_size, sampling_ratio, aligned
+        in_compute_dtype(rois),
+        None,
+        input.shape,
+        spatial_scale,
+        pooled_size,
+        sampling_ratio,
+        aligned,
     )
-    return _pool(input, plan, num_rois, pooled_size)
+    return _pool(in_compute_dtype(input), plan, num_rois, pooled_size).to(input.dtype)
 
 
 @roi_align_op.register_fake
@@ -371,7 +372,7 @@ def roi_align_backward_op(
     if rois.shape[0] == 0:
         return grad_output.new_zeros(feature_shape)
     plan = _bilinear_plan(
-        rois,
+        in_compute_dtype(rois),
         None,
         feature_shape,
         spatial_scale,
@@ -379,7 +380,8 @@ def roi_align_backward_op(
         sampling_ratio,
         aligned,
     )
-    return _pool_backward_input(grad_output, plan, feature_shape)
+    grad_input = _pool_backward_input(in_compute_dtype(grad_output), plan, feature_shape)
+    return grad_input.to(grad_output.dtype)
 
 
 @roi_align_backward_op.register_fake
@@ -405,7 +407,7 @@ def _roi_align_backward(ctx, grad_output):
 
 
 roi_align_op.register_autograd(_roi_align_backward, setup_context=_roi_align_setup_context)
-_compute_in_float32_under_autocast(roi_align_op)
+compute_in_float32_under_autocast("roi_align", result_dtype_of=0)
 
 
 def roi_align(

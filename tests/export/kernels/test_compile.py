@@ -1,7 +1,9 @@
 """Ahead-of-time compilation of every kernel to PTX, for sm_80 and sm_90, without a GPU.
 
 This test process interprets the kernels (see conftest.py), which rules out compiling them here:
-one subprocess without TRITON_INTERPRET compiles them all, as a build step would.
+one subprocess without TRITON_INTERPRET compiles them all, as a build step would. Every PTX is
+then checked the way a driver would take it: its ``.version`` line is an ISA that CUDA 12.8
+drivers load, and ``ptxas`` (the one in the ``triton`` wheel) assembles it for its target.
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from export.kernels.compile import KERNEL_NAMES, compile_ptx
+from export.kernels.ptx import MIN_DRIVER_CUDA, PTX_ISA_VERSION, loadable_isa, ptx_isa_version
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 ARCHS = (80, 90)
@@ -129,3 +132,42 @@ def test_bad_requests_raise_clear_errors():
 def test_interpreted_kernels_cannot_be_compiled():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         compile_ptx("deform_gemm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel_name", KERNEL_NAMES)
+def test_the_ptx_isa_is_one_that_cuda_12_8_drivers_load(compiled, kernel_name, arch, dtype):
+    ptx, _ = compiled[kernel_name, arch, dtype, ()]
+    version = re.search(r"^\.version (\d+)\.(\d+)$", ptx, flags=re.MULTILINE)
+    assert version, "the PTX has no .version line"
+    assert (int(version.group(1)), int(version.group(2))) == (8, 7)
+    assert ptx_isa_version(ptx) == PTX_ISA_VERSION <= loadable_isa((12, 8))
+
+
+def test_cuda_12_8_is_the_oldest_driver_that_loads_the_pinned_isa():
+    """docs/deploy.md states the driver range from MIN_DRIVER_CUDA: it must be exact."""
+    assert MIN_DRIVER_CUDA == (12, 8)
+    assert loadable_isa(MIN_DRIVER_CUDA) >= PTX_ISA_VERSION > loadable_isa((12, 7))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel_name", KERNEL_NAMES)
+def test_ptxas_assembles_the_ptx_for_its_target(compiled, kernel_name, arch, dtype, tmp_path):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx, _ = compiled[kernel_name, arch, dtype, ()]
+    target = re.search(r"^\.target\s+(\S+)", ptx, flags=re.MULTILINE).group(1)
+    assert target == ("sm_90a" if arch == 90 else "sm_80")
+    (tmp_path / "kernel.ptx").write_text(ptx)
+    process = subprocess.run(
+        [get_ptxas(arch).path, f"-arch={target}", "kernel.ptx", "-o", "kernel.cubin"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert process.returncode == 0, process.stderr
+    assert (tmp_path / "kernel.cubin").stat().st_size > 0

@@ -1,57 +1,36 @@
-"""Without TensorRT (or torch2trt) the entry points fail with an error that says what to install;
-the torch2trt converters' registration and call routing, with torch2trt and TensorRT faked.
+"""Without a supported TensorRT (or torch2trt) the entry points fail with an error that says what
+to install; the torch2trt converters' registration, call routing and plugin attributes, with
+torch2trt and TensorRT faked (tests/export/tensorrt/fake_tensorrt.py says how the fakes follow
+the real libraries).
 
 Every test here hides or fakes the packages through ``sys.modules``, so they run the same
 whether or not TensorRT is installed.
 """
 
 import importlib
-import importlib.machinery
 import sys
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import export.tensorrt
 from export.tensorrt import TensorRTUnavailableError, plugins
+from export.tensorrt.plugins import UnsupportedDriverError
 from models.ops.deform_conv import deform_conv2d
 from models.ops.dynamic_roi_align import dynamic_roi_align
 from models.ops.roi_align import roi_align, roi_align_op
+from tests.export.tensorrt.fake_tensorrt import (
+    ITensor,
+    fake_tensorrt,
+    fake_torch2trt,
+    shape_wrapping,
+)
 
 roi_align_module = sys.modules["models.ops.roi_align"]  # models.ops.roi_align is the function
 
 CONVERTERS = "export.tensorrt.converters"
-
-
-def fake_module(name: str) -> ModuleType:
-    module = ModuleType(name)
-    # A spec, as imported modules have: PyTorch probes some packages with find_spec.
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    return module
-
-
-def fake_tensorrt(version: str = "10.9.0.34") -> ModuleType:
-    module = fake_module("tensorrt")
-    module.__version__ = version
-    return module
-
-
-def fake_torch2trt() -> ModuleType:
-    """Registers converters in ``converters``; ``torch2trt(...)`` calls ``on_convert``."""
-    module = fake_module("torch2trt")
-    module.converters = {}
-
-    def tensorrt_converter(key):
-        def register(function):
-            module.converters[key] = function
-            return function
-
-        return register
-
-    module.tensorrt_converter = tensorrt_converter
-    module.torch2trt = lambda model, inputs, **kwargs: module.on_convert(model, inputs, **kwargs)
-    return module
 
 
 @pytest.fixture
@@ -88,6 +67,20 @@ def test_a_tensorrt_older_than_10_9_is_refused(monkeypatch):
         export.tensorrt.load_engine  # noqa: B018
 
 
+@pytest.mark.parametrize("version", ["12.0.0.1", "13.1.0.2"])
+def test_a_tensorrt_newer_than_the_supported_range_is_refused(monkeypatch, version):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version))
+    with pytest.raises(TensorRTUnavailableError, match=f"TensorRT {version} is newer than"):
+        export.tensorrt.load_engine  # noqa: B018
+
+
+@pytest.mark.parametrize("version", ["10.9.0.34", "10.16.1.11", "11.0.0.114", "11.4.0.106"])
+def test_every_release_of_the_supported_range_is_accepted(monkeypatch, version):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version))
+    assert export.tensorrt.require_tensorrt().__version__ == version
+    assert export.tensorrt.TENSORRT_REQUIREMENT == ">=10.9,<12"
+
+
 def test_registering_the_plugins_needs_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.setattr(plugins, "_registered", False)
@@ -116,11 +109,22 @@ def test_the_converters_blame_tensorrt_first_when_both_are_missing(monkeypatch, 
         import_converters()
 
 
+def use_fake_tensorrt(monkeypatch, version: str = "10.9.0.34") -> ModuleType:
+    """A fake TensorRT (and its plugin package) in sys.modules, the plugins not yet registered."""
+    trt = fake_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trt.plugin)
+    monkeypatch.setattr(plugins, "_registered", False)
+    return trt
+
+
 @pytest.fixture
 def converters(monkeypatch, import_converters) -> ModuleType:
-    """export.tensorrt.converters imported over fakes of TensorRT and torch2trt."""
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    """export.tensorrt.converters imported over fakes of TensorRT and torch2trt, on a machine
+    whose driver supports CUDA 12.8."""
+    use_fake_tensorrt(monkeypatch)
     monkeypatch.setitem(sys.modules, "torch2trt", fake_torch2trt())
+    monkeypatch.setattr(plugins, "driver_cuda_version", lambda: (12, 8))
     return import_converters()
 
 
@@ -204,3 +208,79 @@ def test_convert_with_torch2trt_registers_the_plugins_and_converts_with_routing(
         True,
     )
     assert registered == [True]
+
+
+def test_on_tensorrt_11_torch2trt_is_refused_with_the_onnx_route_named(
+    monkeypatch, import_converters
+):
+    """torch2trt creates its networks with EXPLICIT_BATCH, which TensorRT 11 removed: without
+    the check its conversion would stop on an AttributeError deep inside torch2trt."""
+    trt = use_fake_tensorrt(monkeypatch, "11.1.0.106")
+    fake = fake_torch2trt()
+    fake.on_convert = lambda model, inputs, **kwargs: (
+        trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
+    )
+    monkeypatch.setitem(sys.modules, "torch2trt", fake)
+    monkeypatch.setattr(plugins, "driver_cuda_version", lambda: (12, 8))
+    converters = import_converters()
+    with pytest.raises(converters.Torch2trtUnsupportedError, match="EXPLICIT_BATCH") as raised:
+        converters.convert_with_torch2trt(torch.nn.Identity(), [torch.zeros(1)])
+    assert "psearch-export --format tensorrt" in str(raised.value)
+
+
+def test_torch2trt_conversion_refuses_a_driver_too_old_for_the_plugins(converters, monkeypatch):
+    monkeypatch.setattr(plugins, "driver_cuda_version", lambda: (12, 4))
+    sys.modules["torch2trt"].on_convert = lambda *args, **kwargs: pytest.fail("converted")
+    with pytest.raises(UnsupportedDriverError, match=r"CUDA 12\.8 or newer \(R570"):
+        converters.convert_with_torch2trt(torch.nn.Identity(), [torch.zeros(1)])
+
+
+def network_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` as torch2trt leaves a traced tensor: with the network tensor in ``_trt``."""
+    tensor._trt = ITensor(name)
+    return tensor
+
+
+def conversion_context(args: tuple) -> SimpleNamespace:
+    network = sys.modules["tensorrt"].Builder(None).create_network()
+    return SimpleNamespace(
+        method_args=args,
+        method_kwargs={},
+        method_return=torch.zeros(1),
+        network=network,
+    )
+
+
+def test_the_converters_give_the_plugins_plain_int_attributes_while_shapes_are_wrapped(
+    converters,
+):
+    """In torch2trt's conversion, shapes of traced tensors are IntWrapper values; TensorRT's
+    plugin package refuses an attribute that is not exactly ``int``."""
+    plugins.register_plugins()
+    features = network_tensor(torch.zeros(1, 4, 6, 6), "features")
+    offset = network_tensor(torch.zeros(1, 2 * 2 * 9, 6, 6), "offset")
+    mask = network_tensor(torch.zeros(1, 2 * 9, 6, 6), "mask")
+    weight = torch.zeros(6, 2, 3, 3)  # a parameter: a constant once converted
+    rois = network_tensor(torch.tensor([[0, 1.0, 1.0, 4.0, 5.0]]), "rois")
+    offsets = network_tensor(torch.zeros(1, 2, 2, 2), "offsets")
+    deform = conversion_context((features, offset, weight, None, [1, 1], [1, 1], [1, 1], mask))
+    roi = conversion_context((features, rois, 0.5, 2, 2, 2, True))
+    dynamic = conversion_context((features, rois, offsets, 0.5, 2, True))
+    with shape_wrapping():
+        assert type(offset.shape[1]) is not int  # the wrapping is on
+        converters.convert_deform_conv2d(deform)
+        converters.convert_roi_align(roi)
+        converters.convert_dynamic_roi_align(dynamic)
+
+    im2col, gemm = deform.network.plugins
+    assert im2col.plugin_id == "psearch::DeformIm2col" and gemm.plugin_id == "psearch::DeformGemm"
+    assert im2col.attrs["offset_groups"] == 2 and gemm.attrs["groups"] == 2
+    assert im2col.attrs["kernel_shape"].tolist() == [3, 3]
+    assert im2col.attrs["kernel_shape"].dtype == np.int32
+    for plugin in (im2col, gemm, *roi.network.plugins, *dynamic.network.plugins):
+        for name, value in plugin.attrs.items():
+            assert type(value) in (int, float, np.ndarray), (plugin.plugin_id, name, type(value))
+    # roi_align becomes DynamicRoIAlign with zero offsets (a (K, oh, ow, 2) constant).
+    (plugin,) = roi.network.plugins
+    assert plugin.plugin_id == "psearch::DynamicRoIAlign"
+    assert roi.network.constants[-1][0] == (1, 2, 2, 2)

@@ -15,6 +15,7 @@ import pytest
 
 from export.tensorrt import builder
 from export.tensorrt.builder import (
+    BuildEnvironment,
     BuildSettings,
     EngineMismatchError,
     GpuInfo,
@@ -31,8 +32,25 @@ from export.tensorrt.builder import (
 )
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+H100_PCIE = GpuInfo("NVIDIA H100 PCIe", (9, 0))
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
 TRT = "10.9.0.34"
+
+
+def environment(**changes) -> BuildEnvironment:
+    """An H100 with TRT, a CUDA 12.8 driver 570.124.06 and the plugins of Triton 3.9.0."""
+    values = {
+        "tensorrt_version": TRT,
+        "gpu": H100,
+        "driver_cuda": (12, 8),
+        "driver_version": "570.124.06",
+        "triton_version": "3.9.0",
+        "plugin_source_sha256": "1" * 64,
+    }
+    return BuildEnvironment(**{**values, **changes})
+
+
+HERE = environment()
 SETTINGS = BuildSettings({"images": InputShapes((1, 3, 64, 64), (1, 3, 128, 96), (2, 3, 256, 256))})
 ENGINE = b"serialized engine"
 DIGEST = hashlib.sha256(ENGINE).hexdigest()
@@ -41,14 +59,13 @@ GRAPH_DIGEST = hashlib.sha256(GRAPHS["model.plugins.onnx"]).hexdigest()
 
 
 def sidecar(**changes) -> dict:
-    """The sidecar of an engine built from the detect graph on an H100 with TRT for model 'abc'
-    and SETTINGS, as read back from disk (JSON: lists, not tuples)."""
+    """The sidecar of an engine built from the detect graph HERE for model 'abc' and SETTINGS,
+    as read back from disk (JSON: lists, not tuples)."""
     recorded = make_sidecar(
         onnx_name="model.plugins.onnx",
         onnx_sha256=GRAPH_DIGEST,
         fingerprint="abc",
-        tensorrt_version=TRT,
-        gpu=H100,
+        environment=HERE,
         settings=SETTINGS,
         engine_sha256=DIGEST,
     )
@@ -58,8 +75,7 @@ def sidecar(**changes) -> dict:
 
 def decide(recorded, **now):
     arguments = {
-        "arch": "sm90",
-        "tensorrt_version": TRT,
+        "environment": HERE,
         "fingerprint": "abc",
         "settings": SETTINGS.as_dict(),
         "onnx_sha256": GRAPH_DIGEST,
@@ -68,25 +84,50 @@ def decide(recorded, **now):
     return decide_cache(recorded, **{**arguments, **now})
 
 
-def test_the_cache_key_names_the_graph_the_architecture_and_tensorrt_version():
+def test_the_cache_key_names_the_graph_the_gpu_and_tensorrt_version():
     assert H100.arch == "sm90" and A100.arch == "sm80"
-    name = engine_file_name("model.plugins.onnx", "sm90", TRT)
-    assert name == "model.sm90-trt10.9.0.34.engine"
+    name = engine_file_name("model.plugins.onnx", H100, TRT)
+    assert name == "model.sm90-h100-80gb-hbm3-trt10.9.0.34.engine"
     path = Path("/models/leaps") / name
-    assert sidecar_path(path) == Path("/models/leaps/model.sm90-trt10.9.0.34.engine.json")
+    assert sidecar_path(path) == Path(
+        "/models/leaps/model.sm90-h100-80gb-hbm3-trt10.9.0.34.engine.json"
+    )
 
 
 def test_two_graphs_of_one_model_folder_have_two_engine_files():
-    detect = engine_file_name("model.plugins.onnx", "sm90", TRT)
-    embed = engine_file_name("embed.plugins.onnx", "sm90", TRT)
-    assert embed == "embed.sm90-trt10.9.0.34.engine" != detect
+    detect = engine_file_name("model.plugins.onnx", H100, TRT)
+    embed = engine_file_name("embed.plugins.onnx", H100, TRT)
+    assert embed == "embed.sm90-h100-80gb-hbm3-trt10.9.0.34.engine" != detect
     assert sidecar_path(Path(embed)) != sidecar_path(Path(detect))
+
+
+def test_two_gpu_models_of_one_architecture_have_two_engine_files():
+    """TensorRT tunes an engine for the GPU model: an H100 PCIe does not reuse an SXM's."""
+    assert engine_file_name("model.plugins.onnx", H100_PCIE, TRT) == (
+        "model.sm90-h100-pcie-trt10.9.0.34.engine"
+    )
 
 
 @pytest.mark.parametrize("onnx_name", ["model", "model.plugins", "sub/model.plugins.onnx"])
 def test_the_cache_key_needs_the_file_name_of_an_onnx_graph(onnx_name):
     with pytest.raises(ValueError, match="file name of an ONNX graph"):
-        engine_file_name(onnx_name, "sm90", TRT)
+        engine_file_name(onnx_name, H100, TRT)
+
+
+def test_the_sidecar_records_the_whole_build_environment():
+    recorded = sidecar()
+    assert recorded["gpu"] == {
+        "name": "NVIDIA H100 80GB HBM3",
+        "arch": "sm90",
+        "compute_capability": [9, 0],
+    }
+    assert recorded["driver"] == {"version": "570.124.06", "cuda": "12.8"}
+    assert recorded["plugins"] == {
+        "triton_version": "3.9.0",
+        "source_sha256": "1" * 64,
+        "ptx_isa": "8.7",
+    }
+    assert recorded["tensorrt_version"] == TRT and recorded["schema"] == 3
 
 
 def test_an_engine_built_from_the_same_everything_is_reused():
@@ -97,8 +138,37 @@ def test_an_engine_built_from_the_same_everything_is_reused():
 @pytest.mark.parametrize(
     ("recorded", "now", "reason"),
     [
-        (sidecar(), {"arch": "sm80"}, "this GPU's architecture is sm80"),
-        (sidecar(), {"tensorrt_version": "10.13.0.35"}, "this is TensorRT 10.13.0.35"),
+        (sidecar(), {"environment": environment(gpu=A100)}, "this GPU's architecture is sm80"),
+        (
+            sidecar(),
+            {"environment": environment(gpu=H100_PCIE)},
+            "built on a NVIDIA H100 80GB HBM3, this GPU is a NVIDIA H100 PCIe",
+        ),
+        (
+            sidecar(),
+            {"environment": environment(tensorrt_version="10.13.0.35")},
+            "this is TensorRT 10.13.0.35",
+        ),
+        (
+            sidecar(),
+            {"environment": environment(driver_version="580.65.06", driver_cuda=(13, 0))},
+            "driver version was 570.124.06, is now 580.65.06",
+        ),
+        (
+            sidecar(),
+            {"environment": environment(driver_cuda=(13, 0))},
+            "driver cuda was 12.8, is now 13.0",
+        ),
+        (
+            sidecar(),
+            {"environment": environment(triton_version="3.10.0")},
+            "plugins triton_version was 3.9.0, is now 3.10.0",
+        ),
+        (
+            sidecar(),
+            {"environment": environment(plugin_source_sha256="2" * 64)},
+            "plugins source_sha256 was 1111",
+        ),
         (sidecar(), {"fingerprint": "def"}, "built from model abc, the model is now def"),
         (
             sidecar(),
@@ -119,7 +189,7 @@ def test_an_engine_built_from_the_same_everything_is_reused():
         (sidecar(), {"engine_sha256": "0" * 64}, "not the one its sidecar describes"),
         (sidecar(), {"engine_sha256": None}, "the engine file is missing"),
         (None, {}, "no readable sidecar"),
-        (sidecar(schema=1), {}, "sidecar schema 1 is not 2"),
+        (sidecar(schema=2), {}, "sidecar schema 2 is not 3"),
     ],
 )
 def test_an_engine_is_rebuilt_when_anything_it_was_built_from_changed(recorded, now, reason):
@@ -129,13 +199,23 @@ def test_an_engine_is_rebuilt_when_anything_it_was_built_from_changed(recorded, 
 
 
 def test_every_change_is_reported_not_only_the_first():
-    decision = decide(sidecar(), arch="sm80", fingerprint="def")
+    decision = decide(sidecar(), environment=environment(gpu=A100), fingerprint="def")
     assert len(decision.reasons) == 2
 
 
 def test_loading_without_a_fingerprint_checks_only_the_machine():
-    assert engine_mismatches(sidecar(), arch="sm90", tensorrt_version=TRT) == []
-    assert engine_mismatches(sidecar(), arch="sm90", tensorrt_version=TRT, fingerprint="x")
+    assert engine_mismatches(sidecar(), environment=HERE) == []
+    assert engine_mismatches(sidecar(), environment=HERE, fingerprint="x")
+
+
+def test_an_engine_whose_ptx_the_driver_cannot_load_is_refused():
+    """An engine built under a CUDA 13 build of the plugins (ISA 9.0) on a CUDA 12.8 driver."""
+    recorded = sidecar()
+    recorded["plugins"]["ptx_isa"] = "9.0"
+    (problem,) = engine_mismatches(recorded, environment=HERE)
+    assert "PTX ISA 9.0, which this driver (CUDA 12.8) cannot load" in problem
+    # A newer driver loads older PTX: an engine of ISA 8.7 runs under a CUDA 13 driver.
+    assert engine_mismatches(sidecar(), environment=environment(driver_cuda=(13, 0))) == []
 
 
 def test_unreadable_sidecars_read_as_missing(tmp_path):
@@ -181,13 +261,13 @@ def test_settings_are_recorded_with_inputs_sorted_and_shapes_as_lists():
 
 @pytest.fixture
 def machine(monkeypatch, tmp_path):
-    """This machine: an H100 with TensorRT TRT, and a model folder ``tmp_path`` holding GRAPHS;
-    builds are recorded and write ENGINE."""
+    """This machine: HERE (an H100 with TensorRT TRT...), and a model folder ``tmp_path`` holding
+    GRAPHS; builds are recorded and write ENGINE."""
     for name, graph in GRAPHS.items():
         (tmp_path / name).write_bytes(graph)
-    state = SimpleNamespace(gpu=H100, builds=[])
+    state = SimpleNamespace(environment=HERE, builds=[])
     monkeypatch.setattr(builder, "require_tensorrt", lambda: SimpleNamespace(__version__=TRT))
-    monkeypatch.setattr(builder, "current_gpu", lambda: state.gpu)
+    monkeypatch.setattr(builder, "current_environment", lambda trt: state.environment)
 
     def fake_build(onnx_path, engine_path, *, fingerprint, settings, timing_cache=None):
         state.builds.append((onnx_path.name, engine_path.name, timing_cache.name))
@@ -196,8 +276,7 @@ def machine(monkeypatch, tmp_path):
             onnx_name=onnx_path.name,
             onnx_sha256=file_sha256(onnx_path),
             fingerprint=fingerprint,
-            tensorrt_version=TRT,
-            gpu=state.gpu,
+            environment=state.environment,
             settings=settings,
             engine_sha256=DIGEST,
         )
@@ -208,10 +287,15 @@ def machine(monkeypatch, tmp_path):
     return state
 
 
+H100_ENGINE = "model.sm90-h100-80gb-hbm3-trt10.9.0.34.engine"
+
+
 def test_ensure_engine_builds_once_then_reuses_until_something_changes(machine, tmp_path):
     path = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
-    assert path == tmp_path / "model.sm90-trt10.9.0.34.engine"
-    assert machine.builds == [("model.plugins.onnx", path.name, "timing.sm90-trt10.9.0.34.cache")]
+    assert path == tmp_path / H100_ENGINE
+    assert machine.builds == [
+        ("model.plugins.onnx", path.name, "timing.sm90-h100-80gb-hbm3-trt10.9.0.34.cache")
+    ]
     assert ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS) == path
     assert len(machine.builds) == 1
 
@@ -222,15 +306,35 @@ def test_ensure_engine_builds_once_then_reuses_until_something_changes(machine, 
     assert len(machine.builds) == 3
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"driver_version": "570.172.08"},
+        {"driver_cuda": (13, 0), "driver_version": "580.65.06"},
+        {"triton_version": "3.10.0"},
+        {"plugin_source_sha256": "2" * 64},
+    ],
+    ids=["driver update", "driver branch", "triton", "edited kernel"],
+)
+def test_a_new_driver_or_new_kernels_rebuild_the_engine_in_place(machine, tmp_path, change, caplog):
+    path = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
+    machine.environment = environment(**change)
+    with caplog.at_level("INFO", logger=builder.__name__):
+        assert ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS) == path
+    assert len(machine.builds) == 2
+    assert f"building {H100_ENGINE}" in caplog.text and " is now " in caplog.text
+    assert read_sidecar(sidecar_path(path)) == {
+        **read_sidecar(sidecar_path(path)),
+        **environment(**change).as_dict(),
+    }
+
+
 def test_each_graph_has_its_own_engine(machine, tmp_path):
     detect = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
     embed = ensure_engine(
         tmp_path, fingerprint="abc", settings=SETTINGS, onnx_name="embed.plugins.onnx"
     )
-    assert (detect.name, embed.name) == (
-        "model.sm90-trt10.9.0.34.engine",
-        "embed.sm90-trt10.9.0.34.engine",
-    )
+    assert (detect.name, embed.name) == (H100_ENGINE, H100_ENGINE.replace("model.", "embed.", 1))
     assert [build[0] for build in machine.builds] == ["model.plugins.onnx", "embed.plugins.onnx"]
     # Building the embed engine left the detect engine as it was: still reused.
     assert ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS) == detect
@@ -245,31 +349,39 @@ def test_a_re_exported_graph_is_rebuilt_even_with_the_same_model_fingerprint(mac
     assert len(machine.builds) == 2
 
 
-def test_ensure_engine_on_another_gpu_builds_its_own_engine_beside_the_first(machine, tmp_path):
+@pytest.mark.parametrize("other", [A100, H100_PCIE], ids=["other architecture", "other model"])
+def test_ensure_engine_on_another_gpu_builds_its_own_engine_beside_the_first(
+    machine, tmp_path, other
+):
     first = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
-    machine.gpu = A100
+    machine.environment = environment(gpu=other)
     second = ensure_engine(tmp_path, fingerprint="abc", settings=SETTINGS)
-    assert second.name == "model.sm80-trt10.9.0.34.engine" != first.name
+    assert second.name == engine_file_name("model.plugins.onnx", other, TRT) != first.name
     assert len(machine.builds) == 2 and first.exists()
 
 
-def test_loading_an_engine_built_for_another_gpu_says_so(machine, tmp_path):
-    engine_path = tmp_path / engine_file_name("model.plugins.onnx", "sm80", TRT)
+def write_engine(tmp_path, recorded: dict) -> Path:
+    engine_path = tmp_path / engine_file_name("model.plugins.onnx", H100, TRT)
     engine_path.write_bytes(ENGINE)
-    recorded = sidecar(gpu={"name": A100.name, "arch": A100.arch, "compute_capability": [8, 0]})
     sidecar_path(engine_path).write_text(json.dumps(recorded))
+    return engine_path
+
+
+def test_loading_an_engine_built_for_another_gpu_says_so(machine, tmp_path):
+    gpu = {"name": A100.name, "arch": A100.arch, "compute_capability": [8, 0]}
+    engine_path = write_engine(tmp_path, sidecar(gpu=gpu))
     with pytest.raises(
         EngineMismatchError,
         match=r"A100-SXM4-80GB \(sm80\), this GPU's architecture is sm90.*rebuild it on this",
     ):
         load_engine(engine_path)
+    machine.environment = environment(gpu=H100_PCIE)
+    with pytest.raises(EngineMismatchError, match="this GPU is a NVIDIA H100 PCIe"):
+        load_engine(write_engine(tmp_path, sidecar()))
 
 
 def test_loading_an_engine_of_another_tensorrt_or_model_says_so(machine, tmp_path):
-    engine_path = tmp_path / engine_file_name("model.plugins.onnx", "sm90", "10.8.0.43")
-    engine_path.write_bytes(ENGINE)
-    recorded = sidecar(tensorrt_version="10.8.0.43")
-    sidecar_path(engine_path).write_text(json.dumps(recorded))
+    engine_path = write_engine(tmp_path, sidecar(tensorrt_version="10.8.0.43"))
     with pytest.raises(
         EngineMismatchError,
         match=re.escape("built with TensorRT 10.8.0.43, this is TensorRT 10.9.0.34"),
@@ -280,7 +392,7 @@ def test_loading_an_engine_of_another_tensorrt_or_model_says_so(machine, tmp_pat
 
 
 def test_loading_an_engine_without_its_sidecar_is_refused(machine, tmp_path):
-    engine_path = tmp_path / engine_file_name("model.plugins.onnx", "sm90", TRT)
+    engine_path = tmp_path / engine_file_name("model.plugins.onnx", H100, TRT)
     engine_path.write_bytes(ENGINE)
     with pytest.raises(EngineMismatchError, match="no readable sidecar"):
         load_engine(engine_path)

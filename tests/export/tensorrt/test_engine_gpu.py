@@ -1,8 +1,8 @@
 """TensorRT engines with the psearch plugins, run on a GPU and compared with PyTorch.
 
-Needs TensorRT >= 10.9 and a CUDA GPU; elsewhere every test skips, its reason saying what it
-would check. Run on a GPU node, in a pytest process of its own (the kernels' tests set
-TRITON_INTERPRET for their process, which rules out compiling the plugins' kernels):
+Needs a supported TensorRT (>=10.9,<12) and a CUDA GPU; elsewhere every test skips, its reason
+saying what it would check. Run on a GPU node, in a pytest process of its own (the kernels'
+tests set TRITON_INTERPRET for their process, which rules out compiling the plugins' kernels):
 
     python -m pytest tests/export/tensorrt -q -rs
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.tensorrt import TensorRTUnavailableError, require_tensorrt
+from export.tensorrt import TENSORRT_REQUIREMENT, TensorRTUnavailableError, require_tensorrt
 from export.tensorrt.builder import (
     BuildSettings,
     EngineMismatchError,
@@ -40,7 +40,7 @@ def _missing() -> str | None:
     try:
         require_tensorrt()
     except TensorRTUnavailableError:
-        return "TensorRT >= 10.9 is not installed"
+        return f"TensorRT {TENSORRT_REQUIREMENT} is not installed"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible"
     if os.environ.get("TRITON_INTERPRET"):

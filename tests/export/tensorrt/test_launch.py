@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.kernels import deform_conv, dynamic_roi_align
+from export.kernels.ptx import driver_rejection, ptx_isa_version
 from export.tensorrt.plugins import (
     Launch,
-    driver_rejection,
     dynamic_roi_align_output_shape,
     float32_bits,
     gemm_launch,
@@ -24,7 +24,6 @@ from export.tensorrt.plugins import (
     im2col_launch,
     im2col_output_shape,
     ptx_arch,
-    ptx_isa_version,
     reorder_entry_parameters,
     roi_align_launch,
 )
@@ -261,17 +260,21 @@ def test_reordering_entry_parameters_rejects_bad_requests(entry, order, message)
 
 @pytest.mark.parametrize(
     ("driver", "loads"),
-    # CUDA 13.x drivers load PTX ISA up to 9.x (13.4: 9.4); CUDA 12.8 stops at ISA 8.7.
-    [((13, 4), True), ((13, 6), True), ((13, 3), False), ((12, 8), False)],
+    # The plugins' PTX is ISA 8.7: CUDA 12.8 drivers (R570) and every later one load it.
+    [((12, 8), True), ((12, 9), True), ((13, 0), True), ((13, 4), True), ((12, 7), False)],
 )
 def test_a_driver_too_old_for_the_ptx_isa_is_named_before_tensorrt_fails_on_it(driver, loads):
-    ptx = ".version 9.4\n.target sm_90a\n"
-    rejection = driver_rejection(ptx, driver)
+    rejection = driver_rejection(driver)
     if loads:
         assert rejection is None
     else:
         assert rejection is not None
-        assert f"ISA 9.4, and this NVIDIA driver (CUDA {driver[0]}.{driver[1]})" in rejection
+        assert f"this NVIDIA driver supports CUDA {driver[0]}.{driver[1]}" in rejection
+        assert "PTX ISA 8.7, which needs a driver for CUDA 12.8 or newer (R570" in rejection
+
+
+def test_the_isa_is_read_from_the_version_line():
+    assert ptx_isa_version("//\n.version 8.7\n.target sm_80\n") == 87
 
 
 def test_ptx_without_a_version_is_an_error():

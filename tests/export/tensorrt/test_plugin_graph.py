@@ -69,6 +69,11 @@ def attributes_of(node: onnx.NodeProto) -> list[tuple[str, object]]:
     return [(a.name, helper.get_attribute_value(a)) for a in node.attribute]
 
 
+def plugin_fields(node: onnx.NodeProto) -> list[tuple[str, object]]:
+    """The attributes the plugin receives: all but the namespace, which the parser reads."""
+    return [(name, value) for name, value in attributes_of(node) if name != "plugin_namespace"]
+
+
 def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if node.domain == "psearch"]
 
@@ -86,7 +91,7 @@ def test_a_modulated_deformable_convolution_becomes_im2col_feeding_a_gemm():
         "DeformIm2col",
         ["x", "offset", "mask"],
     )
-    assert attributes_of(im2col) == [
+    assert plugin_fields(im2col) == [
         ("kernel_shape", [3, 3]),  # from the weight's (Cout, Cin / g, kh, kw)
         ("strides", [1, 2]),
         ("pads", [2, 1]),
@@ -97,7 +102,7 @@ def test_a_modulated_deformable_convolution_becomes_im2col_feeding_a_gemm():
     assert (gemm.domain, gemm.op_type) == ("psearch", "DeformGemm")
     assert list(gemm.input) == ["w", im2col.output[0], "b"]
     assert list(gemm.output) == ["y"]
-    assert attributes_of(gemm) == [("groups", 2), ("has_bias", 1)]
+    assert plugin_fields(gemm) == [("groups", 2), ("has_bias", 1)]
 
 
 def test_the_exporter_s_ones_mask_and_zeros_bias_are_skipped_and_their_fills_dropped():
@@ -166,7 +171,7 @@ def test_dynamic_roi_align_attributes_are_put_in_the_plugin_s_order():
         [node], [("x", [1, 4, 8, 8]), ("rois", [3, 5]), ("offsets", [3, 2, 2, 2])], ["y"]
     )
     (rewritten,) = plugin_nodes(prepare_plugin_graph(model))
-    assert attributes_of(rewritten) == [
+    assert plugin_fields(rewritten) == [
         ("spatial_scale", 0.125),
         ("sampling_ratio", 2),
         ("aligned", 1),
@@ -241,3 +246,27 @@ def test_the_rewrite_reads_the_node_contract_export_onnx_declares():
     deform = onnx.defs.get_schema("DeformConv2d", 1, "psearch")
     assert set(deform.attributes) == set(DEFORM_CONV2D_ATTRIBUTES)
     assert tuple(formal.name for formal in deform.inputs) == DEFORM_CONV2D_INPUTS
+
+
+def test_every_plugin_node_names_its_namespace_in_an_attribute():
+    """TensorRT 10.9 finds a plugin's namespace only in a ``plugin_namespace`` attribute (reading
+    the node's domain arrived in 10.10); without it the parser looks in the default namespace,
+    where the psearch plugins are not."""
+    model = make_model(
+        [
+            deform_conv(["x", "offset", "w", "b", "mask"], output="y"),
+            with_attributes(
+                helper.make_node(
+                    "DynamicRoIAlign", ["y", "rois", "offsets"], ["z"], domain="psearch"
+                ),
+                [("spatial_scale", 0.5), ("sampling_ratio", 2), ("aligned", 1)],
+            ),
+        ],
+        [("x", [1, 2, 8, 8]), ("offset", [1, 18, 8, 8]), ("mask", [1, 9, 8, 8])],
+        ["z"],
+        [initializer("w", [3, 2, 3, 3]), initializer("b", [3])],
+    )
+    rewritten = plugin_nodes(prepare_plugin_graph(model))
+    assert [node.op_type for node in rewritten] == ["DeformIm2col", "DeformGemm", "DynamicRoIAlign"]
+    for node in rewritten:
+        assert dict(attributes_of(node))["plugin_namespace"] == b"psearch", node.op_type

@@ -160,3 +160,48 @@ def test_encode_rejects_proposals_without_area():
 def test_bad_shapes_are_rejected_with_a_clear_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# Two 400 x 400 boxes shifted by 40 pixels: IoU 360 * 400 / (2 * 160000 - 144000) = 9 / 11.
+# Each area, 160000, is above float16's largest value (65504).
+LARGE = [[100.0, 100.0, 500.0, 500.0], [140.0, 100.0, 540.0, 500.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_are_measured_in_float32(dtype):
+    boxes = torch.tensor(LARGE, dtype=dtype)
+    assert box_area(boxes).tolist() == [160000.0, 160000.0]
+    iou = box_iou(boxes, boxes)
+    assert iou.dtype == torch.float32
+    assert iou[0, 1].item() == pytest.approx(9 / 11)
+    # The enclosing box (440 x 400) holds no area beyond the union: GIoU = IoU, finite.
+    giou = elementwise_generalized_box_iou(boxes[:1], boxes[1:])
+    assert giou.item() == pytest.approx(9 / 11)
+    assert elementwise_box_iou(boxes[:1], boxes[1:]).item() == pytest.approx(9 / 11)
+    assert generalized_box_iou(boxes, boxes).isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8])
+def test_narrow_integer_boxes_are_measured_in_int32(dtype):
+    """120 x 100 = 12000 overflows int8 and int16 (and 120 + 100 does int8's range)."""
+    boxes = torch.tensor([[0, 0, 120, 100], [20, 0, 120, 100]], dtype=dtype)
+    assert box_area(boxes).tolist() == [12000, 10000]
+    assert box_area(boxes).dtype == torch.int32
+    assert box_iou(boxes, boxes)[0, 1].item() == pytest.approx(10000 / 12000)
+    assert box_xyxy_to_cxcywh(boxes)[0].tolist() == [60.0, 50.0, 120.0, 100.0]
+
+
+def test_half_precision_deltas_decode_beyond_float16_s_range():
+    """exp(4) * 1500 pixels = 81897 is above 65504: decoded in float32, the box stays finite."""
+    proposal = torch.tensor([[0.0, 0.0, 1500.0, 100.0]], dtype=torch.float16)
+    decoded = decode_boxes(torch.tensor([[0.0, 0.0, 4.0, 0.0]], dtype=torch.float16), proposal)
+    assert decoded.dtype == torch.float32 and decoded.isfinite().all()
+    assert (decoded[0, 2] - decoded[0, 0]).item() == pytest.approx(1500 * math.exp(4), rel=1e-3)
+    deltas = encode_boxes(decoded.half(), proposal)
+    assert deltas.dtype == torch.float32 and deltas.isfinite().all()
+
+
+def test_float32_and_float64_boxes_keep_their_dtype():
+    for dtype in (torch.float32, torch.float64):
+        boxes = torch.tensor(LARGE, dtype=dtype)
+        assert box_iou(boxes, boxes).dtype == box_area(boxes).dtype == dtype

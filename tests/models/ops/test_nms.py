@@ -156,3 +156,14 @@ def test_op_registrations_pass_torch_library_opcheck():
     categories = torch.randint(0, 3, (30,), generator=generator)
     torch.library.opcheck(nms_op, (boxes, scores, 0.5))
     torch.library.opcheck(batched_nms_op, (boxes, scores, categories, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_half_precision_boxes_still_suppress_each_other(dtype):
+    """Areas of 160000 pixels overflow float16: the overlaps are computed in float32, so the
+    second box (IoU 9 / 11 with the first) is suppressed, as in float32."""
+    boxes = torch.tensor([[100, 100, 500, 500], [140, 100, 540, 500], [600, 0, 700, 90]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert nms(boxes.to(dtype), scores.to(dtype), 0.5).tolist() == [0, 2]
+    idxs = torch.tensor([0, 0, 1])
+    assert batched_nms(boxes.to(dtype), scores.to(dtype), idxs, 0.5).tolist() == [0, 2]
