@@ -48,7 +48,7 @@ from export.parity import (
     onnxruntime_embed,
     parity_inputs,
 )
-from export.runtime import ensure_tensorrt_engines
+from export.runtime import BackendUnavailableError, ensure_tensorrt_engines
 
 USER_ERROR = 2
 PARITY_FAILED = 1
@@ -172,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return PARITY_FAILED
     if engine:
-        for path in ensure_tensorrt_engines(args.out, manifest).values():
-            print(f"built {path.name}")
+        try:
+            for path in ensure_tensorrt_engines(args.out, manifest).values():
+                print(f"built {path.name}")
+        except BackendUnavailableError as error:  # e.g. a driver too old for the plugins
+            print(f"psearch-export: error: {error}", file=sys.stderr)
+            return USER_ERROR
     return 0

@@ -265,16 +265,20 @@ def ensure_tensorrt_engines(model_dir: Path, manifest: ModelManifest) -> dict[st
     boxes. A folder without ONNX graphs, or exported before ``image_sizes``, is refused."""
     graphs = require_onnx_graphs(model_dir, manifest)
     from export.tensorrt import ensure_engine
+    from export.tensorrt.plugins import UnsupportedDriverError
 
     builds = {"detect": (graphs.detect_plugins, tensorrt_settings(manifest, MAX_TENSORRT_BATCH))}
     if graphs.embed_plugins is not None:
         builds["embed"] = (graphs.embed_plugins, tensorrt_embed_settings(manifest))
-    return {
-        name: ensure_engine(
-            model_dir, fingerprint=manifest.fingerprint, settings=settings, onnx_name=onnx_name
-        )
-        for name, (onnx_name, settings) in builds.items()
-    }
+    try:
+        return {
+            name: ensure_engine(
+                model_dir, fingerprint=manifest.fingerprint, settings=settings, onnx_name=onnx_name
+            )
+            for name, (onnx_name, settings) in builds.items()
+        }
+    except UnsupportedDriverError as error:  # the plugins' PTX needs a newer driver
+        raise BackendUnavailableError(f"backend 'tensorrt': {error}") from None
 
 
 class TensorRTRunner:

@@ -8,7 +8,7 @@ import pytest
 
 from export import cli
 from export.artifact import ArtifactError, read_model_manifest
-from export.runtime import ensure_tensorrt_engines
+from export.runtime import BackendUnavailableError, ensure_tensorrt_engines
 
 
 @pytest.mark.parametrize("family", ["alignps", "leaps"])
@@ -38,6 +38,22 @@ def test_no_tensorrt_engine_is_built_without_onnx_graphs(exported):
     manifest = read_model_manifest(exported("leaps").model_dir)
     manifest.onnx = None
     with pytest.raises(ArtifactError, match=r"no ONNX graphs.*--format onnx"):
+        ensure_tensorrt_engines(exported("leaps").model_dir, manifest)
+
+
+def test_a_driver_too_old_for_the_plugins_makes_the_backend_unavailable(exported, monkeypatch):
+    """What the engine build meets on a GPU node whose driver cannot load the plugins' PTX:
+    the runtime's "cannot run here" error (a one-line error in psearch-export and the service),
+    not a traceback."""
+    import export.tensorrt as tensorrt
+    from export.tensorrt.plugins import UnsupportedDriverError
+
+    def too_old(*args, **kwargs):
+        raise UnsupportedDriverError("the driver supports CUDA 12.4; the plugins need 12.8")
+
+    monkeypatch.setitem(vars(tensorrt), "ensure_engine", too_old)  # no TensorRT needed
+    manifest = read_model_manifest(exported("leaps").model_dir)
+    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt': the driver supports"):
         ensure_tensorrt_engines(exported("leaps").model_dir, manifest)
 
 
