@@ -45,13 +45,17 @@ def test_a_driver_too_old_for_the_plugins_makes_the_backend_unavailable(exported
     """What the engine build meets on a GPU node whose driver cannot load the plugins' PTX:
     the runtime's "cannot run here" error (a one-line error in psearch-export and the service),
     not a traceback."""
+    import export.runtime as runtime
     import export.tensorrt as tensorrt
     from export.tensorrt.plugins import UnsupportedDriverError
 
     def too_old(*args, **kwargs):
         raise UnsupportedDriverError("the driver supports CUDA 12.4; the plugins need 12.8")
 
-    monkeypatch.setitem(vars(tensorrt), "ensure_engine", too_old)  # no TensorRT needed
+    # No TensorRT needed: the build settings and the build are stand-ins.
+    monkeypatch.setitem(vars(tensorrt), "ensure_engine", too_old)
+    monkeypatch.setattr(runtime, "tensorrt_settings", lambda manifest, batch_size: None)
+    monkeypatch.setattr(runtime, "tensorrt_embed_settings", lambda manifest: None)
     manifest = read_model_manifest(exported("leaps").model_dir)
     with pytest.raises(BackendUnavailableError, match="backend 'tensorrt': the driver supports"):
         ensure_tensorrt_engines(exported("leaps").model_dir, manifest)
