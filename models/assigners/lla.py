@@ -6,15 +6,19 @@ For every anchor-GT pair the restricted cost (eq. 4) is
 
 with C_cls the focal loss of the anchor's score as a positive, C_reg the IoU loss of the anchor's
 decoded box against the GT box, and C_inbox a large constant when the anchor point lies outside
-the GT box (eq. 3: +inf in theory, 100 in practice). The K lowest-cost anchors of each GT are its
-positives; an anchor chosen by several GTs goes to the one it costs least. There is no scale
-prior and no center prior: which level and which part of a person an anchor covers is decided by
-the model's own losses.
+the GT box (eq. 3: +inf in theory; 10^2 in the paper, 10^3 in the authors' released code). The
+K lowest-cost anchors of each GT are its positives; an anchor chosen by several GTs goes to the
+GT it costs least, as the released code decides it: the cheapest of all GTs, not only of those
+that chose it. There is no scale prior and no center prior: which level and which part of a
+person an anchor covers is decided by the model's own losses.
+
+Ignore regions (CrowdHuman's crowds and reflections) are assigned like persons by the head,
+which passes them as extra GT boxes: they claim their K cheapest anchors, which the head then
+leaves out of every loss, as the released code does.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -29,10 +33,16 @@ class LLAConfig(StrictModel):
     name: Literal["lla"] = Field("lla", description="Assigner name (registry key).")
     top_k: int = Field(10, gt=0, description="Positives per GT: the K lowest-cost anchors.")
     reg_weight: float = Field(
-        1.3, ge=0, description="lambda of eq. 2 (paper: 1 for RetinaNet, 1.3 for FCOS)."
+        1.5,
+        ge=0,
+        description="lambda of eq. 2 (paper Sec. 4.2: 1.3 for FCOS; the authors' released "
+        "LLA.FCOS config: 1.5).",
     )
     inbox_cost: float = Field(
-        100.0, ge=0, description="C_inbox for an anchor point outside the GT box (eq. 3)."
+        1000.0,
+        ge=0,
+        description="C_inbox for an anchor point outside the GT box (eq. 3; paper 10^2, the "
+        "authors' released code 10^3).",
     )
     reg_cost: IoULossKind = Field(
         "iou",
@@ -107,14 +117,17 @@ def points_inside_boxes(points: Tensor, boxes: Tensor) -> Tensor:
 def assign_lowest_costs(costs: Tensor, top_k: int) -> Tensor:
     """Top-K selection of LLA on a (G, P) cost matrix -> (P,) GT index or -1.
 
-    Each GT (row) takes its ``min(top_k, P)`` lowest-cost anchors (columns); an anchor taken by
-    several GTs goes to the one with the lowest cost.
+    Each GT (row) takes its ``min(top_k, P)`` lowest-cost anchors (columns). An anchor taken by
+    several GTs goes to the GT of lowest cost in its whole column, as the authors' released code
+    resolves it (that GT may be one that did not take it).
     """
     num_gt, num_anchors = costs.shape
     if num_gt == 0 or num_anchors == 0:
         return torch.full((num_anchors,), -1, dtype=torch.long, device=costs.device)
-    chosen_costs, chosen_anchors = costs.topk(min(top_k, num_anchors), dim=1, largest=False)
-    # Costs of chosen pairs, +inf elsewhere; then the cheapest GT of every anchor.
-    selected = torch.full_like(costs, math.inf).scatter_(1, chosen_anchors, chosen_costs)
-    best_cost, best_gt = selected.min(dim=0)
-    return torch.where(torch.isfinite(best_cost), best_gt, -1)
+    _, chosen_anchors = costs.topk(min(top_k, num_anchors), dim=1, largest=False)
+    chosen = torch.zeros_like(costs, dtype=torch.bool).scatter_(1, chosen_anchors, True)
+    times_chosen = chosen.sum(dim=0)  # (P,)
+    chooser = chosen.int().argmax(dim=0)  # the only GT that chose an anchor chosen once
+    cheapest = costs.argmin(dim=0)
+    assigned = torch.where(times_chosen > 1, cheapest, chooser)
+    return torch.where(times_chosen > 0, assigned, -1)

@@ -29,6 +29,19 @@ def test_each_gt_takes_its_k_cheapest_anchors_and_conflicts_go_to_the_lowest_cos
     assert assign_lowest_costs(costs, top_k=2).tolist() == [0, 1, 1, -1, -1]
 
 
+def test_an_anchor_several_gts_chose_goes_to_the_cheapest_gt_of_its_column():
+    # As the released code resolves conflicts: among all GTs, even one that did not choose it.
+    costs = torch.tensor(
+        [
+            [1.0, 5.0, 9.0, 9.0],  # GT 0 picks anchors 0 and 1
+            [2.0, 6.0, 9.0, 9.0],  # GT 1 picks anchors 0 and 1
+            [0.5, 0.1, 0.2, 9.0],  # GT 2 picks anchors 1 and 2, not 0
+        ]
+    )
+    # Anchor 0 (chosen by GTs 0 and 1) is cheapest for GT 2; anchor 1 (all three) too.
+    assert assign_lowest_costs(costs, top_k=2).tolist() == [2, 2, 2, -1]
+
+
 def test_k_larger_than_the_number_of_anchors_takes_them_all():
     costs = torch.tensor([[3.0, 1.0, 2.0]])
     assert assign_lowest_costs(costs, top_k=10).tolist() == [0, 0, 0]
@@ -43,13 +56,20 @@ def test_anchor_outside_the_box_pays_the_inbox_cost():
     # Same score (logit 0) and the same perfect box (IoU loss -log 1 = 0) for both anchors; only
     # the anchor point differs: (5, 5) is inside GT (0, 0, 10, 10), (15, 5) is not.
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    costs = LLAAssigner(LLAConfig()).cost_matrix(
+    costs = LLAAssigner(LLAConfig(inbox_cost=100.0)).cost_matrix(
         points=torch.tensor([[5.0, 5.0], [15.0, 5.0]]),
         gt_boxes=gt,
         cls_logits=torch.zeros(2),
         pred_boxes=gt.expand(2, 4),
     )
     torch.testing.assert_close(costs, torch.tensor([[FOCAL_AT_ZERO, FOCAL_AT_ZERO + 100.0]]))
+
+
+def test_defaults_are_the_released_codes():
+    # The paper: lambda 1.3 for FCOS, C_inbox 10^2; the authors' released LLA.FCOS: 1.5, 10^3.
+    config = LLAConfig()
+    assert (config.top_k, config.reg_weight, config.inbox_cost) == (10, 1.5, 1000.0)
+    assert config.reg_cost == "iou"
 
 
 def test_cost_adds_lambda_times_the_iou_loss():
