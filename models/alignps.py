@@ -167,15 +167,8 @@ class AlignPS(nn.Module):
             weight = self.config.reid_loss.weight
             losses.update({name: weight * value for name, value in reid_losses.items()})
             return losses
-        inference = self.config.inference
         boxes, scores, locations = self.head.predict(
-            outputs,
-            self.strides,
-            valid_sizes(images, image_sizes),
-            max_detections=inference.max_detections,
-            score_thresh=inference.score_thresh,
-            nms_thresh=inference.nms_thresh,
-            pre_nms_top_k=inference.pre_nms_top_k,
+            outputs, self.strides, valid_sizes(images, image_sizes), self.config.inference
         )
         embeddings = gather_embeddings(embedding_map, locations)
         embeddings = torch.where((scores > 0)[..., None], embeddings, 0.0)
@@ -210,7 +203,8 @@ def positive_embeddings(
 
     Args:
         embedding_map: (B, D, H, W) the AFA output.
-        assigned: per image, (H * W,) the assigned GT index of each location, -1 = negative.
+        assigned: per image, (H * W,) the assignment of each location: its GT index, or a
+            negative value for a negative or ignored location (the FCOS head's loss).
         targets: per image, ``boxes`` (n, 4) and ``pids`` (n,) long.
     """
     embeddings = flatten_levels([embedding_map])  # (B, N, D)

@@ -84,14 +84,7 @@ class FCOSDetector(nn.Module):
         if targets is not None:
             losses, _ = self.head.loss(outputs, targets, self.strides)
             return losses
-        inference = self.config.inference
         boxes, scores, _ = self.head.predict(
-            outputs,
-            self.strides,
-            valid_sizes(images, image_sizes),
-            max_detections=inference.max_detections,
-            score_thresh=inference.score_thresh,
-            nms_thresh=inference.nms_thresh,
-            pre_nms_top_k=inference.pre_nms_top_k,
+            outputs, self.strides, valid_sizes(images, image_sizes), self.config.inference
         )
         return Detections(boxes, scores, boxes.new_zeros(*scores.shape, self.embedding_dim))

@@ -1,6 +1,8 @@
 """Detection heads shared by model families: the FCOS dense head (pedestrians, AlignPS)."""
 
 from models.heads.fcos import (
+    IGNORED,
+    NEGATIVE,
     AnchorPoints,
     FCOSHead,
     FCOSHeadConfig,
@@ -13,6 +15,8 @@ from models.heads.fcos import (
 )
 
 __all__ = [
+    "IGNORED",
+    "NEGATIVE",
     "AnchorPoints",
     "FCOSHead",
     "FCOSHeadConfig",

@@ -1,10 +1,11 @@
 """The FCOS dense head (Tian et al., 2019) for one class, person, with its losses and inference.
 
 Towers: a classification tower and a regression tower of ``num_convs`` 3x3 convs + GroupNorm +
-ReLU, shared by every pyramid level. On top: person logits on the classification tower; ltrb
-distances and a quality logit on the regression tower. The quality is FCOS's centerness or, for
-LLA, PAA's IoU branch (the predicted IoU of the decoded box with its GT); its sigmoid multiplies
-the person probability at inference.
+ReLU, shared by every pyramid level; with ``dcn_on_last_conv`` the last conv of each tower is a
+modulated deformable conv (AlignPS's released head). On top: person logits on the classification
+tower; ltrb distances and a quality logit on the regression tower. The quality is FCOS's
+centerness or, for LLA, PAA's IoU branch (the predicted IoU of the decoded box with its GT); its
+probability q is combined with the person probability p into the detection score.
 
 Regression as FCOS v2 (``norm_reg_targets``): ``relu(scale_l * x)`` predicts the distances in
 units of the level's stride, with a learnable ``scale_l`` per level; otherwise ``exp(scale_l * x)``
@@ -13,6 +14,17 @@ predicts them in pixels.
 Locations are flattened level by level, each level in row-major (y, then x) order: location
 index ``n`` of the loss's assignments and of ``predict``'s indices is the same everywhere (see
 ``flatten_levels``), so per-location maps such as re-id embeddings can be gathered with it.
+
+Ignore regions (``ignore_boxes`` in the targets: CrowdHuman's crowds, reflections, statues) are
+assigned as if they were persons, so that they compete for locations as the authors' released
+FCOS and LLA code does; the locations they win are ``IGNORED``: in no loss at all, neither as
+positives nor as negatives.
+
+The released codes differ in small ways that the configs select: the box loss weighted by the
+centerness targets (FCOS) or not (LLA), normalised by the number of positives (cvpods, LLA's
+code) or by the sum of its weights (mmdetection, AlignPS's code); at inference the
+``pre_nms_top_k`` candidates of each level ranked by the score (mmdetection) or by p (cvpods),
+and the score p * q (mmdetection) or sqrt(p * q) (cvpods). Both threshold p itself.
 """
 
 from __future__ import annotations
@@ -31,10 +43,15 @@ from models.assigners import AssignerConfig, CenterSamplingConfig, build_assigne
 from models.config import StrictModel
 from models.losses.detection import IoULossKind, iou_loss, sigmoid_focal_loss
 from models.ops.boxes import clip_boxes_to_image, elementwise_box_iou
+from models.ops.deform_conv import DeformConvPack
 from models.ops.nms import batched_nms
 
 # FCOS's regression ranges for P3-P7: P3 takes boxes whose largest distance is <= 64 pixels, ...
 FCOS_SIZE_RANGES = (64.0, 128.0, 256.0, 512.0)
+
+# Assignment of a location in the loss's output: a GT index >= 0 for a positive, or one of these.
+NEGATIVE = -1
+IGNORED = -2
 
 
 class FCOSHeadConfig(StrictModel):
@@ -53,10 +70,15 @@ class FCOSHeadConfig(StrictModel):
         True,
         description="FCOS v2: ReLU distances in units of the stride; false: exp, in pixels.",
     )
+    dcn_on_last_conv: bool = Field(
+        False,
+        description="The last conv of both towers is a modulated deformable 3x3 conv (DCNv2), "
+        "as in AlignPS's released head; false: plain convs (FCOS, LLA).",
+    )
     quality: Literal["centerness", "iou", "none"] = Field(
         "centerness",
         description="Quality branch on the regression tower: FCOS centerness, PAA's IoU branch "
-        "(LLA) or none; its sigmoid multiplies the score at inference.",
+        "(LLA) or none; its probability enters the detection score at inference.",
     )
     assigner: AssignerConfig = Field(
         default_factory=lambda: CenterSamplingConfig(size_ranges=FCOS_SIZE_RANGES),
@@ -65,6 +87,16 @@ class FCOSHeadConfig(StrictModel):
     focal_alpha: float = Field(0.25, description="Focal loss alpha (classification).")
     focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma (classification).")
     box_loss: IoULossKind = Field("giou", description="IoU loss of the positives' boxes.")
+    box_loss_weights: Literal["uniform", "centerness"] = Field(
+        "uniform",
+        description="uniform: each positive's box loss weighs 1 (LLA); centerness: it weighs the "
+        "centerness target of its location (FCOS, AlignPS).",
+    )
+    box_loss_normalizer: Literal["positives", "weights"] = Field(
+        "positives",
+        description="The summed box loss is divided by the number of positives (cvpods: LLA's "
+        "and its FCOS baseline's code) or by the sum of its weights (mmdetection: AlignPS's code).",
+    )
     cls_loss_weight: float = Field(1.0, ge=0, description="Weight of loss_cls.")
     box_loss_weight: float = Field(1.0, ge=0, description="Weight of loss_box.")
     quality_loss_weight: float = Field(1.0, ge=0, description="Weight of loss_quality.")
@@ -88,10 +120,25 @@ class FCOSHeadConfig(StrictModel):
 class FCOSInferenceConfig(StrictModel):
     max_detections: int = Field(100, gt=0, description="K: detections per image (fixed size).")
     score_thresh: float = Field(
-        0.05, ge=0, lt=1, description="Scores at or below this become empty slots."
+        0.05,
+        ge=0,
+        lt=1,
+        description="Locations whose person probability is at or below this detect nothing (both "
+        "released codes threshold the class probability, before the quality enters).",
     )
     nms_thresh: float = Field(0.6, gt=0, le=1, description="NMS IoU threshold.")
-    pre_nms_top_k: int = Field(1000, gt=0, description="Best locations per image fed to NMS.")
+    pre_nms_top_k: int = Field(1000, gt=0, description="Best locations per level fed to NMS.")
+    rank_by: Literal["score", "class"] = Field(
+        "score",
+        description="What picks a level's pre_nms_top_k best locations: the detection score "
+        "(mmdetection: AlignPS) or the person probability (cvpods: LLA).",
+    )
+    score: Literal["product", "sqrt_product"] = Field(
+        "product",
+        description="Detection score from the person probability p and the quality probability "
+        "q: p * q (mmdetection: AlignPS) or sqrt(p * q) (cvpods: LLA and its FCOS baseline); p "
+        "alone without a quality branch.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FCOSInferenceConfig:
@@ -170,8 +217,13 @@ def centerness_targets(points: Tensor, boxes: Tensor) -> Tensor:
 def _tower(config: FCOSHeadConfig) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = config.in_channels
-    for _ in range(config.num_convs):
-        layers.append(nn.Conv2d(channels, config.feat_channels, 3, padding=1))
+    for index in range(config.num_convs):
+        if config.dcn_on_last_conv and index == config.num_convs - 1:
+            layers.append(
+                DeformConvPack(channels, config.feat_channels, 3, padding=1, modulated=True)
+            )
+        else:
+            layers.append(nn.Conv2d(channels, config.feat_channels, 3, padding=1))
         if config.norm == "gn":
             layers.append(nn.GroupNorm(config.gn_groups, config.feat_channels))
         layers.append(nn.ReLU(inplace=True))
@@ -209,6 +261,13 @@ class FCOSHead(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
                 nn.init.zeros_(module.bias)
+        # A deformable conv keeps its own (nn.Conv2d-like) weight fill, as mmcv's DCNv2 does in
+        # the released head, with a zero bias and a zero offset predictor: it starts undeformed.
+        for module in self.modules():
+            if isinstance(module, DeformConvPack):
+                module.reset_parameters()
+                nn.init.zeros_(module.bias)
+                module.init_offset()
         # Start every location at person probability prior_prob, so that the many negatives do
         # not swamp the focal loss in the first iterations (RetinaNet's initialisation).
         prior = self.config.prior_prob
@@ -246,13 +305,15 @@ class FCOSHead(nn.Module):
 
         Args:
             outputs: the head's forward outputs for a batch of B images.
-            targets: B dicts with ``boxes`` (n, 4) x1 y1 x2 y2 in input pixels (other keys are
-                ignored; every box, labeled or not, is a person).
+            targets: B dicts with ``boxes`` (n, 4) x1 y1 x2 y2 in input pixels (every box,
+                labeled or not, is a person) and optionally ``ignore_boxes`` (m, 4), regions
+                that are neither person nor background; other keys are not read.
             strides: the stride of each level.
 
         Returns:
             ``{"loss_cls", "loss_box"[, "loss_quality"]}`` already weighted, and per image the
-            assigned GT index of every location, (N,) long, -1 = negative.
+            assignment of every location, (N,) long: the index of its GT box, ``NEGATIVE`` or
+            ``IGNORED``.
         """
         # Losses in float32 whatever the autocast dtype: box areas overflow float16.
         logits = flatten_levels(outputs.cls_logits)[..., 0].float()  # (B, N)
@@ -260,36 +321,39 @@ class FCOSHead(nn.Module):
             raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]}")
         anchors, boxes = self.decode(outputs, strides)
         boxes = boxes.float()  # (B, N, 4)
-        gt_boxes = [_target_boxes(target, i).to(boxes) for i, target in enumerate(targets)]
+        gt_boxes = [_target_boxes(target, i, "boxes").to(boxes) for i, target in enumerate(targets)]
         assigned = [
-            self.assigner(
-                points=anchors.points,
-                strides=anchors.strides,
-                level_ids=anchors.level_ids,
-                gt_boxes=gt,
-                cls_logits=image_logits.detach(),
-                pred_boxes=image_boxes.detach(),
+            self._assign(
+                anchors, gt, _target_boxes(target, i, "ignore_boxes").to(boxes), image_logits, pred
             )
-            for gt, image_logits, image_boxes in zip(gt_boxes, logits, boxes, strict=True)
+            for i, (target, gt, image_logits, pred) in enumerate(
+                zip(targets, gt_boxes, logits, boxes, strict=True)
+            )
         ]
-        positive = torch.stack(assigned) >= 0  # (B, N)
+        assignment = torch.stack(assigned)  # (B, N)
+        positive = assignment >= 0
         # The positives in (image, location) order, and the GT box of each: (M, 4).
         positive_boxes = boxes[positive]
         matched_gt = torch.cat([gt[a[a >= 0]] for gt, a in zip(gt_boxes, assigned, strict=True)])
+        positive_points = anchors.points.expand(positive.shape[0], -1, -1)[positive]  # (M, 2)
         num_positives = _mean_over_processes(positive.sum().float()).clamp(min=1.0)
 
         cfg = self.config
+        considered = assignment != IGNORED
         cls_loss = sigmoid_focal_loss(
-            logits, positive.float(), cfg.focal_alpha, cfg.focal_gamma, reduction="sum"
+            logits[considered],
+            positive[considered].float(),
+            cfg.focal_alpha,
+            cfg.focal_gamma,
+            reduction="sum",
         )
-        box_loss = iou_loss(positive_boxes, matched_gt, kind=cfg.box_loss, reduction="sum")
         losses = {
             "loss_cls": cfg.cls_loss_weight * cls_loss / num_positives,
-            "loss_box": cfg.box_loss_weight * box_loss / num_positives,
+            "loss_box": cfg.box_loss_weight
+            * self._box_loss(positive_points, positive_boxes, matched_gt, num_positives),
         }
         if outputs.quality is not None:
             quality_logits = flatten_levels(outputs.quality)[..., 0].float()[positive]  # (M,)
-            positive_points = anchors.points.expand(positive.shape[0], -1, -1)[positive]
             quality_targets = self._quality_targets(
                 positive_points, positive_boxes.detach(), matched_gt
             )
@@ -299,30 +363,54 @@ class FCOSHead(nn.Module):
             losses["loss_quality"] = cfg.quality_loss_weight * quality_loss / num_positives
         return losses, assigned
 
+    def _assign(
+        self,
+        anchors: AnchorPoints,
+        gt_boxes: Tensor,
+        ignore_boxes: Tensor,
+        cls_logits: Tensor,
+        pred_boxes: Tensor,
+    ) -> Tensor:
+        """One image's assignment (N,): persons and ignore regions compete for the locations as
+        one set of GT boxes; what an ignore region wins is ``IGNORED``."""
+        assigned = self.assigner(
+            points=anchors.points,
+            strides=anchors.strides,
+            level_ids=anchors.level_ids,
+            gt_boxes=torch.cat([gt_boxes, ignore_boxes]),
+            cls_logits=cls_logits.detach(),
+            pred_boxes=pred_boxes.detach(),
+        )
+        return torch.where(assigned >= len(gt_boxes), IGNORED, assigned)
+
+    def _box_loss(
+        self, points: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, num_positives: Tensor
+    ) -> Tensor:
+        """The IoU loss of the positives (M,) weighted and normalised as the config says."""
+        cfg = self.config
+        if cfg.box_loss_weights == "centerness":
+            weights = centerness_targets(points, gt_boxes)
+        else:
+            weights = torch.ones_like(pred_boxes[:, 0])
+        loss = iou_loss(pred_boxes, gt_boxes, kind=cfg.box_loss, reduction="sum", weights=weights)
+        if cfg.box_loss_normalizer == "weights":
+            return loss / weights.sum().clamp(min=torch.finfo(weights.dtype).eps)
+        return loss / num_positives
+
     def _quality_targets(self, points: Tensor, pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
         if self.config.quality == "centerness":
             return centerness_targets(points, gt_boxes)
         return elementwise_box_iou(pred_boxes, gt_boxes)
-
-    def scores(self, outputs: FCOSOutputs) -> Tensor:
-        """Every location's detection score (B, N): person probability x quality probability."""
-        scores = flatten_levels(outputs.cls_logits)[..., 0].sigmoid()
-        if outputs.quality is not None:
-            scores = scores * flatten_levels(outputs.quality)[..., 0].sigmoid()
-        return scores
 
     def predict(
         self,
         outputs: FCOSOutputs,
         strides: Sequence[int],
         image_sizes: Tensor,
-        max_detections: int = 100,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.6,
-        pre_nms_top_k: int = 1000,
+        config: FCOSInferenceConfig,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Fixed-size detections: the best ``pre_nms_top_k`` locations of each image, NMS, then
-        the ``max_detections`` best survivors.
+        """Fixed-size detections: the best ``pre_nms_top_k`` locations of each level whose person
+        probability passes ``score_thresh``, NMS, then the ``max_detections`` best survivors.
 
         Args:
             image_sizes: (B, 2) (height, width) of each image in the padded batch: its boxes
@@ -333,38 +421,62 @@ class FCOSHead(nn.Module):
             index (B, K) of each detection (see the module doc); K = max_detections. Unused slots
             have score 0, a zero box and location 0.
         """
-        if pre_nms_top_k < max_detections:
-            raise ValueError(
-                f"pre_nms_top_k ({pre_nms_top_k}) must be >= max_detections ({max_detections})"
-            )
         anchors, boxes = self.decode(outputs, strides)
         boxes = clip_boxes_to_image(boxes, image_sizes[:, None, :])
-        scores = self.scores(outputs)
-        scores = torch.where(points_inside(anchors.points, image_sizes), scores, 0.0)
-        # Pad with empty candidates so that top-k never asks for more than there are (small
-        # inputs), without Python branches on tensor sizes that an exported graph cannot keep.
-        scores = F.pad(scores, (0, pre_nms_top_k))
-        boxes = F.pad(boxes, (0, 0, 0, pre_nms_top_k))
-        scores, locations = scores.topk(pre_nms_top_k, dim=1)  # (B, T)
-        boxes = boxes.gather(1, locations[..., None].expand(-1, -1, 4))
-        scores = torch.where(scores > score_thresh, scores, 0.0)
+        probs = flatten_levels(outputs.cls_logits)[..., 0].sigmoid()  # (B, N)
+        probs = torch.where(points_inside(anchors.points, image_sizes), probs, 0.0)
+        scores = self._detection_scores(probs, outputs.quality, config.score)
+        rank_keys = probs if config.rank_by == "class" else scores
+        level_sizes = [m.shape[-2] * m.shape[-1] for m in outputs.cls_logits]
+        locations = _top_per_level(rank_keys, level_sizes, config.pre_nms_top_k)  # (B, T)
+
+        # Location N is an empty candidate (probability and score 0, zero box) that pads levels
+        # with fewer than pre_nms_top_k locations, without Python branches on tensor sizes that
+        # an exported graph could not keep.
+        probs = F.pad(probs, (0, 1)).gather(1, locations)
+        scores = F.pad(scores, (0, 1)).gather(1, locations)
+        boxes = F.pad(boxes, (0, 0, 0, 1)).gather(1, locations[..., None].expand(-1, -1, 4))
+        scores = torch.where(probs > config.score_thresh, scores, 0.0)
 
         batch_size = scores.shape[0]
         image_ids = torch.arange(batch_size, device=scores.device)[:, None].expand_as(locations)
         kept = batched_nms(
-            boxes.reshape(-1, 4), scores.reshape(-1), image_ids.reshape(-1), nms_thresh
+            boxes.reshape(-1, 4), scores.reshape(-1), image_ids.reshape(-1), config.nms_thresh
         )
         kept_mask = torch.zeros_like(scores, dtype=torch.bool).reshape(-1).index_fill(0, kept, True)
         scores = torch.where(kept_mask.reshape(scores.shape), scores, 0.0)
 
-        scores, order = scores.topk(max_detections, dim=1)  # (B, K), descending
+        scores, order = scores.topk(config.max_detections, dim=1)  # (B, K), descending
         used = scores > 0
         boxes = torch.where(
             used[..., None], boxes.gather(1, order[..., None].expand(-1, -1, 4)), 0.0
         )
-        locations = locations.gather(1, order)
-        locations = torch.where(used, locations, 0)
+        locations = torch.where(used, locations.gather(1, order), 0)
         return boxes, scores, locations
+
+    @staticmethod
+    def _detection_scores(
+        probs: Tensor, quality: list[Tensor] | None, combine: Literal["product", "sqrt_product"]
+    ) -> Tensor:
+        """(B, N) detection scores from the person probabilities and the quality branch."""
+        if quality is None:
+            return probs
+        scores = probs * flatten_levels(quality)[..., 0].sigmoid()
+        return scores.sqrt() if combine == "sqrt_product" else scores
+
+
+def _top_per_level(keys: Tensor, level_sizes: Sequence[int], k: int) -> Tensor:
+    """(B, L * k) location indices of the k largest ``keys`` (B, N) of each level, in level
+    order; a level with fewer than k locations is padded with the index N."""
+    num_locations = keys.shape[1]
+    chosen, start = [], 0
+    for size in level_sizes:
+        # Padded with -1, below every key (keys are probabilities), so padding ranks last.
+        level_keys = F.pad(keys[:, start : start + size], (0, k), value=-1.0)
+        _, index = level_keys.topk(k, dim=1)
+        chosen.append(torch.where(index < size, index + start, num_locations))
+        start = start + size
+    return torch.cat(chosen, dim=1)
 
 
 def points_inside(points: Tensor, image_sizes: Tensor) -> Tensor:
@@ -373,12 +485,16 @@ def points_inside(points: Tensor, image_sizes: Tensor) -> Tensor:
     return (x < image_sizes[:, 1:2]) & (y < image_sizes[:, 0:1])
 
 
-def _target_boxes(target: dict[str, Tensor], index: int) -> Tensor:
-    boxes = target.get("boxes") if isinstance(target, dict) else None
-    if boxes is None:
+def _target_boxes(target: dict[str, Tensor], index: int, key: str) -> Tensor:
+    """``target[key]`` (n, 4), checked. Every target has ``boxes``; one without
+    ``ignore_boxes`` has no ignore region."""
+    if not isinstance(target, dict) or "boxes" not in target:
         raise ValueError(f"targets[{index}] must be a dict with 'boxes' (n, 4)")
+    boxes = target.get(key)
+    if boxes is None:
+        return torch.zeros(0, 4)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(
-            f"targets[{index}]['boxes'] must have shape (n, 4), got {tuple(boxes.shape)}"
+            f"targets[{index}]['{key}'] must have shape (n, 4), got {tuple(boxes.shape)}"
         )
     return boxes

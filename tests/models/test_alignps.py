@@ -151,7 +151,7 @@ def test_each_detection_embeds_the_afa_feature_at_its_location():
         embedding_map = model.afa(model.backbone(images))
         outputs = model.head([embedding_map])
         _, scores, locations = model.head.predict(
-            outputs, [8], torch.tensor([[64, 96]]), **model.config.inference.model_dump()
+            outputs, [8], torch.tensor([[64, 96]]), model.config.inference
         )
     torch.testing.assert_close(detections.scores, scores)
     for slot in range(int((scores[0] > 0).sum())):

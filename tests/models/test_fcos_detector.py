@@ -101,7 +101,6 @@ def test_paper_config_builds_and_runs_at_reduced_size():
     model = _detector(CONFIGS / "lla_fcos_r50_crowdhuman.yaml")
     cfg = model.config
     assert (cfg.preprocess.min_size, cfg.preprocess.max_size) == (800, 1400)
-    assert (cfg.head.assigner.top_k, cfg.head.assigner.reg_weight) == (10, 1.3)
     assert cfg.head.quality == "iou" and cfg.inference.nms_thresh == 0.6
     images = torch.randn(2, 3, 128, 160)
     with torch.no_grad():
@@ -109,6 +108,65 @@ def test_paper_config_builds_and_runs_at_reduced_size():
         detections = model.eval()(images)
     assert all(torch.isfinite(v) for v in losses.values())
     assert detections.boxes.shape == (2, cfg.inference.max_detections, 4)
+
+
+def test_lla_configs_carry_the_released_codes_settings():
+    # github.com/Megvii-BaseDetection/LLA, lla.res50.fpn.crowdhuman.800size.30k: REG_COST 1.5,
+    # C_inbox 1e3, GIoU x 2 and IoU-branch BCE x 0.5 over the positives; per level the 1000 most
+    # probable locations, those above 0.05, scored sqrt(probability x IoU); 300 per image.
+    for path in (
+        CONFIGS / "lla_fcos_r50_crowdhuman.yaml",
+        CONFIGS / "tiny/lla_fcos_synthetic.yaml",
+    ):
+        cfg = FCOSDetectorConfig.model_validate(load_config(path, []).model)
+        lla = cfg.head.assigner
+        assert (lla.name, lla.top_k, lla.reg_weight, lla.inbox_cost) == ("lla", 10, 1.5, 1000.0)
+        head = cfg.head
+        assert (head.quality, head.box_loss, head.box_loss_weights) == ("iou", "giou", "uniform")
+        losses = (head.cls_loss_weight, head.box_loss_weight, head.quality_loss_weight)
+        assert losses == (1.0, 2.0, 0.5) and head.box_loss_normalizer == "positives"
+        inference = cfg.inference
+        assert (inference.rank_by, inference.score, inference.score_thresh) == (
+            "class",
+            "sqrt_product",
+            0.05,
+        )
+    assert cfg.inference.pre_nms_top_k == 200  # the tiny one; the paper config's is 1000
+    paper = FCOSDetectorConfig.model_validate(
+        load_config(CONFIGS / "lla_fcos_r50_crowdhuman.yaml", []).model
+    )
+    assert (paper.inference.pre_nms_top_k, paper.inference.max_detections) == (1000, 300)
+
+
+def test_the_fcos_baseline_differs_from_lla_fcos_only_in_the_method():
+    # LLA's claim (Table 1) compares FCOS with center sampling against LLA.FCOS: the two tiny
+    # configs must be the same detector, data and schedule.
+    lla = load_config(CONFIGS / "tiny/lla_fcos_synthetic.yaml", [])
+    fcos = load_config(CONFIGS / "tiny/fcos_synthetic.yaml", [])
+    method = {"assigner", "quality", "box_loss_weights", "box_loss_weight", "quality_loss_weight"}
+    lla_head, fcos_head = lla.model["head"], fcos.model["head"]
+    assert {k for k in lla_head | fcos_head if lla_head.get(k) != fcos_head.get(k)} == method
+    for section in ("backbone", "fpn", "preprocess", "inference"):
+        assert lla.model[section] == fcos.model[section], section
+    for section in ("data", "optim", "schedule", "eval"):
+        assert getattr(lla, section) == getattr(fcos, section), section
+    assert fcos_head["assigner"]["name"] == "center_sampling"
+    assert fcos_head["quality"] == "centerness" and fcos_head["box_loss_weights"] == "centerness"
+
+
+def test_ignore_regions_in_the_targets_change_what_the_detector_trains_on():
+    # The same image and person, once with a crowd marked as an ignore region: the K locations
+    # the region claims leave the classification loss, which drops; the person's box loss does
+    # not change. (Person probability 0.5 everywhere, so that every negative costs the same.)
+    torch.manual_seed(0)
+    model = _detector(CONFIGS / "tiny" / "lla_fcos_synthetic.yaml").train()
+    torch.nn.init.zeros_(model.head.cls_logits.bias)
+    images = torch.randn(1, 3, 128, 128)
+    person = {"boxes": torch.tensor([[10.0, 8.0, 50.0, 110.0]]), "pids": torch.tensor([-1])}
+    crowd = person | {"ignore_boxes": torch.tensor([[70.0, 20.0, 120.0, 120.0]])}
+    plain, ignoring = model(images, [person]), model(images, [crowd])
+    assert ignoring["loss_cls"].item() < 0.99 * plain["loss_cls"].item()
+    assert ignoring["loss_box"].item() == pytest.approx(plain["loss_box"].item(), rel=1e-5)
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():

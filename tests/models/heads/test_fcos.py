@@ -1,4 +1,5 @@
-"""The FCOS head: outputs per level, location order, decoding, losses by hand, fixed-size inference.
+"""The FCOS head: outputs per level, location order, decoding, losses by hand, ignore regions,
+fixed-size inference.
 
 Most hand-computed cases use a head without tower convs (num_convs=0) so that its outputs are
 plain functions of the input: zero features give exactly the conv biases at every location.
@@ -8,9 +9,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.export import Dim
 
 from models.heads import (
+    IGNORED,
+    NEGATIVE,
     FCOSHead,
     FCOSHeadConfig,
     FCOSInferenceConfig,
@@ -18,6 +22,8 @@ from models.heads import (
     centerness_targets,
     flatten_levels,
 )
+from models.ops.boxes import elementwise_generalized_box_iou
+from models.ops.deform_conv import DeformConvPack
 
 FCOS_STRIDES = [8, 16, 32, 64, 128]
 
@@ -31,14 +37,19 @@ def _pyramid(batch: int = 2, height: int = 64, width: int = 80, channels: int = 
     return [torch.randn(batch, channels, -(-height // s), -(-width // s)) for s in FCOS_STRIDES]
 
 
-def _bare_head(quality: str = "iou", assigner=None, ltrb: float = 1.0) -> FCOSHead:
+def _bare_head(quality: str = "iou", assigner=None, ltrb: float = 1.0, **options) -> FCOSHead:
     """One level, no towers, constant outputs on zero input: person logit = the prior bias,
     ltrb = `ltrb` strides (bias of bbox_pred), quality logit 0."""
-    config = dict(in_channels=1, num_convs=0, num_levels=1, quality=quality)
+    config = dict(in_channels=1, num_convs=0, num_levels=1, quality=quality) | options
     config["assigner"] = assigner or {"name": "center_sampling"}
     head = FCOSHead(FCOSHeadConfig(**config))
     torch.nn.init.constant_(head.bbox_pred.bias, ltrb)
     return head
+
+
+def _inference(**options) -> FCOSInferenceConfig:
+    settings = dict(max_detections=5, score_thresh=0.05, nms_thresh=0.6, pre_nms_top_k=20)
+    return FCOSInferenceConfig(**(settings | options))
 
 
 def test_forward_gives_one_map_per_level_with_the_input_resolution():
@@ -157,6 +168,140 @@ def test_lla_gives_each_person_k_positives():
     assert (assigned[0] == 0).sum() == 7 and (assigned[0] >= -1).all()
 
 
+# --- ignore regions (CrowdHuman's crowds, reflections): neither person nor background ---------
+
+
+def test_locations_an_ignore_region_claims_are_in_no_loss():
+    # No person, one ignore region: center sampling gives it the same 4 locations it would give
+    # a person with that box. They are left out: the classification loss sees 60 negatives.
+    head = _bare_head()
+    outputs = head([torch.zeros(1, 1, 8, 8)])
+    targets = [{"boxes": torch.zeros(0, 4), "ignore_boxes": GT}]
+    losses, assigned = head.loss(outputs, targets, [8])
+    assert (assigned[0] == IGNORED).nonzero().flatten().tolist() == [17, 18, 25, 26]
+    assert (assigned[0] == NEGATIVE).sum() == 60
+    assert losses["loss_cls"].item() == pytest.approx(60 * _focal(PRIOR_LOGIT, False), rel=1e-5)
+    assert losses["loss_box"].item() == 0 and losses["loss_quality"].item() == 0
+
+
+def test_an_ignore_region_wins_the_person_locations_it_claims_first():
+    # A smaller ignore region (8, 16, 24, 32) centred on the person (0, 0, 32, 48): its centre
+    # square holds the same 4 locations (x 12, 20; y 20, 28) as the person's, and FCOS's
+    # smallest-area rule, which the released code applies to ignore regions too, gives them to
+    # the region.
+    head = _bare_head()
+    outputs = head([torch.zeros(1, 1, 8, 8)])
+    region = torch.tensor([[8.0, 16.0, 24.0, 32.0]])
+    with_region, assigned = head.loss(outputs, [{"boxes": GT, "ignore_boxes": region}], [8])
+    assert (assigned[0] >= 0).sum() == 0 and (assigned[0] == IGNORED).sum() == 4
+    # Nothing positive is left: no box or quality loss, and 60 negatives.
+    assert with_region["loss_box"].item() == 0
+    assert with_region["loss_cls"].item() == pytest.approx(60 * _focal(PRIOR_LOGIT, False), 1e-5)
+
+
+def test_lla_ignore_region_takes_its_k_cheapest_anchors_out_of_every_loss():
+    # A person on the left, an ignore region on the right: LLA gives each its K = 3 cheapest
+    # anchors; the region's 3 are ignored, the person's 3 are positives, the other 58 negatives.
+    head = _bare_head(assigner={"name": "lla", "top_k": 3})
+    outputs = head([torch.zeros(1, 1, 8, 8)])
+    person = torch.tensor([[0.0, 0.0, 24.0, 40.0]])
+    region = torch.tensor([[40.0, 8.0, 64.0, 48.0]])
+    losses, assigned = head.loss(outputs, [{"boxes": person, "ignore_boxes": region}], [8])
+    assert (assigned[0] == 0).sum() == 3 and (assigned[0] == IGNORED).sum() == 3
+    points = anchor_points([torch.zeros(1, 1, 8, 8)], [8]).points
+    ignored_x = points[assigned[0] == IGNORED, 0]
+    assert (ignored_x > 40).all()  # the region's anchors, inside it
+    expected_cls = (3 * _focal(PRIOR_LOGIT, True) + 58 * _focal(PRIOR_LOGIT, False)) / 3
+    assert losses["loss_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
+    alone, _ = head.loss(outputs, [{"boxes": person}], [8])
+    for name in ("loss_box", "loss_quality"):
+        assert losses[name].item() == pytest.approx(alone[name].item(), rel=1e-6), name
+
+
+def test_malformed_ignore_boxes_are_a_clear_error():
+    head = _bare_head()
+    outputs = head([torch.zeros(1, 1, 8, 8)])
+    with pytest.raises(ValueError, match=r"ignore_boxes.*\(n, 4\)"):
+        head.loss(outputs, [{"boxes": GT, "ignore_boxes": torch.zeros(4)}], [8])
+
+
+# --- box loss weighting -----------------------------------------------------------------------
+
+
+def _distance_head(**options) -> FCOSHead:
+    """One level, no towers: person logit = the prior, ltrb = the input feature (in strides),
+    so that each location predicts a box of its own size."""
+    head = _bare_head(ltrb=0.0, **options)
+    with torch.no_grad():
+        head.bbox_pred.weight.zero_()
+        head.bbox_pred.weight[:, 0, 1, 1] = 1.0
+        head.cls_logits.weight.zero_()
+    return head
+
+
+def _box_losses(box_loss_weights: str, box_loss_normalizer: str) -> tuple[float, float]:
+    """(the head's loss_box, the same by hand) on GT (0, 0, 40, 48): centre (20, 24), centre
+    square x in (8, 32) -> 12, 20, 28; y in (12, 36) -> 20, 28: 6 positives whose centerness
+    and predicted boxes differ."""
+    head = _distance_head(
+        box_loss_weights=box_loss_weights, box_loss_normalizer=box_loss_normalizer
+    )
+    features = (1.0 + 0.25 * torch.arange(64.0)).reshape(1, 1, 8, 8) / 8
+    gt = torch.tensor([[0.0, 0.0, 40.0, 48.0]])
+    outputs = head([features])
+    losses, assigned = head.loss(outputs, [{"boxes": gt}], [8])
+    positive = assigned[0] == 0
+    points = anchor_points([features], [8]).points[positive]
+    _, boxes = head.decode(outputs, [8])
+    gts = gt.expand(len(points), 4)
+    giou_losses = 1 - elementwise_generalized_box_iou(boxes[0, positive], gts)
+    weights = centerness_targets(points, gts)
+    if box_loss_weights == "uniform":
+        weights = torch.ones_like(weights)
+    denominator = weights.sum() if box_loss_normalizer == "weights" else len(points)
+    assert len(points) == 6
+    return losses["loss_box"].item(), ((weights * giou_losses).sum() / denominator).item()
+
+
+@pytest.mark.parametrize(
+    ("weights", "normalizer"),
+    [("uniform", "positives"), ("centerness", "positives"), ("centerness", "weights")],
+    ids=["LLA: plain mean", "cvpods FCOS: centerness-weighted sum / positives", "mmdet FCOS"],
+)
+def test_box_loss_is_weighted_and_normalised_as_configured(weights, normalizer):
+    loss, expected = _box_losses(weights, normalizer)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_three_box_loss_weightings_differ():
+    values = {
+        _box_losses(*case)[0]
+        for case in (
+            ("uniform", "positives"),
+            ("centerness", "positives"),
+            ("centerness", "weights"),
+        )
+    }
+    assert len(values) == 3
+
+
+# --- deformable last tower conv (AlignPS) -----------------------------------------------------
+
+
+def test_dcn_on_last_conv_makes_each_towers_last_conv_a_modulated_deformable_one():
+    head = _small_head(dcn_on_last_conv=True)
+    for tower in (head.cls_tower, head.reg_tower):
+        convs = [m for m in tower if isinstance(m, nn.Conv2d | DeformConvPack)]
+        assert [type(c) for c in convs] == [nn.Conv2d, DeformConvPack]
+        last = convs[-1]
+        assert last.modulated
+        # It starts undeformed: zero offsets (and a mask of 0.5), zero bias.
+        assert (last.conv_offset.weight == 0).all() and (last.conv_offset.bias == 0).all()
+        assert (last.bias == 0).all()
+    outputs = head(_pyramid())
+    assert outputs.cls_logits[0].shape == (2, 1, 8, 10)
+
+
 def test_batch_with_labeled_unlabeled_and_no_persons():
     head = _small_head()
     features = _pyramid(batch=2)
@@ -176,8 +321,9 @@ def test_batch_with_labeled_unlabeled_and_no_persons():
     assert (assigned[1] == -1).all()
 
 
-def test_losses_reach_every_learnable_parameter():
-    head = _small_head(quality="centerness")
+@pytest.mark.parametrize("dcn_on_last_conv", [False, True])
+def test_losses_reach_every_learnable_parameter(dcn_on_last_conv):
+    head = _small_head(quality="centerness", dcn_on_last_conv=dcn_on_last_conv)
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 60.0]])}, {"boxes": torch.zeros(0, 4)}]
     losses, _ = head.loss(head(_pyramid()), targets, FCOS_STRIDES)
     sum(losses.values()).backward()
@@ -229,7 +375,7 @@ def test_predict_suppresses_overlapping_boxes_and_pads_to_k():
     head = _scored_head(ltrb=3.0)
     outputs = head([_logit_map({(3, 3): 3.0, (3, 4): 2.0, (0, 7): 1.0})])
     boxes, scores, locations = head.predict(
-        outputs, [8], torch.tensor([[64, 64]]), max_detections=5, nms_thresh=0.6, pre_nms_top_k=20
+        outputs, [8], torch.tensor([[64, 64]]), _inference(max_detections=5, pre_nms_top_k=20)
     )
     sigmoid = torch.sigmoid(torch.tensor([3.0, 1.0]))
     torch.testing.assert_close(scores, torch.cat([sigmoid, torch.zeros(3)])[None])
@@ -247,7 +393,7 @@ def test_predict_detects_nothing_in_an_images_padding_and_clips_boxes_to_the_ima
     head = _scored_head(ltrb=3.0)
     outputs = head([_logit_map({(3, 3): 1.0, (0, 7): 3.0, (6, 1): 2.0})])
     boxes, scores, locations = head.predict(
-        outputs, [8], torch.tensor([[40, 48]]), max_detections=3, nms_thresh=1.0
+        outputs, [8], torch.tensor([[40, 48]]), _inference(max_detections=3, nms_thresh=1.0)
     )
     torch.testing.assert_close(scores, torch.tensor([[torch.sigmoid(torch.tensor(1.0)), 0, 0]]))
     assert locations[0, 0] == 3 * 8 + 3
@@ -258,10 +404,88 @@ def test_predict_without_suppression_keeps_the_neighbour():
     head = _scored_head(ltrb=3.0)
     outputs = head([_logit_map({(3, 3): 3.0, (3, 4): 2.0, (0, 7): 1.0})])
     _, scores, locations = head.predict(
-        outputs, [8], torch.tensor([[64, 64]]), max_detections=3, nms_thresh=1.0
+        outputs, [8], torch.tensor([[64, 64]]), _inference(max_detections=3, nms_thresh=1.0)
     )
     assert locations.tolist() == [[27, 28, 7]]
     assert (scores[0, :-1] >= scores[0, 1:]).all()
+
+
+def _quality_head(ltrb: float = 1.0, num_levels: int = 1) -> FCOSHead:
+    """No towers, two input channels: the person logit is channel 0, the quality logit channel
+    1, at the same location; boxes are ltrb strides wide on every side."""
+    config = dict(in_channels=2, num_convs=0, num_levels=num_levels, quality="iou")
+    head = FCOSHead(FCOSHeadConfig(**config, assigner={"name": "lla"}))
+    with torch.no_grad():
+        for conv, channel in ((head.cls_logits, 0), (head.quality, 1)):
+            conv.weight.zero_()
+            conv.weight[0, channel, 1, 1] = 1.0
+            conv.bias.zero_()
+        head.bbox_pred.weight.zero_()
+        head.bbox_pred.bias.fill_(ltrb)
+    return head
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _maps(*cells: tuple[int, int, float, float], size=(4, 4)) -> torch.Tensor:
+    """(1, 2, h, w) person and quality logits: everywhere p = 0.001, q = 0.5; at (row, col) the
+    given probabilities p and q."""
+    maps = torch.zeros(1, 2, *size)
+    maps[0, 0] = _logit(0.001)
+    for row, col, p, q in cells:
+        maps[0, :, row, col] = torch.tensor([_logit(p), _logit(q)])
+    return maps
+
+
+def test_the_threshold_applies_to_the_person_probability_not_to_the_score():
+    # p = 0.5, q = 0.01: the score 0.005 is below 0.05 but the person probability is above it,
+    # so it is detected (both released codes); p = 0.04 with q = 1 scores 0.04 and is not.
+    head = _quality_head()
+    outputs = head([_maps((0, 0, 0.5, 0.01), (3, 3, 0.04, 0.999))])
+    _, scores, locations = head.predict(
+        outputs, [8], torch.tensor([[32, 32]]), _inference(score_thresh=0.05, nms_thresh=1.0)
+    )
+    assert locations[0, 0] == 0 and scores[0, 0].item() == pytest.approx(0.005, rel=1e-4)
+    assert (scores[0, 1:] == 0).all()
+
+
+@pytest.mark.parametrize(("combine", "expected"), [("product", 0.72), ("sqrt_product", 0.8485)])
+def test_detection_score_combines_person_and_quality_probabilities(combine, expected):
+    head = _quality_head()
+    outputs = head([_maps((1, 2, 0.9, 0.8))])
+    _, scores, _ = head.predict(
+        outputs, [8], torch.tensor([[32, 32]]), _inference(score=combine, nms_thresh=1.0)
+    )
+    assert scores[0, 0].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_rank_by_picks_which_locations_reach_nms():
+    # One candidate per level (pre_nms_top_k 1): A has p 0.9 and q 0.1 (score 0.09), B p 0.6
+    # and q 0.9 (score 0.54). By person probability A goes on; by score B does.
+    head = _quality_head()
+    outputs = head([_maps((0, 0, 0.9, 0.1), (3, 3, 0.6, 0.9))])
+    for rank_by, location in (("class", 0), ("score", 15)):
+        config = _inference(rank_by=rank_by, pre_nms_top_k=1, max_detections=1)
+        _, _, locations = head.predict(outputs, [8], torch.tensor([[32, 32]]), config)
+        assert locations.tolist() == [[location]], rank_by
+
+
+def test_pre_nms_top_k_is_taken_per_level():
+    # 64 x 64 image, levels of stride 8 (8 x 8) and 16 (4 x 4), boxes 3 strides on each side.
+    # Level 0's two candidates (0, 0) and (0, 1) overlap (IoU 0.78), so NMS keeps only the
+    # first; level 1's (3, 3), far away and weaker, reaches NMS because every level sends its
+    # own 2 best: the second detection. (The 2 best of the whole image would both be level 0's.)
+    head = _quality_head(ltrb=3.0, num_levels=2)
+    level0 = _maps((0, 0, 0.9, 0.5), (0, 1, 0.8, 0.5), size=(8, 8))
+    level1 = _maps((3, 3, 0.3, 0.5), size=(4, 4))
+    config = _inference(pre_nms_top_k=2, max_detections=2, nms_thresh=0.6)
+    _, scores, locations = head.predict(
+        head([level0, level1]), [8, 16], torch.tensor([[64, 64]]), config
+    )
+    assert locations.tolist() == [[0, 64 + 15]]
+    torch.testing.assert_close(scores, torch.tensor([[0.45, 0.15]]))
 
 
 def test_predict_is_fixed_size_when_there_are_fewer_locations_than_k():
@@ -271,9 +495,7 @@ def test_predict_is_fixed_size_when_there_are_fewer_locations_than_k():
         outputs,
         [8],
         torch.tensor([[16, 16], [16, 16]]),
-        max_detections=10,
-        score_thresh=0.0,
-        pre_nms_top_k=10,
+        _inference(max_detections=10, score_thresh=0.0, pre_nms_top_k=10),
     )
     assert boxes.shape == (2, 10, 4) and scores.shape == (2, 10) and locations.shape == (2, 10)
     assert ((scores > 0).sum(dim=1) <= 4).all()
@@ -294,9 +516,7 @@ def test_predict_exports_with_dynamic_batch_and_size():
                 self.head([features]),
                 [8],
                 image_sizes,
-                max_detections=6,
-                score_thresh=0.0,
-                pre_nms_top_k=30,
+                _inference(max_detections=6, score_thresh=0.0, pre_nms_top_k=30),
             )
 
     batch = Dim("batch", min=1, max=8)
@@ -320,7 +540,3 @@ def test_config_errors_name_the_problem():
         FCOSHeadConfig(feat_channels=48, gn_groups=32)
     with pytest.raises(ValueError, match="pre_nms_top_k"):
         FCOSInferenceConfig(max_detections=100, pre_nms_top_k=50)
-    with pytest.raises(ValueError, match="pre_nms_top_k"):
-        _small_head().predict(
-            None, FCOS_STRIDES, torch.tensor([[8, 8]]), max_detections=9, pre_nms_top_k=8
-        )
