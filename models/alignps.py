@@ -7,6 +7,13 @@ person detected there, with no extra embedding layer. It is supervised at the po
 of the head's assignment by the triplet-aided OIM loss (Sec. 3.3) with the focal modulation of
 Sec. 4.2; positives of unlabeled persons (pid -1) only feed OIM's circular queue.
 
+The defaults follow the authors' released code where it differs from the paper (it produced the
+published numbers): its CUHK-SYSU head (FCOSReidHeadFocalSubTriQueue in
+mmdet/models/dense_heads/fcos_reid_head_focal_sub_triqueue.py of github.com/daodaofr/AlignPS):
+the image's mean feature subtracted from P3, deformable last tower convs, the box loss weighted
+by the centerness targets, OIM averaged over every positive location, a queue that keeps 64
+dimensions, batch-hard triplets. The PRW configs select its PRW head's settings.
+
 AlignPS+ is the same model with deformable 3x3 convs in res3-res5 of the backbone
 (``backbone.dcn_stages``; Table 5).
 """
@@ -14,11 +21,11 @@ AlignPS+ is the same model with deformable 3x3 convs in res3-res5 of the backbon
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
 from models.assigners import CenterSamplingConfig
@@ -32,15 +39,23 @@ from models.heads.fcos import (
     flatten_levels,
     points_inside,
 )
-from models.losses import OIMLoss, TripletMining
+from models.losses import AverageOver, OIMLoss, TripletMining
 from models.necks.afa import AFA, AFAConfig
 from models.preprocess import PreprocessConfig, valid_sizes
 from models.types import Detections
 
 
 def _alignps_head() -> FCOSHeadConfig:
-    # One level (P3) and no scale ranges: every person is detected at stride 8 (Sec. 3.2).
-    return FCOSHeadConfig(num_levels=1, assigner=CenterSamplingConfig(radius=1.5, size_ranges=()))
+    # One level (P3) and no scale ranges: every person is detected at stride 8 (Sec. 3.2). The
+    # released head: deformable last tower convs, box loss weighted by the centerness targets
+    # and divided by their sum (mmdetection's FCOS).
+    return FCOSHeadConfig(
+        num_levels=1,
+        assigner=CenterSamplingConfig(radius=1.5, size_ranges=()),
+        dcn_on_last_conv=True,
+        box_loss_weights="centerness",
+        box_loss_normalizer="weights",
+    )
 
 
 def _alignps_inference() -> FCOSInferenceConfig:
@@ -59,7 +74,31 @@ class AlignPSReidLossConfig(StrictModel):
     queue_size: int = Field(
         5000, ge=0, description="Circular queue of unlabeled features (CUHK-SYSU 5000, PRW 500)."
     )
-    temperature: float = Field(0.1, gt=0, description="tau of eq. 1 (0.1 in Sec. 3.3).")
+    lut_scale: float = Field(
+        10.0,
+        gt=0,
+        description="Factor of the similarities to the LUT: 1 / tau, tau = 0.1 in Sec. 3.3 (the "
+        "released PRW head: 15).",
+    )
+    queue_scale: float = Field(
+        10.0, gt=0, description="Factor of the similarities to the queue (1 / tau; released: 10)."
+    )
+    lut_renormalize: bool = Field(
+        False,
+        description="Renormalise a LUT row after each update (the released PRW head does, its "
+        "CUHK-SYSU head does not).",
+    )
+    queue_dims: int | None = Field(
+        64,
+        gt=0,
+        description="Leading dimensions of an unlabeled feature kept in the queue (the released "
+        "queue keeps 64); null keeps all.",
+    )
+    average_over: AverageOver = Field(
+        "all",
+        description="OIM's mean over the labeled positive locations (eq. 2) or over all of them, "
+        "unlabeled ones adding zero (the released heads).",
+    )
     momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
     focal_gamma: float = Field(
         2.0, ge=0, description="Focal OIM exponent (Sec. 4.2, 'following [4]'); 0 = plain OIM."
@@ -69,7 +108,9 @@ class AlignPSReidLossConfig(StrictModel):
     )
     triplet_margin: float = Field(0.3, ge=0, description="Margin M of eq. 3.")
     triplet_mining: TripletMining = Field(
-        "all", description="all: every valid triplet (eq. 3); hardest: batch-hard per anchor."
+        "hardest",
+        description="hardest: batch-hard over the features and their LUT rows (the released "
+        "code); all: every valid triplet (eq. 3).",
     )
     weight: float = Field(1.0, ge=0, description="Weight of the re-id losses in the total.")
 
@@ -93,10 +134,22 @@ class AlignPSConfig(StrictModel):
         default_factory=_alignps_inference, description="Top-k, thresholds and NMS at inference."
     )
     subtract_image_mean: bool = Field(
-        False,
+        True,
         description="Subtract each image's mean AFA feature before the head and the re-id loss "
-        "(the authors' released code does; not in the paper).",
+        "(both released heads behind the published numbers do, in their forward; not in the "
+        "paper).",
     )
+
+    @field_validator("head", "inference", mode="before")
+    @classmethod
+    def _over_alignps_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """A partial ``head`` or ``inference`` section changes only the keys it gives: the rest
+        keeps AlignPS's defaults, not the generic FCOS head's (a key it gives replaces the
+        default's whole value, e.g. ``assigner``)."""
+        if not isinstance(value, dict):
+            return value
+        defaults = _alignps_head() if info.field_name == "head" else _alignps_inference()
+        return defaults.model_dump() | value
 
     @model_validator(mode="after")
     def _check_head_matches_afa(self) -> AlignPSConfig:
@@ -112,6 +165,12 @@ class AlignPSConfig(StrictModel):
         unknown = [s for s in self.afa.in_stages if s not in STAGE_NAMES]
         if unknown:
             raise ValueError(f"afa.in_stages {unknown} are not backbone stages {STAGE_NAMES}")
+        queue_dims = self.reid_loss.queue_dims
+        if queue_dims is not None and queue_dims > self.afa.channels:
+            raise ValueError(
+                f"reid_loss.queue_dims ({queue_dims}) exceeds the embedding dimension "
+                f"afa.channels ({self.afa.channels}); lower it or set it to null (all)"
+            )
         return self
 
 
@@ -134,7 +193,11 @@ class AlignPS(nn.Module):
             reid.num_labeled,
             reid.queue_size,
             momentum=reid.momentum,
-            temperature=reid.temperature,
+            lut_scale=reid.lut_scale,
+            queue_scale=reid.queue_scale,
+            lut_renormalize=reid.lut_renormalize,
+            queue_dims=reid.queue_dims,
+            average_over=reid.average_over,
             focal_gamma=reid.focal_gamma,
             triplet_weight=reid.triplet_weight,
             triplet_margin=reid.triplet_margin,

@@ -4,17 +4,31 @@ OIM (Xiao et al., restated in AlignPS Sec. 3.3) classifies each labeled re-id fe
 identities whose centres live in a lookup table (LUT) V, with the features of unlabeled persons,
 kept in a circular queue (CQ) U, as extra negatives:
 
-    p_i = exp(v_i^T x / tau) / (sum_j exp(v_j^T x / tau) + sum_k exp(u_k^T x / tau))   (eq. 1)
-    L_OIM = -E_x[log p_t]                                                            (eq. 2)
+    p_i = exp(s_V v_i^T x) / (sum_j exp(s_V v_j^T x) + sum_k exp(s_U u_k^T x))    (eq. 1)
+    L_OIM = -E_x[log p_t]                                                          (eq. 2)
+
+The paper writes one temperature, s_V = s_U = 1 / tau; the scales of the LUT's and the queue's
+similarities are separate options because AlignPS's released PRW head uses s_V = 15 and
+s_U = 10 (its CUHK-SYSU head 10 and 10, tau = 0.1).
 
 Options of the same loss:
 - ``focal_gamma > 0`` multiplies each sample's term by (1 - p_t)^gamma (focal OIM, which AlignPS
   adds "following [4]" in Sec. 4.2); 0 gives plain OIM.
+- ``average_over`` is the expectation's denominator: the labeled samples (eq. 2), or every
+  sample given, unlabeled ones adding zero (AlignPS's released heads average their per-location
+  losses over all positive locations).
 - ``triplet_weight > 0`` adds AlignPS' triplet term (eq. 3, see ``triplet.py``), giving the
   triplet-aided OIM  L_TOIM = L_tri + L_OIM  (eq. 4) at weight 1.
 - per-sample ``weights`` scale each sample's terms, as LEAPS weights L_toim by its diverse re-id
   sample matching weights W (LEAPS eq. 2).
+
+The memory is updated as every released OIM does, one sample at a time in batch order:
+v <- gamma * v + (1 - gamma) * x, renormalised after each step unless ``lut_renormalize`` is
+off (AlignPS's CUHK-SYSU head leaves its rows unnormalised). ``queue_dims`` keeps only the first
+dimensions of each queued feature, as AlignPS's released queue does (64 of 256).
 """
+
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -22,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.losses.triplet import TRIPLET_MINING_MODES, TripletMining, lut_triplet_loss
+
+AverageOver = Literal["labeled", "all"]
+AVERAGE_OVER_MODES: tuple[AverageOver, ...] = ("labeled", "all")
 
 
 class OIMLoss(nn.Module):
@@ -31,9 +48,10 @@ class OIMLoss(nn.Module):
     ``queue_ptr``) are buffers: they travel in ``state_dict`` and receive no gradient. Both start
     at zero, and zero rows stay in the softmax as constant logits until they are written, as in
     the original OIM. In training mode each call, after computing the loss, moves the LUT rows of
-    the batch's identities towards their features and pushes the unlabeled features into the
-    queue (oldest overwritten). Under ``torch.distributed`` these updates use the features of all
-    ranks, gathered in rank order, so that every replica keeps the same memory.
+    the batch's identities towards their features, one feature at a time in batch order, and
+    pushes the unlabeled features into the queue (oldest overwritten). Under ``torch.distributed``
+    these updates use the features of all ranks, gathered in rank order, so that every replica
+    keeps the same memory.
 
     Features are expected L2-normalised, as the models' embeddings are; the loss does not
     normalise them itself.
@@ -42,12 +60,19 @@ class OIMLoss(nn.Module):
         embedding_dim: D, the length of a re-id feature.
         num_labeled: L, the number of labeled identities (pids run from 0 to L - 1).
         queue_size: Q, the number of unlabeled features remembered (0 disables the queue).
-        momentum: gamma in v <- gamma * v + (1 - gamma) * x, followed by renormalisation.
-        temperature: tau; logits are similarities divided by tau (1/30 is common).
+        momentum: gamma in v <- gamma * v + (1 - gamma) * x.
+        lut_scale: s_V, the factor of the similarities to the LUT rows (1 / tau; 30 is common).
+        queue_scale: s_U, the factor of the similarities to the queue slots.
+        lut_renormalize: renormalise a LUT row after each update (the original OIM does).
+        queue_dims: keep only the first ``queue_dims`` dimensions of each queued feature (the
+            rest of its slot stays zero); None keeps all D.
+        average_over: ``"labeled"`` divides the summed matching loss by the number of labeled
+            samples, ``"all"`` by the number of samples.
         focal_gamma: exponent of the focal modulation; 0 is plain OIM.
         triplet_weight: weight of the triplet term; 0 leaves it out, 1 is AlignPS' TOIM.
         triplet_margin: the margin M of the triplet term.
-        triplet_mining: ``"all"`` valid triplets (AlignPS eq. 3) or the ``"hardest"`` per anchor.
+        triplet_mining: ``"all"`` valid triplets (AlignPS eq. 3) or the ``"hardest"`` per anchor
+            (AlignPS's released code); see ``lut_triplet_loss``.
     """
 
     lut: Tensor
@@ -61,7 +86,11 @@ class OIMLoss(nn.Module):
         queue_size: int,
         *,
         momentum: float = 0.5,
-        temperature: float = 1 / 30,
+        lut_scale: float = 30.0,
+        queue_scale: float = 30.0,
+        lut_renormalize: bool = True,
+        queue_dims: int | None = None,
+        average_over: AverageOver = "labeled",
         focal_gamma: float = 0.0,
         triplet_weight: float = 0.0,
         triplet_margin: float = 0.3,
@@ -72,7 +101,16 @@ class OIMLoss(nn.Module):
         _require(num_labeled > 0, f"num_labeled must be positive, got {num_labeled}")
         _require(queue_size >= 0, f"queue_size must be >= 0, got {queue_size}")
         _require(0 <= momentum <= 1, f"momentum must be in [0, 1], got {momentum}")
-        _require(temperature > 0, f"temperature must be positive, got {temperature}")
+        _require(lut_scale > 0, f"lut_scale must be positive, got {lut_scale}")
+        _require(queue_scale > 0, f"queue_scale must be positive, got {queue_scale}")
+        _require(
+            queue_dims is None or 0 < queue_dims <= embedding_dim,
+            f"queue_dims must be None or in [1, {embedding_dim}], got {queue_dims}",
+        )
+        _require(
+            average_over in AVERAGE_OVER_MODES,
+            f"average_over must be one of {AVERAGE_OVER_MODES}, got {average_over!r}",
+        )
         _require(focal_gamma >= 0, f"focal_gamma must be >= 0, got {focal_gamma}")
         _require(triplet_weight >= 0, f"triplet_weight must be >= 0, got {triplet_weight}")
         _require(triplet_margin >= 0, f"triplet_margin must be >= 0, got {triplet_margin}")
@@ -84,7 +122,11 @@ class OIMLoss(nn.Module):
         self.num_labeled = num_labeled
         self.queue_size = queue_size
         self.momentum = momentum
-        self.temperature = temperature
+        self.lut_scale = lut_scale
+        self.queue_scale = queue_scale
+        self.lut_renormalize = lut_renormalize
+        self.queue_dims = embedding_dim if queue_dims is None else queue_dims
+        self.average_over = average_over
         self.focal_gamma = focal_gamma
         self.triplet_weight = triplet_weight
         self.triplet_margin = triplet_margin
@@ -106,18 +148,18 @@ class OIMLoss(nn.Module):
 
         Returns:
             ``{"loss_oim": scalar}``, plus ``"loss_triplet"`` (already multiplied by
-            ``triplet_weight``) when the triplet term is on. Each loss is the mean over the
-            labeled samples (the triplet term: over triplets or anchors) and is a zero connected
-            to ``features`` when there is nothing to average.
+            ``triplet_weight``) when the triplet term is on. ``loss_oim`` is averaged as
+            ``average_over`` says, the triplet term over its triplets or anchors; each is a zero
+            connected to ``features`` when there is nothing to average.
         """
         pids = self._checked_pids(features, pids)
         _check_weights(weights, len(pids))
         labeled = pids >= 0
         labeled_weights = None if weights is None else weights[labeled]
 
-        losses = {
-            "loss_oim": self._matching_loss(features[labeled], pids[labeled], labeled_weights)
-        }
+        matching = self._matching_loss(features[labeled], pids[labeled], labeled_weights)
+        denominator = len(pids) if self.average_over == "all" else int(labeled.sum())
+        losses = {"loss_oim": matching / max(denominator, 1)}
         if self.triplet_weight > 0:
             triplet = lut_triplet_loss(
                 features[labeled],
@@ -133,19 +175,23 @@ class OIMLoss(nn.Module):
         return losses
 
     def logits(self, features: Tensor) -> Tensor:
-        """(N, L + Q) similarities to the LUT rows, then to the queue slots, divided by tau."""
+        """(N, L + Q) scaled similarities to the LUT rows, then to the queue slots."""
         dtype = torch.promote_types(features.dtype, self.lut.dtype)
-        memory = torch.cat([self.lut, self.queue]).to(dtype)  # a copy: the update may follow
-        # Under mixed precision the 1/tau scaling would magnify half-precision rounding.
+        # Copies: the memory update may follow. Under mixed precision the scaling would magnify
+        # half-precision rounding, so the products are taken in full precision.
+        lut, queue = self.lut.to(dtype, copy=True), self.queue.to(dtype, copy=True)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return features.to(dtype) @ memory.T / self.temperature
+            features = features.to(dtype)
+            return torch.cat(
+                [self.lut_scale * features @ lut.T, self.queue_scale * features @ queue.T], dim=1
+            )
 
     @torch.no_grad()
     def update_memory(self, features: Tensor, pids: Tensor) -> None:
         """Momentum-update the LUT with labeled features and enqueue the unlabeled ones.
 
-        Several features of one identity in a batch (all ranks together) update its row once,
-        with their mean: v <- normalise(gamma * v + (1 - gamma) * mean(x)).
+        Several features of one identity in a batch (all ranks together) update its row one
+        after the other, in batch order, as the released OIM layers do.
         """
         features, pids = _gather_from_all_ranks(features.detach(), pids)
         features = features.to(self.lut.dtype)
@@ -154,6 +200,7 @@ class OIMLoss(nn.Module):
         self._enqueue(features[~labeled])
 
     def _matching_loss(self, features: Tensor, pids: Tensor, weights: Tensor | None) -> Tensor:
+        """The summed per-sample terms -(1 - p_t)^gamma log p_t of the labeled samples."""
         if len(pids) == 0:
             return features.sum() * 0
         log_p = self.logits(features).log_softmax(dim=1)
@@ -163,23 +210,26 @@ class OIMLoss(nn.Module):
             per_sample = per_sample * (1 - log_p_target.exp()).pow(self.focal_gamma)
         if weights is not None:
             per_sample = per_sample * weights
-        return per_sample.mean()
+        return per_sample.sum()
 
     def _update_lut(self, features: Tensor, pids: Tensor) -> None:
-        if len(pids) == 0:
-            return
-        identities, slot = pids.unique(return_inverse=True)
-        sums = features.new_zeros(len(identities), self.embedding_dim).index_add_(0, slot, features)
-        means = sums / torch.bincount(slot, minlength=len(identities))[:, None]
-        moved = self.momentum * self.lut[identities] + (1 - self.momentum) * means
-        self.lut[identities] = F.normalize(moved, dim=1)
+        """v <- gamma * v + (1 - gamma) * x for each (x, pid) in order, renormalising each step.
+
+        Vectorised over identities: round r applies the r-th feature of every identity at once,
+        which is the same sequence of updates for each row.
+        """
+        for round_index in _occurrence_rounds(pids):
+            rows = pids[round_index]
+            moved = self.momentum * self.lut[rows] + (1 - self.momentum) * features[round_index]
+            self.lut[rows] = F.normalize(moved, dim=1) if self.lut_renormalize else moved
 
     def _enqueue(self, features: Tensor) -> None:
         if self.queue_size == 0 or len(features) == 0:
             return
         pushed = len(features)
         # Of more than Q features only the last Q would survive the wrap-around.
-        survivors = features[-self.queue_size :]
+        survivors = features[-self.queue_size :].clone()
+        survivors[:, self.queue_dims :] = 0
         first = (self.queue_ptr + pushed - len(survivors)) % self.queue_size
         slots = (first + torch.arange(len(survivors), device=features.device)) % self.queue_size
         self.queue[slots] = survivors
@@ -208,10 +258,24 @@ class OIMLoss(nn.Module):
         return (
             f"embedding_dim={self.embedding_dim}, num_labeled={self.num_labeled}, "
             f"queue_size={self.queue_size}, momentum={self.momentum}, "
-            f"temperature={self.temperature:.4g}, focal_gamma={self.focal_gamma}, "
+            f"lut_scale={self.lut_scale:.4g}, queue_scale={self.queue_scale:.4g}, "
+            f"lut_renormalize={self.lut_renormalize}, queue_dims={self.queue_dims}, "
+            f"average_over={self.average_over!r}, focal_gamma={self.focal_gamma}, "
             f"triplet_weight={self.triplet_weight}, triplet_margin={self.triplet_margin}, "
             f"triplet_mining={self.triplet_mining!r}"
         )
+
+
+def _occurrence_rounds(pids: Tensor) -> list[Tensor]:
+    """Indices of the samples grouped by occurrence: round r holds, in batch order, the r-th
+    sample of every identity that has at least r + 1 samples (no identity twice in a round)."""
+    if len(pids) == 0:
+        return []
+    sorted_pids, order = pids.sort(stable=True)
+    first_of_identity = torch.searchsorted(sorted_pids, sorted_pids)
+    occurrence = torch.empty_like(order)
+    occurrence[order] = torch.arange(len(pids), device=pids.device) - first_of_identity
+    return [(occurrence == r).nonzero().flatten() for r in range(int(occurrence.max()) + 1)]
 
 
 def _require(condition: bool, message: str) -> None:

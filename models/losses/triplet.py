@@ -4,6 +4,11 @@ The candidate set of one identity m is X_m = {x_m,1, ..., x_m,S, v_m}: the featu
 that person in the batch together with the person's centre v_m in the OIM lookup table. Positive
 pairs are drawn within a set, negative pairs across sets, and eq. 3 sums the hinge
 [M + D_pos - D_neg]_+ over them, with D the Euclidean distance and M the margin.
+
+AlignPS's released code mines instead: it appends the LUT row of every labeled feature (one row
+per feature, so an identity's centre appears as often as its features) and averages, over all
+these anchors, the hinge of the farthest positive and the closest negative (batch-hard mining,
+Hermans et al.). ``mining="hardest"`` is that loss; ``"all"`` is eq. 3.
 """
 
 from typing import Literal
@@ -30,14 +35,17 @@ def lut_triplet_loss(
         pids: (N,) identity of each feature, indices into ``lut``.
         lut: (L, D) lookup table of identity centres; used as constants (no gradient).
         margin: the distance margin M of eq. 3.
-        mining: ``"all"`` averages the hinge over every valid (anchor, positive, negative)
-            triplet, which is the sum of eq. 3 divided by the number of triplets so that its
-            scale does not depend on the batch size (memory grows as (N + I)^3 for I
-            identities); ``"hardest"`` keeps, per anchor, only the farthest positive and the
-            closest negative (batch-hard mining).
+        mining: ``"all"``: the candidates are the features and one centre per identity, and the
+            hinge is averaged over every valid (anchor, positive, negative) triplet, which is
+            the sum of eq. 3 divided by the number of triplets so that its scale does not depend
+            on the batch size (memory grows as (N + I)^3 for I identities). ``"hardest"``: the
+            candidates are the features and the centre of each feature (N centres, as the
+            released code), and each anchor keeps only its farthest positive and its closest
+            negative (batch-hard mining); the hinge is averaged over the anchors.
         weights: optional (N,) per-feature weights (LEAPS' DRSM weights). A triplet is weighted
-            by its anchor's weight; a LUT centre weighs the mean weight of its identity's
-            features, so that scaling all weights scales the loss.
+            by its anchor's weight; a centre weighs as its feature ("hardest") or as the mean
+            weight of its identity's features ("all"), so that scaling all weights scales the
+            loss.
 
     Returns:
         A scalar. It is zero, still connected to ``features``, when no valid triplet exists
@@ -50,16 +58,18 @@ def lut_triplet_loss(
 
     # Distances of nearby unit vectors lose most of their digits in half precision.
     dtype = torch.promote_types(features.dtype, lut.dtype)
-    # The candidate sets of all identities at once: batch features, then one centre per identity.
-    identities, identity_index = pids.unique(return_inverse=True)
-    candidates = torch.cat([features.to(dtype), lut[identities].to(dtype)])  # (N + I, D)
-    labels = torch.cat([pids, identities])  # (N + I,)
     weights = weights.to(dtype)
-    centre_weights = _mean_per_identity(weights, identity_index, len(identities))
-    anchor_weights = torch.cat([weights, centre_weights])  # (N + I,)
+    if mining == "all":
+        centre_pids, identity_index = pids.unique(return_inverse=True)
+        centre_weights = _mean_per_identity(weights, identity_index, len(centre_pids))
+    else:
+        centre_pids, centre_weights = pids, weights
+    candidates = torch.cat([features.to(dtype), lut[centre_pids].to(dtype)])  # (N + C, D)
+    labels = torch.cat([pids, centre_pids])  # (N + C,)
+    anchor_weights = torch.cat([weights, centre_weights])  # (N + C,)
 
     with torch.autocast(device_type=features.device.type, enabled=False):
-        distances = _pairwise_euclidean(candidates)  # (C, C)
+        distances = _pairwise_euclidean(candidates)  # (N + C, N + C)
     same = labels[:, None] == labels[None, :]
     is_positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     is_negative = ~same

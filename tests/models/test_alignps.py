@@ -68,7 +68,8 @@ def test_shapes_through_every_module(tiny):
 def test_training_forward_returns_named_finite_losses_that_reach_every_module():
     model = _model().train()
     losses = model(torch.randn(2, 3, 128, 128), _targets())
-    assert set(losses) == {"loss_cls", "loss_box", "loss_quality", "loss_oim", "loss_triplet"}
+    # The tiny config follows the released PRW head: OIM without the triplet term.
+    assert set(losses) == {"loss_cls", "loss_box", "loss_quality", "loss_oim"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     for module in ("backbone", "afa", "head"):
@@ -194,7 +195,7 @@ def test_paper_config_builds_and_runs_at_reduced_size(name):
     model = _model(CONFIGS / name)
     cfg = model.config
     assert (cfg.preprocess.min_size, cfg.preprocess.max_size) == (900, 1500)
-    assert cfg.reid_loss.temperature == 0.1 and cfg.inference.nms_thresh == 0.5
+    assert cfg.inference.nms_thresh == 0.5
     assert (cfg.reid_loss.num_labeled, cfg.reid_loss.queue_size) == (
         (5532, 5000) if "cuhk" in name else (483, 500)
     )
@@ -207,6 +208,67 @@ def test_paper_config_builds_and_runs_at_reduced_size(name):
     # AlignPS+ differs from AlignPS by deformable 3x3 convs in res3-res5 (Table 5).
     expected = ["res3", "res4", "res5"] if "plus" in name else []
     assert _deformable_stages(model) == expected
+
+
+# The released heads behind the published numbers (github.com/daodaofr/AlignPS):
+# FCOSReidHeadFocalOimSub for PRW, FCOSReidHeadFocalSubTriQueue for CUHK-SYSU.
+RELEASED_REID = {
+    "prw": dict(
+        lut_scale=15.0,
+        queue_scale=10.0,
+        lut_renormalize=True,
+        queue_dims=64,
+        average_over="all",
+        focal_gamma=2.0,
+        triplet_weight=0.0,
+    ),
+    "cuhk": dict(
+        lut_scale=10.0,
+        queue_scale=10.0,
+        lut_renormalize=False,
+        queue_dims=64,
+        average_over="all",
+        focal_gamma=2.0,
+        triplet_weight=1.0,
+        triplet_mining="hardest",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_carry_the_released_heads_settings(name):
+    cfg = AlignPSConfig.model_validate(load_config(CONFIGS / name, []).model)
+    assert cfg.subtract_image_mean
+    head = cfg.head
+    assert head.dcn_on_last_conv and head.box_loss == "giou"
+    assert (head.box_loss_weights, head.box_loss_normalizer) == ("centerness", "weights")
+    released = RELEASED_REID["cuhk" if "cuhk" in name else "prw"]
+    assert {key: getattr(cfg.reid_loss, key) for key in released} == released
+
+
+def test_defaults_are_the_released_cuhk_sysu_head():
+    cfg = AlignPSConfig()
+    assert cfg.subtract_image_mean and cfg.head.dcn_on_last_conv
+    assert {key: getattr(cfg.reid_loss, key) for key in RELEASED_REID["cuhk"]} == (
+        RELEASED_REID["cuhk"]
+    )
+
+
+def test_a_partial_head_section_keeps_alignps_defaults_for_the_rest():
+    cfg = AlignPSConfig.model_validate(
+        {"head": {"feat_channels": 128}, "inference": {"max_detections": 20}}
+    )
+    assert cfg.head.feat_channels == 128
+    assert cfg.head.num_levels == 1 and cfg.head.dcn_on_last_conv
+    assert cfg.head.box_loss_weights == "centerness" and cfg.head.assigner.size_ranges == ()
+    assert cfg.inference.max_detections == 20 and cfg.inference.nms_thresh == 0.5
+
+
+def test_a_queue_wider_than_the_embedding_is_a_config_error():
+    with pytest.raises(ValueError, match="queue_dims"):
+        AlignPSConfig.model_validate(
+            {"afa": {"channels": 32}, "head": {"in_channels": 32, "gn_groups": 8}}
+        )
 
 
 def _deformable_stages(model: AlignPS) -> list[str]:

@@ -44,8 +44,8 @@ def test_the_shared_memory_learns_each_labeled_person_from_every_head_once_per_i
     make_model, batch
 ):
     # The memory is updated once per iteration, with the samples of both branches of both re-id
-    # stages (each branch's samples are its stage's); with momentum 0 a row becomes the
-    # normalised mean of its person's samples.
+    # stages (each branch's samples are its stage's); with momentum 0 a row becomes its
+    # person's last sample, normalised.
     model = make_model(reid_loss={"momentum": 0.0})
     _, targets = batch
     pid = int(targets[0]["pids"][targets[0]["pids"] >= 0][0])

@@ -39,11 +39,44 @@ def test_first_update_of_an_empty_lut_row_stores_the_normalised_feature():
     torch.testing.assert_close(oim.lut[0], torch.tensor([0.6, 0.8]))
 
 
-def test_features_of_one_identity_in_a_batch_update_its_row_once_with_their_mean():
+def test_features_of_one_identity_update_its_row_one_after_the_other_in_batch_order():
     oim = oim_with_memory([[1.0, 0.0]], momentum=0.5)
-    oim(torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.tensor([0, 0]))
-    # mean feature (0, 0.5); 0.5 * (1, 0) + 0.5 * (0, 0.5) = (0.5, 0.25) -> (2, 1) / sqrt(5)
-    torch.testing.assert_close(oim.lut[0], torch.tensor([2.0, 1.0]) / math.sqrt(5))
+    oim(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), torch.tensor([0, 0]))
+    # (1, 0) -> 0.5 (1, 0) + 0.5 (0, 1) = (0.5, 0.5) -> (1, 1) / sqrt(2); then
+    # 0.5 (1, 1) / sqrt(2) + 0.5 (-1, 0) = (1 / sqrt(8) - 1 / 2, 1 / sqrt(8)), normalised.
+    second = torch.tensor([1 / math.sqrt(8) - 0.5, 1 / math.sqrt(8)])
+    torch.testing.assert_close(oim.lut[0], second / second.norm())
+
+
+def test_without_renormalisation_a_row_is_the_plain_momentum_average():
+    oim = oim_with_memory([[0.0, 0.0]], momentum=0.5, lut_renormalize=False)
+    oim(torch.tensor([[0.6, 0.8], [1.0, 0.0]]), torch.tensor([0, 0]))
+    # 0.5 (0.6, 0.8) = (0.3, 0.4); then 0.5 (0.3, 0.4) + 0.5 (1, 0) = (0.65, 0.2)
+    torch.testing.assert_close(oim.lut[0], torch.tensor([0.65, 0.2]))
+
+
+def _released_lut_update(lut, features, pids, momentum, renormalize):
+    """The released OIM layers' update: a Python loop over the samples in batch order."""
+    lut = lut.clone()
+    for feature, pid in zip(features, pids.tolist(), strict=True):
+        if pid >= 0:
+            lut[pid] = momentum * lut[pid] + (1 - momentum) * feature
+            if renormalize:
+                lut[pid] /= lut[pid].norm()
+    return lut
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_lut_update_is_the_released_per_sample_loop(renormalize):
+    generator = torch.Generator().manual_seed(3)
+    lut = F.normalize(torch.randn(5, 8, generator=generator), dim=1)
+    features = F.normalize(torch.randn(40, 8, generator=generator), dim=1)
+    pids = torch.randint(-1, 5, (40,), generator=generator)  # repeats, unlabeled, any order
+    oim = OIMLoss(8, 5, 4, momentum=0.3, lut_renormalize=renormalize)
+    oim.lut.copy_(lut)
+    oim(features, pids)
+    expected = _released_lut_update(lut, features, pids, 0.3, renormalize)
+    torch.testing.assert_close(oim.lut, expected)
 
 
 def test_unlabeled_features_leave_the_lut_alone():
@@ -94,6 +127,12 @@ def test_labeled_features_do_not_enter_the_queue():
     torch.testing.assert_close(oim.queue, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
 
 
+def test_queue_keeps_only_the_first_queue_dims_of_each_feature():
+    oim = OIMLoss(4, 1, 2, queue_dims=2)
+    oim(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.tensor([-1]))
+    torch.testing.assert_close(oim.queue[0], torch.tensor([0.1, 0.2, 0.0, 0.0]))
+
+
 def test_zero_queue_size_disables_the_queue():
     oim = OIMLoss(2, 1, 0)
     losses = oim(*unlabeled(1))
@@ -104,22 +143,22 @@ def test_zero_queue_size_disables_the_queue():
 # --- logits and the matching loss -------------------------------------------------------------
 
 
-def test_logits_are_similarities_to_lut_then_queue_divided_by_the_temperature():
-    oim = oim_with_memory([[1.0, 0.0]], queue=[[0.0, 1.0]], temperature=0.1)
+def test_logits_are_similarities_to_lut_then_queue_each_times_its_scale():
+    oim = oim_with_memory([[1.0, 0.0]], queue=[[0.0, 1.0]], lut_scale=15.0, queue_scale=10.0)
     logits = oim.logits(torch.tensor([[0.6, 0.8]]))
-    # (0.6, 0.8) . (1, 0) = 0.6 and . (0, 1) = 0.8, each divided by tau = 0.1
-    torch.testing.assert_close(logits, torch.tensor([[6.0, 8.0]]))
+    # (0.6, 0.8) . (1, 0) = 0.6 times 15 and . (0, 1) = 0.8 times 10
+    torch.testing.assert_close(logits, torch.tensor([[9.0, 8.0]]))
 
 
-def test_two_class_loss_is_the_hand_computed_cross_entropy_at_temperature():
-    oim = oim_with_memory([[1.0, 0.0], [0.0, 1.0]], temperature=0.5)
+def test_two_class_loss_is_the_hand_computed_cross_entropy_at_scale():
+    oim = oim_with_memory([[1.0, 0.0], [0.0, 1.0]], lut_scale=2.0)
     loss = oim(torch.tensor([[0.6, 0.8]]), torch.tensor([0]))["loss_oim"]
     # logits (1.2, 1.6): -log(e^1.2 / (e^1.2 + e^1.6)) = log(1 + e^0.4)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(0.4)), rel=1e-6)
 
 
 def test_queue_entries_are_negatives_in_the_softmax():
-    oim = oim_with_memory([[1.0, 0.0]], queue=[[0.0, 1.0]], temperature=0.1)
+    oim = oim_with_memory([[1.0, 0.0]], queue=[[0.0, 1.0]], lut_scale=10.0, queue_scale=10.0)
     loss = oim(torch.tensor([[0.6, 0.8]]), torch.tensor([0]))["loss_oim"]
     # logits (6, 8) with the target the LUT's: log(1 + e^(8 - 6))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(2.0)), rel=1e-6)
@@ -135,6 +174,17 @@ def test_unlabeled_samples_add_no_loss_but_enter_the_queue():
     torch.testing.assert_close(mixed["loss_oim"], alone["loss_oim"])
     # ...but it is remembered.
     torch.testing.assert_close(mixed_oim.queue, unlabeled_x)
+
+
+def test_averaged_over_all_samples_unlabeled_ones_count_in_the_denominator():
+    lut = [[1.0, 0.0], [0.0, 1.0]]
+    labeled_x, unlabeled_x = torch.tensor([[0.6, 0.8]]), torch.tensor([[0.8, 0.6], [1.0, 0.0]])
+    alone = oim_with_memory(lut, queue=[[0.0, 0.0]]).eval()(labeled_x, torch.tensor([1]))
+    mixed = oim_with_memory(lut, queue=[[0.0, 0.0]], average_over="all").eval()(
+        torch.cat([labeled_x, unlabeled_x]), torch.tensor([1, -1, -1])
+    )
+    # The released heads' mean: one labeled term over three positive locations.
+    torch.testing.assert_close(mixed["loss_oim"], alone["loss_oim"] / 3)
 
 
 def test_only_unlabeled_samples_give_a_zero_loss_connected_to_the_features():
@@ -161,7 +211,9 @@ def test_an_empty_batch_gives_zero_losses_that_backpropagate(triplet_weight):
 
 
 def test_focal_gamma_zero_is_the_plain_cross_entropy_over_lut_and_queue():
-    oim = oim_with_memory([[1.0, 0.0], [0.0, 1.0]], queue=[[0.8, 0.6]], temperature=0.2)
+    oim = oim_with_memory(
+        [[1.0, 0.0], [0.0, 1.0]], queue=[[0.8, 0.6]], lut_scale=5.0, queue_scale=5.0
+    )
     features = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
     pids = torch.tensor([0, 0])
     loss = oim.eval()(features, pids)["loss_oim"]
@@ -170,7 +222,7 @@ def test_focal_gamma_zero_is_the_plain_cross_entropy_over_lut_and_queue():
 
 
 def test_focal_modulation_multiplies_the_cross_entropy_by_one_minus_p_to_the_gamma():
-    oim = oim_with_memory([[1.0, 0.0], [0.0, 1.0]], temperature=0.5, focal_gamma=2.0)
+    oim = oim_with_memory([[1.0, 0.0], [0.0, 1.0]], lut_scale=2.0, focal_gamma=2.0)
     loss = oim(torch.tensor([[0.6, 0.8]]), torch.tensor([0]))["loss_oim"]
     # As in the two-class case above, p = 1 / (1 + e^0.4); loss = (1 - p)^2 * (-log p).
     p = 1 / (1 + math.exp(0.4))
@@ -179,15 +231,15 @@ def test_focal_modulation_multiplies_the_cross_entropy_by_one_minus_p_to_the_gam
 
 def test_focal_modulation_down_weights_easy_samples_more_than_hard_ones():
     lut = [[1.0, 0.0], [0.0, 1.0]]
-    # At tau = 0.5 the logits are (2, 0) for the easy sample, on its own centre, so
+    # At scale 2 (tau = 0.5) the logits are (2, 0) for the easy sample, on its own centre, so
     # p = e^2 / (1 + e^2) = 0.88, and (0, 2) for the hard one, on the other centre: p = 0.12.
     easy = torch.tensor([[1.0, 0.0]])
     hard = torch.tensor([[0.0, 1.0]])
     pid = torch.tensor([0])
 
     def focal_over_plain(features: torch.Tensor) -> float:
-        focal = oim_with_memory(lut, temperature=0.5, focal_gamma=2.0)(features, pid)
-        plain = oim_with_memory(lut, temperature=0.5)(features, pid)
+        focal = oim_with_memory(lut, lut_scale=2.0, focal_gamma=2.0)(features, pid)
+        plain = oim_with_memory(lut, lut_scale=2.0)(features, pid)
         return (focal["loss_oim"] / plain["loss_oim"]).item()
 
     # The ratio is (1 - p)^2: 0.12^2 for the easy sample, 0.88^2 for the hard one.
@@ -223,12 +275,13 @@ def test_sample_weights_scale_each_samples_loss():
         {"focal_gamma": 2.0},
         {"triplet_weight": 0.5, "triplet_mining": "all"},
         {"triplet_weight": 0.5, "triplet_mining": "hardest", "focal_gamma": 1.0},
+        {"average_over": "all", "queue_dims": 2},
     ],
-    ids=["plain", "focal", "triplet-all", "triplet-hardest-focal"],
+    ids=["plain", "focal", "triplet-all", "triplet-hardest-focal", "all-positives"],
 )
 def test_gradient_with_respect_to_features_matches_finite_differences(options):
     generator = torch.Generator().manual_seed(1)
-    oim = OIMLoss(4, 3, 2, temperature=0.25, **options).double().eval()
+    oim = OIMLoss(4, 3, 2, lut_scale=4.0, queue_scale=3.0, **options).double().eval()
     oim.lut.copy_(F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.double), dim=1))
     oim.queue.copy_(F.normalize(torch.randn(2, 4, generator=generator, dtype=torch.double), dim=1))
     features = torch.randn(5, 4, generator=generator, dtype=torch.double, requires_grad=True)
@@ -342,7 +395,11 @@ def test_bad_inputs_raise_clear_errors(features, pids, weights, error, message):
     ("options", "message"),
     [
         ({"momentum": 1.5}, "momentum"),
-        ({"temperature": 0.0}, "temperature"),
+        ({"lut_scale": 0.0}, "lut_scale"),
+        ({"queue_scale": -1.0}, "queue_scale"),
+        ({"queue_dims": 0}, "queue_dims"),
+        ({"queue_dims": 5}, "queue_dims"),
+        ({"average_over": "unlabeled"}, "average_over"),
         ({"focal_gamma": -1.0}, "focal_gamma"),
         ({"triplet_weight": -1.0}, "triplet_weight"),
         ({"triplet_margin": -0.1}, "triplet_margin"),

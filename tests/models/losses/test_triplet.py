@@ -44,6 +44,20 @@ def test_hardest_mining_takes_the_farthest_positive_and_closest_negative_per_anc
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_hardest_mining_adds_one_lut_row_per_feature_as_the_released_code():
+    # Identity 0 has two features, a1 = (0, 0) and a2 = (1, 0), so its centre v0 = (2, 0) is an
+    # anchor twice; identity 1 has b = (0, 1) and v1 = (3, 1). Per anchor, margin 1:
+    #   a1: farthest positive v0 (2), closest negative b (1)             -> 2
+    #   a2: farthest positive a1 or v0 (1), closest negative b (sqrt 2)  -> 2 - sqrt 2
+    #   b:  v1 (3), a1 (1)                                               -> 3
+    #   v0 (twice): a1 (2), v1 (sqrt 2)                                  -> 3 - sqrt 2
+    #   v1: b (3), v0 (sqrt 2)                                           -> 4 - sqrt 2
+    features = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    loss = lut_triplet_loss(features, torch.tensor([0, 0, 1]), LUT, margin=1.0, mining="hardest")
+    expected = (2 + (2 - math.sqrt(2)) + 3 + 2 * (3 - math.sqrt(2)) + (4 - math.sqrt(2))) / 6
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_all_mining_averages_the_hinge_over_every_valid_triplet():
     loss = lut_triplet_loss(FEATURES, PIDS, LUT, margin=1.0, mining="all")
     # Each anchor has one positive and two negatives: 8 triplets.
@@ -56,7 +70,7 @@ def test_all_mining_averages_the_hinge_over_every_valid_triplet():
     assert loss.item() == pytest.approx(sum(hinges) / 8, rel=1e-6)
 
 
-def test_triplets_are_weighted_by_their_anchor_and_a_centre_by_its_features_mean_weight():
+def test_triplets_are_weighted_by_their_anchor_and_a_centre_by_its_feature():
     weights = torch.tensor([2.0, 0.0])
     loss = lut_triplet_loss(FEATURES, PIDS, LUT, margin=1.0, mining="hardest", weights=weights)
     # Anchors a and v0 (identity 0, weight 2) count twice, b and v1 (weight 0) not at all.
