@@ -39,7 +39,7 @@ from models.heads.fcos import (
     flatten_levels,
     points_inside,
 )
-from models.losses import AverageOver, OIMLoss, TripletMining
+from models.losses import AverageOver, OIMConfig, TripletMining
 from models.necks.afa import AFA, AFAConfig
 from models.preprocess import PreprocessConfig, valid_sizes
 from models.types import Detections
@@ -65,15 +65,10 @@ def _alignps_inference() -> FCOSInferenceConfig:
     )
 
 
-class AlignPSReidLossConfig(StrictModel):
-    """The triplet-aided OIM loss on the positive locations (Sec. 3.3, Sec. 4.2)."""
+class AlignPSReidLossConfig(OIMConfig):
+    """The triplet-aided OIM loss on the positive locations (Sec. 3.3, Sec. 4.2): the OIM
+    settings with AlignPS's defaults."""
 
-    num_labeled: int = Field(
-        5532, gt=0, description="Labeled training identities: LUT rows (CUHK-SYSU 5532, PRW 483)."
-    )
-    queue_size: int = Field(
-        5000, ge=0, description="Circular queue of unlabeled features (CUHK-SYSU 5000, PRW 500)."
-    )
     lut_scale: float = Field(
         10.0,
         gt=0,
@@ -99,7 +94,6 @@ class AlignPSReidLossConfig(StrictModel):
         description="OIM's mean over the labeled positive locations (eq. 2) or over all of them, "
         "unlabeled ones adding zero (the released heads).",
     )
-    momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
     focal_gamma: float = Field(
         2.0, ge=0, description="Focal OIM exponent (Sec. 4.2, 'following [4]'); 0 = plain OIM."
     )
@@ -187,22 +181,7 @@ class AlignPS(nn.Module):
         self.afa = AFA(self.backbone.out_channels, self.backbone.strides, config.afa)
         self.strides = [self.afa.stride]
         self.head = FCOSHead(config.head)
-        reid = config.reid_loss
-        self.reid_loss = OIMLoss(
-            self.embedding_dim,
-            reid.num_labeled,
-            reid.queue_size,
-            momentum=reid.momentum,
-            lut_scale=reid.lut_scale,
-            queue_scale=reid.queue_scale,
-            lut_renormalize=reid.lut_renormalize,
-            queue_dims=reid.queue_dims,
-            average_over=reid.average_over,
-            focal_gamma=reid.focal_gamma,
-            triplet_weight=reid.triplet_weight,
-            triplet_margin=reid.triplet_margin,
-            triplet_mining=reid.triplet_mining,
-        )
+        self.reid_loss = config.reid_loss.build(self.embedding_dim)
 
     def forward(
         self,

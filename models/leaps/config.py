@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from models.backbones import BackboneConfig
 from models.config import StrictModel
-from models.losses.triplet import TripletMining
+from models.losses import OIMConfig
 from models.necks.fpn import FPNConfig
 from models.preprocess import PreprocessConfig
 
@@ -100,8 +100,10 @@ class ReidHeadConfig(StrictModel):
     num_heads: int = Field(8, gt=0, description="Heads of HIRM's inter-instance attention.")
 
 
-class ReidLossConfig(StrictModel):
-    """Diverse re-id sample matching (Sec. 3.2) and the re-id terms of eq. 2."""
+class ReidLossConfig(OIMConfig):
+    """Diverse re-id sample matching (Sec. 3.2) and the re-id terms of eq. 2: the triplet-aided
+    OIM of [35] (AlignPS's TOIM, with its focal term), with the scales of PSTR's released head
+    (the same authors' code; LEAPS gives none)."""
 
     drsm: bool = Field(
         True, description="Diverse re-id sample matching; False = one-to-one only (Table 4)."
@@ -123,18 +125,24 @@ class ReidLossConfig(StrictModel):
         483, gt=0, description="Labeled training identities (PRW 483, CUHK-SYSU 5532)."
     )
     queue_size: int = Field(500, ge=0, description="Circular queue of unlabeled features.")
-    momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
-    temperature: float = Field(1 / 30, gt=0, description="OIM softmax temperature.")
+    lut_scale: float = Field(
+        15.0, gt=0, description="Factor of the LUT similarities (PSTR's released head: 15)."
+    )
+    queue_scale: float = Field(
+        10.0, gt=0, description="Factor of the queue similarities (PSTR's released head: 10)."
+    )
+    lut_renormalize: bool = Field(
+        False,
+        description="Renormalise a LUT row after each update (PSTR's released update does not).",
+    )
     focal_gamma: float = Field(
         2.0,
         ge=0,
         description="Focal modulation of OIM: the TOIM of [35] (AlignPS Sec. 4.2) and PSTR's "
         "released head use 2; 0 = plain OIM.",
     )
-    triplet_weight: float = Field(1.0, ge=0, description="Weight of TOIM's triplet term.")
-    triplet_margin: float = Field(0.3, ge=0, description="Margin of TOIM's triplet term.")
-    triplet_mining: TripletMining = Field(
-        "all", description="all: every valid triplet (AlignPS eq. 3); hardest: batch-hard."
+    triplet_weight: float = Field(
+        1.0, ge=0, description="Weight of TOIM's triplet term (eq. 2: triplet-aided OIM [35])."
     )
 
 

@@ -21,7 +21,6 @@ from models.leaps.config import DetectionConfig, ReidLossConfig
 from models.leaps.detection_head import StageOutput
 from models.leaps.matcher import Match, ReidSamples
 from models.leaps.reid_head import ReidOutput
-from models.losses import OIMLoss
 from models.losses.detection import iou_loss, sigmoid_focal_loss
 from models.ops.boxes import box_scale
 
@@ -98,22 +97,7 @@ class ReidCriterion(nn.Module):
             if cfg.shared_memory
             else [self._key(stage, name) for stage in stages for name in self.branch_names]
         )
-        self.memories = nn.ModuleDict({key: self._oim(cfg, feature_dim) for key in keys})
-
-    @staticmethod
-    def _oim(cfg: ReidLossConfig, feature_dim: int) -> OIMLoss:
-        return OIMLoss(
-            feature_dim,
-            cfg.num_labeled,
-            cfg.queue_size,
-            momentum=cfg.momentum,
-            lut_scale=1 / cfg.temperature,
-            queue_scale=1 / cfg.temperature,
-            focal_gamma=cfg.focal_gamma,
-            triplet_weight=cfg.triplet_weight,
-            triplet_margin=cfg.triplet_margin,
-            triplet_mining=cfg.triplet_mining,
-        )
+        self.memories = nn.ModuleDict({key: cfg.build(feature_dim) for key in keys})
 
     @staticmethod
     def _key(stage: int, branch: str) -> str:

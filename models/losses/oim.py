@@ -33,12 +33,57 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from models.config import StrictModel
 from models.losses.triplet import TRIPLET_MINING_MODES, TripletMining, lut_triplet_loss
 
 AverageOver = Literal["labeled", "all"]
 AVERAGE_OVER_MODES: tuple[AverageOver, ...] = ("labeled", "all")
+
+
+class OIMConfig(StrictModel):
+    """The OIM loss's settings, as every model family's re-id loss config spells them (a family
+    subclasses it with its paper's defaults and its own fields)."""
+
+    num_labeled: int = Field(
+        5532, gt=0, description="Labeled training identities: LUT rows (CUHK-SYSU 5532, PRW 483)."
+    )
+    queue_size: int = Field(
+        5000, ge=0, description="Circular queue of unlabeled features (CUHK-SYSU 5000, PRW 500)."
+    )
+    momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
+    lut_scale: float = Field(
+        30.0, gt=0, description="Factor of the similarities to the LUT rows (1 / tau)."
+    )
+    queue_scale: float = Field(
+        30.0, gt=0, description="Factor of the similarities to the queue slots (1 / tau)."
+    )
+    lut_renormalize: bool = Field(True, description="Renormalise a LUT row after each update.")
+    queue_dims: int | None = Field(
+        None, gt=0, description="Leading dimensions of a queued feature kept; null keeps all."
+    )
+    average_over: AverageOver = Field(
+        "labeled",
+        description="OIM's mean over the labeled samples (eq. 2) or over every sample given, "
+        "unlabeled ones adding zero.",
+    )
+    focal_gamma: float = Field(0.0, ge=0, description="Focal OIM exponent; 0 = plain OIM.")
+    triplet_weight: float = Field(
+        0.0, ge=0, description="Weight of the triplet term (TOIM); 0 = OIM alone."
+    )
+    triplet_margin: float = Field(0.3, ge=0, description="Margin of the triplet term.")
+    triplet_mining: TripletMining = Field(
+        "all", description="all: every valid triplet (AlignPS eq. 3); hardest: batch-hard."
+    )
+
+    def build(self, embedding_dim: int) -> "OIMLoss":
+        """The loss these settings describe, for features of ``embedding_dim``."""
+        settings = self.model_dump(
+            include=set(OIMConfig.model_fields) - {"num_labeled", "queue_size"}
+        )
+        return OIMLoss(embedding_dim, self.num_labeled, self.queue_size, **settings)
 
 
 class OIMLoss(nn.Module):
