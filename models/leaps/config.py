@@ -88,11 +88,13 @@ class ReidHeadConfig(StrictModel):
         True, description="HIRM's self-attention across proposals (False = Table 3 i)."
     )
     feature_dim: int = Field(256, gt=0, description="Width of each branch's re-id feature.")
-    embedding_norm: bool = Field(
-        True,
+    embedding_norm: Literal["proposals", "samples", "none"] = Field(
+        "proposals",
         description="BatchNorm1d on each branch's re-id feature before L2 normalisation (not in "
-        "the paper; as NAE/SeqNet's embedding heads; keeps OIM from stalling on collapsed "
-        "features).",
+        "the paper; as NAE/SeqNet's embedding heads, it keeps OIM from stalling on collapsed "
+        "features), its training statistics taken over every proposal of the batch or over the "
+        "re-id samples alone (persons, as at inference, where detections are scored); none = "
+        "off.",
     )
     roi_size: int = Field(7, gt=0, description="(Dynamic) RoIAlign bins per side on F_s8.")
     sampling_ratio: int = Field(2, description="RoIAlign samples per bin side (<= 0: adaptive).")

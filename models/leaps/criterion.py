@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from models.leaps.config import DetectionConfig, ReidLossConfig
 from models.leaps.detection_head import StageOutput
-from models.leaps.matcher import Match, ReidSamples
+from models.leaps.matcher import Match
 from models.leaps.reid_head import ReidOutput
 from models.losses.detection import iou_loss, sigmoid_focal_loss
 from models.ops.boxes import box_scale
@@ -69,12 +69,14 @@ def detection_losses(
 
 
 class ReidStage(NamedTuple):
-    """What the re-id loss reads of one stage: its number (1-based), its re-id output and each
-    image's DRSM samples."""
+    """What the re-id loss reads of one stage: its number (1-based), the re-id features and
+    intermediates of its DRSM samples ((K, D) per branch, ``FlexibleReidHead.sample_features``)
+    and their identities and weights (K,)."""
 
     stage: int
-    output: ReidOutput
-    samples: Sequence[ReidSamples]
+    samples: ReidOutput
+    pids: Tensor
+    weights: Tensor
 
 
 class ReidCriterion(nn.Module):
@@ -108,14 +110,14 @@ class ReidCriterion(nn.Module):
         diversity loss of each stage, all weighted by lambda."""
         losses: dict[str, Tensor] = {}
         selected = {}  # (stage, branch) -> (K, D) normalised features of the samples
-        for stage, output, samples in stages:
-            for name, feature in zip(self.branch_names, output.features, strict=True):
-                selected[stage, name] = F.normalize(_gather(feature, samples), dim=1)
+        for stage, samples, _, _ in stages:
+            for name, feature in zip(self.branch_names, samples.features, strict=True):
+                selected[stage, name] = F.normalize(feature, dim=1)
             if self.cfg.diversity:
-                first, second = (_gather(x, samples) for x in output.intermediates)
+                first, second = samples.intermediates
                 diversity = _mean(F.cosine_similarity(first, second, dim=1))
                 losses[f"loss_div_s{stage}"] = self.cfg.weight * diversity
-        labels = {stage: _labels(samples) for stage, _, samples in stages}
+        labels = {stage: (pids, weights) for stage, _, pids, weights in stages}
         if self.cfg.shared_memory:
             keys = list(selected)
             pids = torch.cat([labels[stage][0] for stage, _ in keys])
@@ -131,16 +133,6 @@ class ReidCriterion(nn.Module):
             for term, value in terms.items():
                 losses[f"{term}_{name}_s{stage}"] = self.cfg.weight * value
         return losses
-
-
-def _labels(samples: Sequence[ReidSamples]) -> tuple[Tensor, Tensor]:
-    """(K,) identities and (K,) DRSM weights of one stage's samples, image by image."""
-    return torch.cat([s.pids for s in samples]), torch.cat([s.weights for s in samples])
-
-
-def _gather(per_proposal: Tensor, samples: Sequence[ReidSamples]) -> Tensor:
-    """(B, N, D) per-proposal values -> (K, D) of the samples, image by image."""
-    return torch.cat([per_proposal[image, s.proposals] for image, s in enumerate(samples)])
 
 
 def _mean(values: Tensor) -> Tensor:

@@ -198,7 +198,15 @@ class Leaps(nn.Module):
                 )
                 for image, (target, match) in enumerate(zip(targets, matches, strict=True))
             ]
-            reid_stages.append(ReidStage(index + 1, result.reid, samples))
+            head = self.reid_heads[index - self.reid_stages[0]]
+            reid_stages.append(
+                ReidStage(
+                    index + 1,
+                    head.sample_features(result.reid, samples),
+                    torch.cat([s.pids for s in samples]),
+                    torch.cat([s.weights for s in samples]),
+                )
+            )
         losses.update(self.reid_criterion(reid_stages))
         return losses
 

@@ -12,18 +12,20 @@ From F_s8 and the stage's proposals (boxes and features F_p):
 
 Each branch returns its re-id feature and its intermediate feature (F_ip, F_ih), which the
 diversity loss L_div = cos(F_ip, F_ih) pulls apart. Not in the paper: each branch's re-id
-feature passes a BatchNorm1d over the batch's proposals (``reid.embedding_norm``), as the
-embedding heads of NAE and SeqNet do before OIM. Without it the features of all proposals share
-one dominant direction from the start, the OIM lookup table copies it into every row, and the
-OIM gradient, which is the difference between rows, stays too small to separate identities
-(observed on the synthetic data: the loss stalls at its uniform value).
+feature passes a BatchNorm1d (``reid.embedding_norm``, its training statistics over the batch's
+proposals or over its re-id samples), as the embedding heads of NAE and SeqNet do before OIM.
+Without it the features of all proposals share one dominant direction from the start, the OIM
+lookup table copies it into every row, and the OIM gradient, which is the difference between
+rows, stays too small to separate identities (observed on the synthetic data: the loss stalls at
+its uniform value).
 
 The inference embedding is the branches' L2-normalised features concatenated, then normalised
-again: both branches count equally, as in training, where each has its own OIM loss.
+again: both branches count equally, as in training, where each has its own OIM terms.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from models.leaps.config import ReidHeadConfig
 from models.leaps.detection_head import boxes_to_rois
 from models.leaps.dynamic_conv import DynamicConv
+from models.leaps.matcher import ReidSamples
 from models.ops.dynamic_roi_align import dynamic_roi_align
 from models.ops.roi_align import roi_align
 
@@ -141,9 +144,10 @@ class FlexibleReidHead(nn.Module):
             else HierarchicalInteractionReidModule(channels, num_bins, cfg)
             for kind in cfg.branches
         )
+        self.embedding_norm = cfg.embedding_norm
         self.embedding_norms = (
             nn.ModuleList(nn.BatchNorm1d(cfg.feature_dim) for _ in cfg.branches)
-            if cfg.embedding_norm
+            if cfg.embedding_norm != "none"
             else None
         )
         self.reset_offsets()
@@ -174,12 +178,32 @@ class FlexibleReidHead(nn.Module):
         rois = self.roi_features(features_s8, boxes, proposal_features)
         outputs = [branch(proposal_features, rois) for branch in self.branches]
         features = [out.feature for out in outputs]
-        if self.embedding_norms is not None:
+        if self.embedding_norm == "proposals" or not self.training:
             features = [
-                norm(feature.flatten(0, 1)).view_as(feature)
-                for norm, feature in zip(self.embedding_norms, features, strict=True)
+                self._normalize(i, f.flatten(0, 1)).view_as(f) for i, f in enumerate(features)
             ]
         return ReidOutput(
             features=tuple(features),
             intermediates=tuple(out.intermediate for out in outputs),
         )
+
+    def sample_features(self, output: ReidOutput, samples: Sequence[ReidSamples]) -> ReidOutput:
+        """The re-id features and intermediates of the samples, (K, D) each, image by image;
+        with ``embedding_norm: samples`` the features' batch norm takes its training statistics
+        here, over the samples (its running statistics serve inference)."""
+        features = [gather_samples(f, samples) for f in output.features]
+        if self.embedding_norm == "samples" and self.training:
+            features = [self._normalize(i, f) for i, f in enumerate(features)]
+        intermediates = tuple(gather_samples(x, samples) for x in output.intermediates)
+        return ReidOutput(tuple(features), intermediates)
+
+    def _normalize(self, branch: int, features: Tensor) -> Tensor:
+        """(K, D) features through branch's batch norm (none: as they are)."""
+        if self.embedding_norms is None:
+            return features
+        return self.embedding_norms[branch](features)
+
+
+def gather_samples(per_proposal: Tensor, samples: Sequence[ReidSamples]) -> Tensor:
+    """(B, N, D) per-proposal values -> (K, D) of the samples, image by image."""
+    return torch.cat([per_proposal[image, s.proposals] for image, s in enumerate(samples)])

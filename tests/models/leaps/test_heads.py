@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from models.leaps.config import DetectionConfig, ReidHeadConfig
 from models.leaps.detection_head import DetectionStage, boxes_to_rois
 from models.leaps.dynamic_conv import DynamicConv
+from models.leaps.matcher import ReidSamples
 from models.leaps.reid_head import (
     FlexibleReidHead,
     HierarchicalInteractionReidModule,
@@ -186,5 +187,24 @@ def test_embedding_norm_standardises_each_branch_feature_over_the_proposals():
         assert torch.allclose(flat.var(0, unbiased=False), torch.ones(8), atol=1e-2)
 
 
+def test_embedding_norm_over_the_samples_leaves_the_proposals_and_standardises_the_samples():
+    head = FlexibleReidHead(_reid_config(embedding_norm="samples"), C).train()
+    out = head(torch.randn(B, C, 8, 12), _boxes(), torch.randn(B, N, C))
+    raw = out.features[0].flatten(0, 1)
+    assert not torch.allclose(raw.mean(0), torch.zeros(8), atol=1e-3)  # not normalised here
+    samples = [
+        ReidSamples(torch.tensor(p), torch.zeros(len(p), dtype=torch.long), torch.ones(len(p)))
+        for p in ([0, 2, 3], [1, 4])
+    ]
+    sampled = head.sample_features(out, samples)
+    assert sampled.features[0].shape == (5, 8) and sampled.intermediates[0].shape == (5, 8)
+    assert torch.allclose(sampled.features[0].mean(0), torch.zeros(8), atol=1e-5)
+    # The running statistics, which serve every proposal at inference, are the samples' (the
+    # first update moves them from 0 by BatchNorm's momentum, 0.1).
+    raw_samples = torch.cat([out.features[0][0, [0, 2, 3]], out.features[0][1, [1, 4]]])
+    running = head.embedding_norms[0].running_mean
+    assert torch.allclose(running, 0.1 * raw_samples.mean(0).detach(), atol=1e-6)
+
+
 def test_embedding_norm_switch_removes_the_batch_norms():
-    assert FlexibleReidHead(_reid_config(embedding_norm=False), C).embedding_norms is None
+    assert FlexibleReidHead(_reid_config(embedding_norm="none"), C).embedding_norms is None
