@@ -30,6 +30,8 @@ from torch import nn
 from models.alignps import AlignPS, AlignPSConfig
 from models.fcos_detector import FCOSDetector, FCOSDetectorConfig
 from models.leaps import Leaps, LeapsConfig
+from models.psarm import PSARM, PSARMConfig
+from models.seqnet import SeqNet, SeqNetConfig
 
 
 class UnknownModelError(ValueError):
@@ -40,6 +42,8 @@ MODELS: dict[str, tuple[type[BaseModel], type[nn.Module]]] = {
     "alignps": (AlignPSConfig, AlignPS),
     "fcos": (FCOSDetectorConfig, FCOSDetector),
     "leaps": (LeapsConfig, Leaps),
+    "psarm": (PSARMConfig, PSARM),
+    "seqnet": (SeqNetConfig, SeqNet),
 }
 
 
