@@ -34,7 +34,10 @@ from models.preprocess import PreprocessConfig
 IMAGE_SIZES = [(150, 200), (260, 180), (90, 300)]
 
 
-@pytest.mark.parametrize("family", ["alignps", "fcos", "leaps"])
+FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_torch_and_onnxruntime_backends_give_the_same_answers(exported, family):
     """Within the parity tolerances: boxes within 1e-3 of the image's longer side, scores
     within 1e-4, embeddings (detections' and queries') with cosine >= 0.9999."""
