@@ -28,6 +28,8 @@ from models.ops.nms import batched_nms, nms
 from models.ops.roi_align import boxes_to_rois, roi_align
 from models.preprocess import PreprocessConfig, valid_sizes
 
+FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
+
 Dim = torch.export.Dim
 
 
@@ -278,9 +280,6 @@ def test_adaptive_sampling_dynamic_roi_align_is_refused_with_the_fix():
         export_graphs(
             AdaptiveDynamicRoIAlign(), (features, rois, offsets), {}, INPUTS[:3], ["pooled"]
         )
-
-
-FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

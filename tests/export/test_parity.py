@@ -20,7 +20,6 @@ from export.parity import (
 )
 from models.preprocess import PreprocessConfig
 
-
 FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
 
 

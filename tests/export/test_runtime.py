@@ -30,11 +30,10 @@ from export.runtime import (
 )
 from models.preprocess import PreprocessConfig
 
+FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
+
 # Three sizes and aspect ratios, batched together by detect.
 IMAGE_SIZES = [(150, 200), (260, 180), (90, 300)]
-
-
-FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
