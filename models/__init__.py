@@ -16,7 +16,11 @@ Every network has the same contract:
   the image; so an image's results do not depend on what it is batched with. None means every
   image fills the whole batch.
 - Models that embed a given box (RoI heads) also have
-  `embed_boxes(images, boxes, *, image_sizes=None) -> (R, D)`, `boxes` a list of (r_i, 4).
+  `embed_boxes(images, boxes, *, image_sizes=None) -> (R, D)`, `boxes` a list of (r_i, 4),
+  L2-normalised: the query embedding of a box ("GT-box" mode).
+- Models whose search similarity is the cosine times the detection score (SeqNet's
+  confidence-weighted similarity) say so with `confidence_weighted_similarity = True`; their
+  embeddings stay L2-normalised and the evaluation applies the weight.
 """
 
 from __future__ import annotations

@@ -261,3 +261,18 @@ def test_an_image_without_persons_trains_as_background():
     empty = {"boxes": torch.zeros(0, 4), "pids": torch.zeros(0, dtype=torch.long)}
     losses = model(torch.randn(2, 3, 128, 192), [_targets()[1], empty])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_training_inference_and_box_queries_run_under_autocast():
+    """Mixed precision (the trainer's CUDA float16; bfloat16 is CPU's): boxes, RoIs and losses
+    stay float32."""
+    model = _model(NO_THRESHOLD)
+    images = torch.randn(2, 3, 192, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.train()(images, _targets())
+        with torch.no_grad():
+            detections = model.eval()(images)
+            queries = model.embed_boxes(images, [t["boxes"] for t in _targets()])
+    assert all(torch.isfinite(value) and value.dtype == torch.float32 for value in losses.values())
+    assert detections.boxes.dtype == torch.float32 and (detections.scores > 0).any()
+    assert torch.isfinite(queries).all() and queries.shape == (3, 64)
