@@ -40,7 +40,7 @@ def tiny_seqnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = artifact.build_manifest(model)
     folder = tmp_path_factory.mktemp("seqnet")
     artifact.write_weights(model, folder, manifest)
-    artifact.write_manifest(manifest, folder)
+    artifact.write_model_manifest(manifest, folder)
     return folder
 
 

@@ -62,6 +62,7 @@ def test_paper_config_has_the_released_settings():
     assert (model.reid_loss.num_labeled, model.reid_loss.queue_size) == (483, 500)
     assert (model.inference.score_thresh, model.inference.nms_thresh) == (0.5, 0.4)
     assert (config.optim.lr, config.optim.clip_grad_norm, config.data.batch_size) == (0.003, 10, 5)
+    assert config.optim.reference_batch_size == 5 and config.optim.param_groups == []
     assert (config.schedule.epochs, config.schedule.milestones) == (18, [16])
     assert config.eval.query_mode == "gt_box" and config.eval.det_thresh == 0.5
 
