@@ -1,6 +1,6 @@
 """Speed of the runtime backends, measured side by side in one run, as ratios to PyTorch eager.
 
-    python benchmarks/runtime.py [--models alignps leaps] [--sizes 1500x900 750x450]
+    python benchmarks/runtime.py [--models alignps leaps seqnet psarm] [--sizes 1500x900 750x450]
                                  [--repeat 3] [--warmup 1] [--batch 2] [--threads N]
                                  [--device cpu] [--profile]
 
@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = {
     "alignps": ROOT / "configs/alignps_r50_prw.yaml",
     "leaps": ROOT / "configs/leaps_r50_prw.yaml",
+    "seqnet": ROOT / "configs/seqnet_r50_prw.yaml",
+    "psarm": ROOT / "configs/psarm_r50_prw.yaml",
 }
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 

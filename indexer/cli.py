@@ -3,6 +3,7 @@
     psearch-index stats GALLERY [--json]
     psearch-index search GALLERY QUERY.npy [--top-k 10] [--camera NAME ...] [--since T]
                   [--until T] [--exclude-image ID ...] [--min-similarity S] [--fingerprint FP]
+    psearch-index search GALLERY QUERY_IMAGE --model MODEL_DIR [--box X1,Y1,X2,Y2] [...]
     psearch-index remove GALLERY IMAGE_ID [IMAGE_ID ...]
     psearch-index rebuild GALLERY {flat,ivf_flat,ivf_pq} [--nlist N] [--nprobe N] [--m M] ...
     psearch-index add [PATHS ...] --gallery G --model MODEL_DIR [--camera C] [--recursive]
@@ -11,8 +12,11 @@
                   [--address A]
 
 ``search`` takes a query embedding saved with ``numpy.save`` (shape (D,)); the gallery cannot
-check which model made it, so pass ``--fingerprint`` to have that checked. Errors are one line
-on stderr, exit status 2.
+check which model made it, so pass ``--fingerprint`` to have that checked. Or it takes a query
+image and the model folder (``--model``) that embeds the person in ``--box`` (default: the whole
+image is the person crop), as the service does: RoI models embed the box itself
+(``embed_boxes``), the others their detection that overlaps it most; the gallery must be the
+model's. Errors are one line on stderr, exit status 2.
 
 ``add`` runs a model folder (``psearch-export``) over image files, folders and manifests and
 stores the persons it finds, creating the gallery if there is none (see indexer/ingest.py).
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.images import DEFAULT_MAX_PIXELS, decode_image
 from indexer.index import INDEX_TYPES
 from indexer.ingest import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, IngestSummary, ingest
 from indexer.sources import ImageSource, collect_sources
@@ -71,9 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(command=_stats)
 
-    search = commands.add_parser("search", help="persons most similar to an embedding")
+    search = commands.add_parser("search", help="persons most similar to a query")
     search.add_argument("gallery", type=Path)
-    search.add_argument("query", type=Path, help="query embedding, a .npy file of shape (D,)")
+    search.add_argument(
+        "query", type=Path, help="a .npy embedding of shape (D,), or an image with --model"
+    )
+    search.add_argument("--model", type=Path, help="model folder that embeds a query image")
+    search.add_argument("--box", help="x1,y1,x2,y2: the query person (default: whole image)")
+    search.add_argument("--backend", default="auto",
+                        choices=("auto", "torch", "onnxruntime", "tensorrt"))  # fmt: skip
+    search.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if there is one")
     search.add_argument("--top-k", type=int, default=10)
     search.add_argument("--camera", action="append", help="only images of this camera (repeat)")
     search.add_argument("--since", type=float, help="only images taken at or after (POSIX s)")
@@ -135,12 +146,17 @@ def _stats(arguments: argparse.Namespace) -> int:
 
 
 def _search(arguments: argparse.Namespace) -> int:
-    query = np.load(arguments.query, allow_pickle=False)
+    if arguments.model is not None:
+        query, fingerprint = _embed_query_image(arguments)
+    elif arguments.box is not None:
+        raise ValueError("--box needs --model: a query embedding has no image to box")
+    else:
+        query, fingerprint = np.load(arguments.query, allow_pickle=False), arguments.fingerprint
     if arguments.since is None and arguments.until is None:
         time_range = None
     else:
         time_range = (arguments.since, arguments.until)
-    with Gallery.open(arguments.gallery, arguments.fingerprint) as gallery:
+    with Gallery.open(arguments.gallery, fingerprint) as gallery:
         hits = gallery.search(
             query,
             arguments.top_k,
@@ -154,6 +170,25 @@ def _search(arguments: argparse.Namespace) -> int:
     else:
         _print_hits(hits)
     return 0
+
+
+def _embed_query_image(arguments: argparse.Namespace) -> tuple[np.ndarray, str]:
+    """The embedding of the person in the query image (``--box``, or all of it) by the model
+    folder, and the fingerprint the gallery must have (the model's, unless given)."""
+    box = None
+    if arguments.box is not None:
+        try:
+            box = [float(value) for value in arguments.box.split(",")]
+        except ValueError:
+            raise ValueError(f"--box must be x1,y1,x2,y2 numbers, got {arguments.box!r}") from None
+    pixels = decode_image(Path(arguments.query).read_bytes())
+    engine = _load_engine(arguments)
+    fingerprint = arguments.fingerprint or engine.info.fingerprint
+    if fingerprint != engine.info.fingerprint:
+        raise ValueError(
+            f"--fingerprint {fingerprint} is not the fingerprint of the model {arguments.model}"
+        )
+    return engine.embed_query(pixels, box), fingerprint
 
 
 def _print_hits(hits: list[Hit]) -> None:
@@ -248,9 +283,8 @@ def _load_engine(arguments: argparse.Namespace):
     from export.runtime import load_engine
 
     device = arguments.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = getattr(arguments, "batch_size", DEFAULT_BATCH_SIZE)  # search: one image
     try:
-        return load_engine(
-            arguments.model, arguments.backend, device, batch_size=arguments.batch_size
-        )
+        return load_engine(arguments.model, arguments.backend, device, batch_size=batch_size)
     except (ImportError, RuntimeError) as error:
         raise ValueError(f"cannot load the model {arguments.model}: {error}") from None

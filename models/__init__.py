@@ -16,7 +16,11 @@ Every network has the same contract:
   the image; so an image's results do not depend on what it is batched with. None means every
   image fills the whole batch.
 - Models that embed a given box (RoI heads) also have
-  `embed_boxes(images, boxes, *, image_sizes=None) -> (R, D)`, `boxes` a list of (r_i, 4).
+  `embed_boxes(images, boxes, *, image_sizes=None) -> (R, D)`, `boxes` a list of (r_i, 4),
+  L2-normalised: the query embedding of a box ("GT-box" mode).
+- Models whose search similarity is the cosine times the detection score (SeqNet's
+  confidence-weighted similarity) say so with `confidence_weighted_similarity = True`; their
+  embeddings stay L2-normalised and the evaluation applies the weight.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from torch import nn
 from models.alignps import AlignPS, AlignPSConfig
 from models.fcos_detector import FCOSDetector, FCOSDetectorConfig
 from models.leaps import Leaps, LeapsConfig
+from models.psarm import PSARM, PSARMConfig
+from models.seqnet import SeqNet, SeqNetConfig
 
 
 class UnknownModelError(ValueError):
@@ -40,6 +46,8 @@ MODELS: dict[str, tuple[type[BaseModel], type[nn.Module]]] = {
     "alignps": (AlignPSConfig, AlignPS),
     "fcos": (FCOSDetectorConfig, FCOSDetector),
     "leaps": (LeapsConfig, Leaps),
+    "psarm": (PSARMConfig, PSARM),
+    "seqnet": (SeqNetConfig, SeqNet),
 }
 
 

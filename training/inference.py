@@ -13,7 +13,9 @@ the :class:`~training.evaluation.Predictions` of ``training.evaluation`` and ret
 
 Query embeddings: ``query_mode: gt_box`` embeds each query box with the model's ``embed_boxes``
 (models without it are refused, rather than silently scored another way); ``max_iou`` takes the
-detection on the query image that overlaps the query box most.
+detection on the query image that overlaps the query box most. Models whose search similarity
+is confidence-weighted (``confidence_weighted_similarity``: SeqNet, PS-ARM) have their detections'
+embeddings multiplied by their scores, so that the predictions hold what their search compares.
 
 Under torch.distributed every rank embeds a share of the images; rank 0 gathers them, scores
 them and returns the metrics, the other ranks return {}.
@@ -155,8 +157,11 @@ def detect_images(
     """Run the model (in eval mode) over images; boxes come back in original pixels.
 
     Detections scored below ``min_scores[name]`` are dropped (the evaluator would drop them
-    anyway; keeping them would only cost memory).
+    anyway; keeping them would only cost memory). A model with
+    ``confidence_weighted_similarity`` (SeqNet, PS-ARM) gets its embeddings multiplied by their
+    detection scores, so that a similarity is the cosine times the score, as its search defines.
     """
+    weighted = bool(getattr(model, "confidence_weighted_similarity", False))
     names = list(paths)
     outputs: dict[str, ImageOutput] = {}
     batches = prepared_batches([paths[n] for n in names], model.preprocess, settings)
@@ -166,12 +171,15 @@ def detect_images(
         image_sizes = batch.image_sizes.to(settings.device, non_blocking=True)
         with torch.autocast(settings.device.type, dtype=torch.float16, enabled=settings.amp):
             result = model(images, image_sizes=image_sizes)
+        embeddings = result.embeddings
+        if weighted:
+            embeddings = embeddings * result.scores[..., None].to(embeddings.dtype)
         for i, (scale, size) in enumerate(zip(batch.scales, batch.sizes, strict=True)):
             name = names[len(outputs)]  # batches come in order
             outputs[name] = detections_to_original(
                 result.boxes[i],
                 result.scores[i],
-                result.embeddings[i],
+                embeddings[i],
                 scale,
                 size,
                 min_scores[name],

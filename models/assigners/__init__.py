@@ -5,6 +5,10 @@ Every assigner is called per image with keyword arguments ``points`` (P, 2), ``s
 and returns the assigned GT index of every location, (P,) long, -1 = negative. Each looks only at
 what it needs. Configs carry the assigner's ``name``, so a head config selects one with
 ``assigner: {name: lla, top_k: 10}``.
+
+Anchor-based and RoI heads match candidates to GT boxes by IoU instead: ``MaxIoUMatcher``
+(``max_iou.py``), with the balanced positive / negative draw and the RoI sampler of two-stage
+detectors in ``sampling.py``.
 """
 
 from typing import Annotated, Protocol
@@ -14,6 +18,13 @@ from torch import Tensor
 
 from models.assigners.center_sampling import CenterSamplingAssigner, CenterSamplingConfig
 from models.assigners.lla import LLAAssigner, LLAConfig, assign_lowest_costs, points_inside_boxes
+from models.assigners.max_iou import IGNORED, NEGATIVE, MaxIoUConfig, MaxIoUMatcher
+from models.assigners.sampling import (
+    RoISampler,
+    RoISamplerConfig,
+    SampledRoIs,
+    sample_balanced,
+)
 
 AssignerConfig = Annotated[CenterSamplingConfig | LLAConfig, Field(discriminator="name")]
 
@@ -48,13 +59,21 @@ def build_assigner(config: CenterSamplingConfig | LLAConfig) -> Assigner:
 
 __all__ = [
     "ASSIGNERS",
+    "IGNORED",
+    "NEGATIVE",
     "Assigner",
     "AssignerConfig",
     "CenterSamplingAssigner",
     "CenterSamplingConfig",
     "LLAAssigner",
     "LLAConfig",
+    "MaxIoUConfig",
+    "MaxIoUMatcher",
+    "RoISampler",
+    "RoISamplerConfig",
+    "SampledRoIs",
     "assign_lowest_costs",
     "build_assigner",
     "points_inside_boxes",
+    "sample_balanced",
 ]

@@ -16,6 +16,9 @@ class BackboneConfig(StrictModel):
     frozen_stages: int = Field(
         1, ge=0, le=4, description="Stem + first k stages frozen (1 = stem and res2)."
     )
+    frozen_stem: bool = Field(
+        False, description="Freeze the stem even with frozen_stages 0 (SeqNet: the stem alone)."
+    )
     norm: Literal["frozen_bn", "bn"] = Field("frozen_bn", description="Backbone normalisation.")
     base_width: int = Field(64, gt=0, description="Stem channels; 64 is the standard ResNet.")
     dcn_stages: tuple[Literal["res2", "res3", "res4", "res5"], ...] = Field(
@@ -32,6 +35,7 @@ class BackboneConfig(StrictModel):
             "pretrained": self.pretrained,
             "out_stages": tuple(out_stages),
             "frozen_stages": self.frozen_stages,
+            "frozen_stem": self.frozen_stem,
             "norm": self.norm,
             "base_width": self.base_width,
         }

@@ -146,6 +146,8 @@ class ResNet(nn.Module):
         frozen_stages: 0 freezes nothing; k >= 1 freezes the stem and the first k stages
             (1 = stem + res2, the detection default; 4 = everything). Frozen parameters get
             requires_grad False and frozen modules stay in eval mode after `.train()`.
+        frozen_stem: freeze the stem (conv1, bn1) even with frozen_stages 0 (SeqNet freezes the
+            stem alone).
         norm: "frozen_bn" (fixed statistics and affine, the detection default) or "bn".
         dcn_stages: stages whose 3x3 convs become deformable (`DeformConvPack`); in a BasicBlock
             both 3x3 convs do, in a Bottleneck its single 3x3 conv.
@@ -155,6 +157,7 @@ class ResNet(nn.Module):
 
     Attributes:
         out_channels, strides: {stage name: channels / stride} for the returned stages.
+        stage_channels: {stage name: output channels} of every stage, returned or not.
     """
 
     def __init__(
@@ -163,6 +166,7 @@ class ResNet(nn.Module):
         *,
         out_stages: Iterable[str] = STAGE_NAMES,
         frozen_stages: int = 1,
+        frozen_stem: bool = False,
         norm: NormName = "frozen_bn",
         dcn_stages: Iterable[str] = (),
         dcn_modulated: bool = False,
@@ -180,6 +184,7 @@ class ResNet(nn.Module):
         self.base_width = base_width
         self.out_stages = tuple(name for name in STAGE_NAMES if name in out_stages)
         self.frozen_stages = frozen_stages
+        self.frozen_stem = frozen_stem
 
         self.conv1 = _kaiming_init(nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False))
         self.bn1 = norm_layer(base_width)
@@ -206,6 +211,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{index + 1}", stage)
             in_channels = stage_channels[name] = width * block.expansion
 
+        self.stage_channels = stage_channels
         self.out_channels = {name: stage_channels[name] for name in self.out_stages}
         self.strides = {name: STAGE_STRIDES[name] for name in self.out_stages}
         self._freeze()
@@ -215,6 +221,19 @@ class ResNet(nn.Module):
         if name not in STAGE_NAMES:
             raise ValueError(f"unknown stage {name!r}; stages are {STAGE_NAMES}")
         return getattr(self, f"layer{STAGE_NAMES.index(name) + 1}")
+
+    def take_stage(self, name: str) -> nn.Sequential:
+        """Remove a stage deeper than every returned one and hand it over, with its (pretrained)
+        weights: the res5 of a C4 detector's RoI head. The backbone keeps an empty stage, so
+        its parameters live in one place only."""
+        if STAGE_NAMES.index(name) <= STAGE_NAMES.index(self.out_stages[-1]):
+            raise ValueError(
+                f"stage {name!r} is returned by the backbone (out_stages {self.out_stages}); "
+                "only a deeper stage can be taken"
+            )
+        stage = self.stage(name)
+        self.add_module(f"layer{STAGE_NAMES.index(name) + 1}", nn.Sequential())
+        return stage
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """(B, 3, H, W) -> {stage: (B, out_channels[stage], ~H / stride, ~W / stride)}."""
@@ -241,7 +260,7 @@ class ResNet(nn.Module):
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages == 0:
-            return []
+            return [self.conv1, self.bn1] if self.frozen_stem else []
         stages = [self.stage(name) for name in STAGE_NAMES[: self.frozen_stages]]
         return [self.conv1, self.bn1, *stages]
 

@@ -29,6 +29,7 @@ from models.leaps.reid_head import FlexibleReidHead, ReidOutput
 from models.necks.fpn import FPN
 from models.ops.boxes import box_cxcywh_to_xyxy, box_scale, clip_boxes_to_image
 from models.preprocess import valid_sizes
+from models.targets import check_targets
 from models.types import Detections
 
 
@@ -115,7 +116,7 @@ class Leaps(nn.Module):
             return self._detections(results[-1], sizes)
         if targets is None:
             raise ValueError("LEAPS needs targets in training mode (call .eval() to detect)")
-        _check_targets(targets, images.shape[0])
+        check_targets(targets, images.shape[0])
         results = self._run_stages(features, sizes, self.reid_stages)
         return self._losses(results, targets, sizes)
 
@@ -209,19 +210,3 @@ class Leaps(nn.Module):
             )
         losses.update(self.reid_criterion(reid_stages))
         return losses
-
-
-def _check_targets(targets: list[dict[str, Tensor]], batch: int) -> None:
-    if len(targets) != batch:
-        raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
-    for image, target in enumerate(targets):
-        boxes, pids = target.get("boxes"), target.get("pids")
-        if boxes is None or pids is None:
-            raise ValueError(f"target {image} must hold 'boxes' and 'pids', got {sorted(target)}")
-        if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"target {image}: boxes must be (n, 4), got {tuple(boxes.shape)}")
-        if pids.shape != (boxes.shape[0],) or pids.dtype != torch.long:
-            raise ValueError(
-                f"target {image}: pids must be a ({boxes.shape[0]},) long tensor, "
-                f"got {tuple(pids.shape)} {pids.dtype}"
-            )

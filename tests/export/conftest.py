@@ -28,6 +28,8 @@ TINY_CONFIGS = {
     "alignps": ROOT / "configs/tiny/alignps_synthetic.yaml",
     "fcos": ROOT / "configs/tiny/lla_fcos_synthetic.yaml",
     "leaps": ROOT / "configs/tiny/leaps_synthetic.yaml",
+    "seqnet": ROOT / "configs/tiny/seqnet_synthetic.yaml",
+    "psarm": ROOT / "configs/tiny/psarm_synthetic.yaml",
 }
 
 

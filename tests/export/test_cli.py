@@ -11,7 +11,7 @@ from export.artifact import ArtifactError, read_model_manifest
 from export.runtime import BackendUnavailableError, ensure_tensorrt_engines
 
 
-@pytest.mark.parametrize("family", ["alignps", "leaps"])
+@pytest.mark.parametrize("family", ["alignps", "leaps", "seqnet"])
 def test_export_writes_the_model_folder(exported, family):
     """RoI models (with embed_boxes) get the query graphs too."""
     result = exported(family)

@@ -28,6 +28,8 @@ from models.ops.nms import batched_nms, nms
 from models.ops.roi_align import boxes_to_rois, roi_align
 from models.preprocess import PreprocessConfig, valid_sizes
 
+FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
+
 Dim = torch.export.Dim
 
 
@@ -280,7 +282,7 @@ def test_adaptive_sampling_dynamic_roi_align_is_refused_with_the_fix():
         )
 
 
-@pytest.mark.parametrize("family", ["alignps", "fcos", "leaps"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_exported_graphs_pass_the_full_onnx_check_at_opset_19(exported, family):
     model_dir = exported(family).model_dir
     for path in sorted(model_dir.glob("*.onnx")):
@@ -348,7 +350,7 @@ def test_the_query_graph_embeds_any_number_of_boxes_like_embed_boxes():
         np.testing.assert_allclose(exported, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["alignps", "fcos", "leaps"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_detect_graphs_take_float32_image_sizes_with_the_images_batch(exported, family):
     """Inputs images (B, 3, H, W) and image_sizes (B, 2), both float32 (see export/onnx.py)
     and sharing the dynamic batch dimension."""
@@ -360,3 +362,24 @@ def test_detect_graphs_take_float32_image_sizes_with_the_images_batch(exported, 
         images, sizes = (inputs[n].shape.dim for n in inputs)
         assert sizes[0].dim_param and sizes[0].dim_param == images[0].dim_param
         assert sizes[1].dim_value == 2
+
+
+@pytest.mark.parametrize("family", ["seqnet", "psarm"])
+def test_two_stage_graphs_hold_their_nms_and_always_state_the_roi_align_sampling_ratio(
+    exported, family
+):
+    """The RPN's proposal NMS and the two RoI stages' NMS are in the detect graph (three
+    NonMaxSuppression nodes, in both forms), and every RoiAlign of every graph, the TensorRT
+    one included (its built-in ROIAlign_TRT reads a missing sampling_ratio as 1), states the
+    model's sampling ratio and legacy alignment."""
+    model_dir = exported(family).model_dir
+    for name in ("model.onnx", "model.plugins.onnx", "embed.onnx", "embed.plugins.onnx"):
+        nodes = onnx.load(str(model_dir / name)).graph.node
+        roi_aligns = [node for node in nodes if node.op_type == "RoiAlign"]
+        assert roi_aligns, name
+        for node in roi_aligns:
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            assert attributes["sampling_ratio"] == 2, name
+            assert attributes["coordinate_transformation_mode"] == b"output_half_pixel", name
+        if name.startswith("model"):
+            assert sum(node.op_type == "NonMaxSuppression" for node in nodes) == 3, name

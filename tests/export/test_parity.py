@@ -20,8 +20,10 @@ from export.parity import (
 )
 from models.preprocess import PreprocessConfig
 
+FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
 
-@pytest.mark.parametrize("family", ["alignps", "fcos", "leaps"])
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_runtime_matches_pytorch_eager_for_every_family(exported, family):
     """Two batches: two images of different sizes padded together, then one image."""
     result = exported(family)

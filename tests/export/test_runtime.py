@@ -30,11 +30,13 @@ from export.runtime import (
 )
 from models.preprocess import PreprocessConfig
 
+FAMILIES = ["alignps", "fcos", "leaps", "seqnet", "psarm"]
+
 # Three sizes and aspect ratios, batched together by detect.
 IMAGE_SIZES = [(150, 200), (260, 180), (90, 300)]
 
 
-@pytest.mark.parametrize("family", ["alignps", "fcos", "leaps"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_torch_and_onnxruntime_backends_give_the_same_answers(exported, family):
     """Within the parity tolerances: boxes within 1e-3 of the image's longer side, scores
     within 1e-4, embeddings (detections' and queries') with cosine >= 0.9999."""

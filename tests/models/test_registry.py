@@ -7,6 +7,8 @@ from models import MODELS, UnknownModelError, build_model
 from models.alignps import AlignPS
 from models.fcos_detector import FCOSDetector
 from models.leaps import Leaps
+from models.psarm import PSARM
+from models.seqnet import SeqNet
 
 
 @pytest.mark.parametrize(
@@ -15,6 +17,8 @@ from models.leaps import Leaps
         ("configs/tiny/alignps_synthetic.yaml", AlignPS),
         ("configs/tiny/leaps_synthetic.yaml", Leaps),
         ("configs/tiny/lla_fcos_synthetic.yaml", FCOSDetector),
+        ("configs/tiny/seqnet_synthetic.yaml", SeqNet),
+        ("configs/tiny/psarm_synthetic.yaml", PSARM),
     ],
 )
 def test_a_config_builds_the_class_its_name_selects(config, expected):
@@ -25,7 +29,9 @@ def test_a_config_builds_the_class_its_name_selects(config, expected):
 
 
 def test_an_unknown_name_lists_the_known_ones():
-    with pytest.raises(UnknownModelError, match="known models: alignps, fcos, leaps"):
+    with pytest.raises(
+        UnknownModelError, match="known models: alignps, fcos, leaps, psarm, seqnet"
+    ):
         build_model({"name": "fasterrcnn"})
 
 

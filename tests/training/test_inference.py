@@ -215,3 +215,20 @@ def test_evaluation_restores_the_models_training_mode(tmp_path):
     model.train()
     evaluate_model(model, config(), torch.device("cpu"), split)
     assert model.training
+
+
+def test_a_confidence_weighted_model_stores_its_embeddings_times_the_scores(tmp_path):
+    """SeqNet's search similarity is the cosine times the detection score: the predictions of a
+    model that says so hold score-weighted embeddings (the oracle scores 0.9); query boxes stay
+    unit vectors, so every similarity is 0.9 where the plain model's is 1."""
+    split = build_split(tmp_path)
+    path = tmp_path / "predictions.npz"
+    model = ColourOracleWithBoxes(PALETTE)
+    model.confidence_weighted_similarity = True
+    cfg = config(query_mode="gt_box")
+    metrics = evaluate_model(model, cfg, torch.device("cpu"), split, predictions_path=path)
+    predictions = load_predictions(path)
+    for name, embeddings in predictions.embeddings.items():
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 0.9, err_msg=name)
+    np.testing.assert_allclose(np.linalg.norm(predictions.query_embeddings, axis=1), 1.0)
+    assert metrics["mAP"] == 1.0  # one weight for every detection ranks them as before

@@ -15,6 +15,12 @@ reading of the method (``docs/evaluation.md``, "Where psearch differs from the p
 - "the top-k1 gallery images" are the images of the k1 most similar detections, so there may be
   fewer than k1 of them.
 
+The context (the query and its persons) is matched with unit-norm embeddings, and the gallery
+side with the stored ones: SeqNet's context comes from embeddings computed without its
+confidence weighting (its code turns the weighting off for the query image), while its gallery
+embeddings carry it. A model whose stored embeddings are weighted (``training/inference.py``
+weights them for a model with ``confidence_weighted_similarity``) thus gets SeqNet's CBGM exactly.
+
 The context persons are the query image's detections above the score threshold that the query
 box does not suppress: SeqNet inserts the query box into the query image's detections with score 1
 and runs NMS at IoU 0.5, which removes every detection overlapping it by more than that.
@@ -61,7 +67,9 @@ def query_context(
     ``detections`` ``(n, 5)`` and ``embeddings`` ``(n, D)`` are the query image's detections.
     The others are the most confident detections scored >= ``det_thresh`` that overlap the query
     box by IoU <= 0.5; ``exclude`` removes one more (the detection that is the query in max-IoU
-    mode).
+    mode). Every row is L2-normalised: SeqNet builds the context from unweighted embeddings
+    while its stored gallery and query-image embeddings are weighted by their detection scores
+    (confidence-weighted similarity); for models with unit embeddings this changes nothing.
     """
     overlaps = iou_matrix(detections[:, :4], query_box)[:, 0]
     keep = (detections[:, 4] >= det_thresh) & (overlaps <= QUERY_BOX_NMS_IOU)
@@ -70,7 +78,9 @@ def query_context(
     candidates = np.flatnonzero(keep)
     by_confidence = candidates[np.argsort(-detections[candidates, 4], kind="stable")]
     others = embeddings[by_confidence[: k2 - 1]]
-    return np.concatenate([query_embedding[None, :], others]).astype(embeddings.dtype)
+    context = np.concatenate([query_embedding[None, :], others]).astype(embeddings.dtype)
+    norms = np.linalg.norm(context, axis=1, keepdims=True)
+    return context / np.maximum(norms, np.finfo(context.dtype).tiny)
 
 
 def images_to_rescore(similarities: np.ndarray, image_ids: np.ndarray, k1: int) -> np.ndarray:

@@ -256,3 +256,24 @@ def test_a_modulated_dcn_backbone_at_init_equals_the_plain_one_with_halved_3x3_w
     assert deformable.layer3[0].conv1.modulated
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name])
+
+
+def test_a_frozen_stem_alone_freezes_conv1_and_bn1_only():
+    """SeqNet's backbone: frozen_stages 0 with the stem frozen."""
+    model = ResNet(18, base_width=8, norm="bn", frozen_stages=0, frozen_stem=True).train()
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad == (not name.startswith(("conv1.", "bn1."))), name
+    assert not model.bn1.training and model.layer1.training
+
+
+def test_a_deeper_stage_can_be_taken_out_with_its_weights():
+    """A C4 detector's RoI head takes res5: the backbone keeps an empty stage, so the weights
+    live in one place, and the stage channels of every stage stay known."""
+    model = ResNet(18, base_width=8, out_stages=("res4",))
+    weight = model.layer4[0].conv1.weight
+    res5 = model.take_stage("res5")
+    assert res5[0].conv1.weight is weight
+    assert len(model.stage("res5")) == 0 and not any("layer4" in k for k in model.state_dict())
+    assert model.stage_channels["res5"] == 64 and list(model(torch.randn(IMAGES_SHAPE))) == ["res4"]
+    with pytest.raises(ValueError, match="only a deeper stage"):
+        model.take_stage("res4")

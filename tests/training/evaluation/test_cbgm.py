@@ -27,6 +27,11 @@ def test_the_query_can_stay_unmatched_when_the_image_has_fewer_people():
     assert match_context(context, np.array([[0.0, 1.0]])) is None
 
 
+def unit(rows) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
 def test_context_is_the_query_then_confident_people_not_overlapping_the_query_box():
     query_box = np.array([0.0, 0.0, 50.0, 100.0])
     detections = np.array(
@@ -40,15 +45,29 @@ def test_context_is_the_query_then_confident_people_not_overlapping_the_query_bo
     embeddings = np.arange(8, dtype=np.float32).reshape(4, 2)
     query = np.array([9.0, 9.0], dtype=np.float32)
     context = query_context(query, query_box, detections, embeddings, det_thresh=0.5, k2=3)
-    np.testing.assert_array_equal(context, [[9, 9], [4, 5], [2, 3]])
+    np.testing.assert_allclose(context, unit([[9, 9], [4, 5], [2, 3]]))
     # k2 = 2 keeps the query and the most confident companion.
     context = query_context(query, query_box, detections, embeddings, det_thresh=0.5, k2=2)
-    np.testing.assert_array_equal(context, [[9, 9], [4, 5]])
+    np.testing.assert_allclose(context, unit([[9, 9], [4, 5]]))
     # In max-IoU mode the detection used as the query is excluded explicitly.
     context = query_context(
         query, query_box, detections, embeddings, det_thresh=0.5, k2=3, exclude=2
     )
-    np.testing.assert_array_equal(context, [[9, 9], [2, 3]])
+    np.testing.assert_allclose(context, unit([[9, 9], [2, 3]]))
+
+
+def test_the_context_is_unweighted_as_seqnet_builds_it():
+    """A confidence-weighted model stores score x unit embedding; SeqNet matches the query's
+    context with the unweighted (unit) embeddings, so the weights must not change it."""
+    query_box = np.array([0.0, 0.0, 50.0, 100.0])
+    detections = np.array([[100, 0, 150, 100, 0.6], [200, 0, 250, 100, 0.8]])
+    unit_embeddings = unit([[0.6, 0.8], [1.0, 0.0]])
+    weighted = unit_embeddings * detections[:, 4:5].astype(np.float32)
+    query = np.array([0.0, 1.0], dtype=np.float32)
+    from_weighted = query_context(query, query_box, detections, weighted, 0.5, k2=3)
+    from_unit = query_context(query, query_box, detections, unit_embeddings, 0.5, k2=3)
+    np.testing.assert_allclose(from_weighted, from_unit, rtol=1e-6)
+    np.testing.assert_allclose(from_unit, [[0, 1], [1, 0], [0.6, 0.8]], rtol=1e-6)
 
 
 def test_rescored_images_are_those_of_the_k1_most_similar_detections():
