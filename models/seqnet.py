@@ -70,7 +70,7 @@ from models.heads.roi_head import (
 )
 from models.heads.rpn import Proposals, RegionProposalNetwork, RPNConfig
 from models.heads.selection import Selection, at_least, nms_top_k
-from models.losses import OIMLoss
+from models.losses import OIMConfig
 from models.ops.boxes import clip_boxes_to_image
 from models.ops.roi_align import boxes_to_rois
 from models.preprocess import PreprocessConfig, valid_sizes
@@ -104,17 +104,10 @@ class SeqNetLossWeights(StrictModel):
     box_reid: float = Field(1.0, ge=0, description="loss_box_reid (OIM).")
 
 
-class SeqNetReidLossConfig(StrictModel):
-    """OIM on the re-id head's positives."""
-
-    num_labeled: int = Field(
-        5532, gt=0, description="Labeled training identities: LUT rows (CUHK-SYSU 5532, PRW 483)."
-    )
-    queue_size: int = Field(
-        5000, ge=0, description="Circular queue of unlabeled features (CUHK-SYSU 5000, PRW 500)."
-    )
-    temperature: float = Field(1 / 30, gt=0, description="1 / OIM scale (the code's scalar 30).")
-    momentum: float = Field(0.5, ge=0, le=1, description="Lookup table momentum.")
+class SeqNetReidLossConfig(OIMConfig):
+    """OIM on the re-id head's positives: the OIM settings' defaults are SeqNet's released OIM
+    (scale 30 for the table and the queue, each row renormalised after its update, one feature
+    at a time; the mean over the labeled samples; no focal or triplet term)."""
 
 
 class SeqNetInferenceConfig(StrictModel):
@@ -220,14 +213,7 @@ class SeqNet(nn.Module):
         self.box_regressor = BoxRegressor(res5_channels, config.bn_neck)
         self.box_coder = BoxCoder(config.box_weights)
         self.roi_sampler = RoISampler(config.roi_sampler)
-        reid = config.reid_loss
-        self.reid_loss = OIMLoss(
-            config.embedding_dim,
-            reid.num_labeled,
-            reid.queue_size,
-            momentum=reid.momentum,
-            temperature=reid.temperature,
-        )
+        self.reid_loss = config.reid_loss.build(config.embedding_dim)
 
     def roi_mixer(self, channels: int) -> nn.Module | None:
         """The module between RoIAlign and res5 in both RoI heads: none in SeqNet (PS-ARM puts

@@ -41,10 +41,10 @@ from torch import Tensor, nn
 
 from models.assigners import AssignerConfig, CenterSamplingConfig, build_assigner
 from models.config import StrictModel
+from models.heads.selection import nms_top_k
 from models.losses.detection import IoULossKind, iou_loss, sigmoid_focal_loss
 from models.ops.boxes import clip_boxes_to_image, elementwise_box_iou
 from models.ops.deform_conv import DeformConvPack
-from models.ops.nms import batched_nms
 
 # FCOS's regression ranges for P3-P7: P3 takes boxes whose largest distance is <= 64 pixels, ...
 FCOS_SIZE_RANGES = (64.0, 128.0, 256.0, 512.0)
@@ -438,20 +438,9 @@ class FCOSHead(nn.Module):
         boxes = F.pad(boxes, (0, 0, 0, 1)).gather(1, locations[..., None].expand(-1, -1, 4))
         scores = torch.where(probs > config.score_thresh, scores, 0.0)
 
-        batch_size = scores.shape[0]
-        image_ids = torch.arange(batch_size, device=scores.device)[:, None].expand_as(locations)
-        kept = batched_nms(
-            boxes.reshape(-1, 4), scores.reshape(-1), image_ids.reshape(-1), config.nms_thresh
-        )
-        kept_mask = torch.zeros_like(scores, dtype=torch.bool).reshape(-1).index_fill(0, kept, True)
-        scores = torch.where(kept_mask.reshape(scores.shape), scores, 0.0)
-
-        scores, order = scores.topk(config.max_detections, dim=1)  # (B, K), descending
-        used = scores > 0
-        boxes = torch.where(
-            used[..., None], boxes.gather(1, order[..., None].expand(-1, -1, 4)), 0.0
-        )
-        locations = torch.where(used, locations.gather(1, order), 0)
+        selected = nms_top_k(boxes, scores, config.nms_thresh, config.max_detections)
+        locations = torch.where(selected.scores > 0, locations.gather(1, selected.indices), 0)
+        boxes, scores = selected.boxes, selected.scores
         return boxes, scores, locations
 
     @staticmethod

@@ -58,7 +58,8 @@ def test_paper_config_has_the_released_settings():
     assert model.roi_pool.output_size == (14, 14) and model.roi_pool.sampling_ratio == 2
     assert (model.roi_sampler.num_samples, model.roi_sampler.positive_fraction) == (128, 0.5)
     assert model.box_weights == (10, 10, 5, 5) and model.loss_weights.proposal_reg == 10
-    assert round(1 / model.reid_loss.temperature, 6) == 30 and model.reid_loss.momentum == 0.5
+    assert model.reid_loss.lut_scale == model.reid_loss.queue_scale == 30
+    assert model.reid_loss.momentum == 0.5
     assert (model.reid_loss.num_labeled, model.reid_loss.queue_size) == (483, 500)
     assert (model.inference.score_thresh, model.inference.nms_thresh) == (0.5, 0.4)
     assert (config.optim.lr, config.optim.clip_grad_norm, config.data.batch_size) == (0.003, 10, 5)
