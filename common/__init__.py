@@ -2,6 +2,8 @@
 
 - :mod:`common.files`: the one durable atomic file write (temporary file, fsync, rename, fsync
   of the folder).
+- :mod:`common.reading`: reading a file someone else named: a regular file only, bounded in
+  size, and never through a link out of the allowed folders.
 - :mod:`common.config_files`: reading a YAML mapping from a file, and ``--set key=value``
   overrides.
 - :mod:`common.boxes`: box overlaps in numpy (IoU, IoA) and the max-IoU pick of a query.

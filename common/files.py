@@ -10,7 +10,7 @@ uploaded images and TensorRT engines are all written this way.
 import glob
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from os import PathLike
 from pathlib import Path
 
@@ -63,7 +63,18 @@ def remove_leftover_temporaries(path: str | PathLike) -> int:
     returns how many. Only for a caller that knows nobody else is writing ``path`` now (one that
     holds a lock on it), as they would lose their temporary file."""
     path = Path(path)
-    leftovers = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    return _remove_all(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def remove_leftover_temporaries_in(folder: str | PathLike) -> int:
+    """Remove the temporary files a crash in :func:`write_atomically` left in ``folder``,
+    whatever file they were to replace; returns how many. Only for a caller that knows nobody
+    else is writing in ``folder`` now."""
+    return _remove_all(Path(folder).glob(".*.tmp"))
+
+
+def _remove_all(paths: Iterable[Path]) -> int:
+    leftovers = list(paths)
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     return len(leftovers)
