@@ -4,7 +4,8 @@
 
     RUN_DIR/
         model.safetensors   every parameter and persistent buffer (OIM tables included)
-        config.yaml         the resolved training config (its ``model`` section builds the model)
+        config.yaml         the resolved training config (its ``model`` section builds the model;
+                            its ``eval.det_thresh`` is the threshold the export recommends)
         state.pt            optimizer, scheduler, grad scaler, progress counters, RNG states
         metrics.json        the latest evaluation
         predictions.npz     its detections and embeddings (python -m training.evaluate)

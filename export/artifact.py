@@ -91,6 +91,14 @@ class ModelManifest(StrictModel):
     weights: str = Field(MODEL_WEIGHTS_FILE, description="Weights file (safetensors).")
     onnx: GraphFiles | None = Field(None, description="The ONNX graphs, when exported.")
     parity: ParityRecord | None = Field(None, description="The export's parity check.")
+    detection_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="The detection score from which a detection is a person, as the training "
+        "run evaluated the model (its config's eval.det_thresh): the default of the service "
+        "and the indexer. None in folders exported before it was recorded.",
+    )
 
 
 def psearch_version() -> str:
@@ -128,8 +136,9 @@ def portable_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def build_manifest(model: nn.Module) -> ModelManifest:
-    """The manifest of a model (without ONNX files or parity yet)."""
+def build_manifest(model: nn.Module, detection_threshold: float | None = None) -> ModelManifest:
+    """The manifest of a model (without ONNX files or parity yet), recommending
+    ``detection_threshold`` (:func:`run_detection_threshold`)."""
     config = portable_config(model)
     return ModelManifest(
         psearch_version=psearch_version(),
@@ -139,6 +148,7 @@ def build_manifest(model: nn.Module) -> ModelManifest:
         embedding_dim=int(model.embedding_dim),
         embeds_boxes=callable(getattr(model, "embed_boxes", None)),
         fingerprint=fingerprint(model.state_dict(), config),
+        detection_threshold=detection_threshold,
     )
 
 
@@ -184,6 +194,25 @@ def load_run(run_dir: Path) -> nn.Module:
     model = _build_checked(data["model"], str(config_path))
     _load_weights(model, run_dir / RUN_WEIGHTS_FILE)
     return model.eval()
+
+
+def run_detection_threshold(run_dir: Path) -> float | None:
+    """The detection threshold a training run evaluates with (``eval.det_thresh`` of its
+    ``config.yaml``), which its exported folder recommends; None when the config has none."""
+    config_path = Path(run_dir) / RUN_CONFIG_FILE
+    try:
+        data = read_yaml_mapping(config_path, "run config")
+    except ConfigFileError as error:
+        raise ArtifactError(str(error)) from None
+    evaluation = data.get("eval")
+    threshold = evaluation.get("det_thresh") if isinstance(evaluation, dict) else None
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise ArtifactError(f"{config_path}: eval.det_thresh must be a number, got {threshold!r}")
+    if not 0 <= threshold <= 1:
+        raise ArtifactError(f"{config_path}: eval.det_thresh must be in [0, 1], got {threshold}")
+    return float(threshold)
 
 
 def _build_checked(config: dict[str, Any], source: str) -> nn.Module:

@@ -35,6 +35,7 @@ from export.artifact import (
     ParityRecord,
     build_manifest,
     load_run,
+    run_detection_threshold,
     write_model_manifest,
     write_weights,
 )
@@ -129,8 +130,10 @@ def export_checkpoint(
     """Write the model folder of a training run (ONNX format) and check its parity."""
     model = load_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(model)
+    manifest = build_manifest(model, run_detection_threshold(run_dir))
     log(f"{manifest.name}: fingerprint {manifest.fingerprint}")
+    if manifest.detection_threshold is not None:
+        log(f"recommended detection threshold {manifest.detection_threshold:g} (eval.det_thresh)")
     write_weights(model, out, manifest)
     manifest.onnx = GraphFiles(**write_onnx_graphs(model, out))
     log(f"wrote {', '.join(_graph_files(manifest.onnx))} to {out}")

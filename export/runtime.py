@@ -79,13 +79,15 @@ class ImageDetections(NamedTuple):
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What an engine runs: the model (registry name, fingerprint, embedding dim) and where."""
+    """What an engine runs: the model (registry name, fingerprint, embedding dim) and where,
+    and the detection threshold its folder recommends (None: the folder does not say)."""
 
     name: str
     fingerprint: str
     dim: int
     backend: str
     device: str
+    detection_threshold: float | None = None
 
 
 class _Runner(Protocol):
@@ -501,5 +503,6 @@ def load_engine(
         dim=manifest.embedding_dim,
         backend=chosen,
         device=device,
+        detection_threshold=manifest.detection_threshold,
     )
     return Engine(manifest, runner, info, batch_size)

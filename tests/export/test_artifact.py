@@ -19,6 +19,7 @@ from export.artifact import (
     load_model,
     load_run,
     read_model_manifest,
+    run_detection_threshold,
 )
 from export.onnx import OPSET, OUTPUT_NAMES
 from models.alignps import AlignPS
@@ -65,6 +66,31 @@ def test_the_manifest_describes_the_model(exported):
     assert manifest.onnx.inputs == ["images", "image_sizes"]
     assert manifest.onnx.outputs == list(OUTPUT_NAMES)
     assert manifest.onnx.min_input_side == 33  # a stride-32 map of more than one row
+
+
+def test_the_manifest_recommends_the_detection_threshold_the_run_evaluates_with(exported):
+    """configs/tiny/alignps_synthetic.yaml evaluates at eval.det_thresh 0.15: the service and
+    the indexer store persons from that score on, unless told otherwise."""
+    result = exported("alignps")
+    assert read_model_manifest(result.model_dir).detection_threshold == 0.15
+    assert "recommended detection threshold 0.15" in result.printed
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "expected"),
+    [({"det_thresh": 0.3}, 0.3), ({"det_thresh": 0}, 0.0), ({}, None), (None, None)],
+)
+def test_the_threshold_is_read_from_the_run_config(tmp_path, evaluation, expected):
+    config = {"model": {}} if evaluation is None else {"model": {}, "eval": evaluation}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert run_detection_threshold(tmp_path) == expected
+
+
+@pytest.mark.parametrize(("value", "message"), [(1.5, r"in \[0, 1\]"), ("high", "a number")])
+def test_a_threshold_that_is_no_score_is_refused(tmp_path, value, message):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"eval": {"det_thresh": value}}))
+    with pytest.raises(ArtifactError, match=message):
+        run_detection_threshold(tmp_path)
 
 
 def test_the_model_folder_rebuilds_the_same_model(exported):

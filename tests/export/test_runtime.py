@@ -4,6 +4,7 @@ query embeddings, and clear errors."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import numpy as np
@@ -57,12 +58,22 @@ def test_torch_and_onnxruntime_backends_give_the_same_answers(exported, family):
         assert float(queries[0] @ queries[1]) >= 0.9999
 
 
-def test_engine_info_names_the_model_and_where_it_runs(exported):
+def test_engine_info_names_the_model_where_it_runs_and_its_recommended_threshold(exported):
     model_dir = exported("alignps").model_dir
     info = load_engine(model_dir, "onnxruntime").info
     manifest = read_model_manifest(model_dir)
-    assert info == EngineInfo("alignps", manifest.fingerprint, 64, "onnxruntime", "cpu")
+    assert info == EngineInfo("alignps", manifest.fingerprint, 64, "onnxruntime", "cpu", 0.15)
     assert load_engine(model_dir).info.backend == "onnxruntime"  # auto: ONNX Runtime first
+
+
+def test_a_folder_exported_before_the_threshold_was_recorded_loads_recommending_none(
+    exported, tmp_path
+):
+    folder = shutil.copytree(exported("alignps").model_dir, tmp_path / "model")
+    manifest = json.loads((folder / "psearch.json").read_text())
+    del manifest["detection_threshold"]
+    (folder / "psearch.json").write_text(json.dumps(manifest))
+    assert load_engine(folder, "onnxruntime").info.detection_threshold is None
 
 
 class RecordingRunner:
