@@ -438,6 +438,7 @@ def service_settings(args: argparse.Namespace, model_dir: Path, gallery_dir: Pat
         "backend": args.backend,
         "max_wait_ms": args.max_wait_ms,
         "queue_size": 4 * max(args.levels),  # never full: the test measures, it does not shed
+        "max_images_per_request": 1,  # it uploads nothing; at most queue_size, as it must be
     }
     if args.threads is not None:
         settings["threads"] = args.threads

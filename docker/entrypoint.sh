@@ -6,8 +6,9 @@
 #   index [ARGS...]   prepare the model, then add images to the gallery:
 #                     psearch-index add --model <the prepared model> --gallery $PSEARCH_GALLERY_DIR
 #                         --backend $PSEARCH_BACKEND --device $PSEARCH_DEVICE
-#                         --min-score $PSEARCH_MIN_DETECTION_SCORE
-#                         --max-pixels $PSEARCH_MAX_IMAGE_PIXELS ARGS...
+#                         [--min-score $PSEARCH_MIN_DETECTION_SCORE]
+#                         --max-pixels $PSEARCH_MAX_IMAGE_PIXELS
+#                         --max-bytes $PSEARCH_MAX_IMAGE_BYTES ARGS...
 #                     e.g. index /images --recursive --job bulk (run again to resume)
 #   anything else     runs as given: psearch-index stats /galleries/main, python -m export ..., bash
 #
@@ -44,15 +45,17 @@ case "$1" in
     index)
         shift
         prepare_model
-        # The service's detection floor and pixel limit (their defaults are the service's):
-        # bulk indexing stores the persons an upload of the same image would.
+        # The service's detection floor and image limits (their defaults are the service's;
+        # without PSEARCH_MIN_DETECTION_SCORE both take the model folder's threshold): bulk
+        # indexing stores the persons an upload of the same image would.
         exec psearch-index add \
             --model "$PSEARCH_MODEL_DIR" \
             --gallery "${PSEARCH_GALLERY_DIR:?set PSEARCH_GALLERY_DIR to the gallery folder}" \
             --backend "${PSEARCH_BACKEND:-auto}" \
             --device "${PSEARCH_DEVICE:-cpu}" \
-            --min-score "${PSEARCH_MIN_DETECTION_SCORE:-0.5}" \
+            ${PSEARCH_MIN_DETECTION_SCORE:+--min-score "$PSEARCH_MIN_DETECTION_SCORE"} \
             --max-pixels "${PSEARCH_MAX_IMAGE_PIXELS:-40000000}" \
+            --max-bytes "${PSEARCH_MAX_IMAGE_BYTES:-67108864}" \
             "$@"
         ;;
     *)

@@ -8,8 +8,8 @@
     psearch-index rebuild GALLERY {flat,ivf_flat,ivf_pq} [--nlist N] [--nprobe N] [--m M] ...
     psearch-index add [PATHS ...] --gallery G --model MODEL_DIR [--camera C] [--recursive]
                   [--manifest FILE.csv|.jsonl] [--backend B] [--batch-size N] [--workers N]
-                  [--job NAME] [--min-score S] [--max-pixels N] [--engine {local,ray}]
-                  [--address A]
+                  [--job NAME] [--min-score S] [--max-pixels N] [--max-bytes N]
+                  [--engine {local,ray}] [--address A]
 
 ``search`` takes a query embedding saved with ``numpy.save`` (shape (D,)); the gallery cannot
 check which model made it, so pass ``--fingerprint`` to have that checked. Or it takes a query
@@ -19,7 +19,8 @@ image is the person crop), as the service does: RoI models embed the box itself
 model's. Errors are one line on stderr, exit status 2.
 
 ``add`` runs a model folder (``psearch-export``) over image files, folders and manifests and
-stores the persons it finds, creating the gallery if there is none (see indexer/ingest.py).
+stores the persons it finds, creating the gallery if there is none (see indexer/ingest.py);
+without ``--min-score``, from the detection threshold the model folder recommends.
 ``--job NAME`` records the inputs in the gallery: the same command again (or with no PATHS)
 resumes, skipping what is done. Exit status 0 when every file was added (or found there
 already), 1 when some files were unreadable (listed on stderr), 2 on errors, 130 when
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.images import DEFAULT_MAX_PIXELS, decode_image
+from indexer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_image
 from indexer.index import INDEX_TYPES
 from indexer.ingest import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, IngestSummary, ingest
 from indexer.sources import ImageSource, collect_sources
@@ -121,10 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if there is one")
     add.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     add.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads")
-    add.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
-                     help="store persons detected with at least this score")  # fmt: skip
+    add.add_argument("--min-score", type=float,
+                     help="store persons detected with at least this score (default: the model "
+                     f"folder's detection_threshold, or {DEFAULT_MIN_SCORE} for folders without "
+                     "one)")  # fmt: skip
     add.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                      help="refuse images of more pixels (width x height) than this")  # fmt: skip
+    add.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="refuse image files larger than this, unread")  # fmt: skip
     add.add_argument("--job", help="record the ingest as this job; run again to resume")
     add.add_argument("--engine", choices=("local", "ray"), default="local")
     add.add_argument("--address", help="Ray cluster address (--engine ray; default: local)")
@@ -257,11 +262,13 @@ def _run_ingest(arguments: argparse.Namespace, sources: list[ImageSource]) -> In
         "progress": not arguments.no_progress,
         "min_score": arguments.min_score,
         "max_pixels": arguments.max_pixels,
+        "max_bytes": arguments.max_bytes,
     }
     if arguments.engine == "ray":
         from indexer.distributed import ingest_ray, model_identity
 
-        with open_gallery_for(arguments.gallery, *model_identity(arguments.model)) as gallery:
+        identity = model_identity(arguments.model)
+        with open_gallery_for(arguments.gallery, identity.fingerprint, identity.dim) as gallery:
             return ingest_ray(
                 gallery,
                 arguments.model,

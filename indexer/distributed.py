@@ -22,11 +22,11 @@ Needs the ``distributed`` extra: ``pip install "psearch[distributed]"`` (``ray[d
 
 from collections.abc import Iterator, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from indexer.ingest import (
     DEFAULT_BATCH_SIZE,
     GallerySink,
@@ -42,7 +42,7 @@ from indexer.ingest import (
 from indexer.jobs import Job
 from indexer.sources import ImageSource
 from indexer.store import Gallery
-from indexer.types import DEFAULT_MIN_SCORE, NewImage
+from indexer.types import NewImage, min_score_for
 
 ROWS_PER_BLOCK = 64  # rows a read task decodes: big enough to amortise a task, small to spread
 
@@ -59,13 +59,22 @@ def import_ray() -> Any:
     return ray
 
 
-def model_identity(model_dir: str | PathLike) -> tuple[str, int]:
-    """(fingerprint, embedding dim) of an exported model folder, read from its manifest
-    without loading the model (the driver does not run it)."""
+class ModelIdentity(NamedTuple):
+    """What the driver needs of a model folder: what the gallery records, and the detection
+    threshold the folder recommends (None for folders exported before it was recorded)."""
+
+    fingerprint: str
+    dim: int
+    detection_threshold: float | None
+
+
+def model_identity(model_dir: str | PathLike) -> ModelIdentity:
+    """The :class:`ModelIdentity` of an exported model folder, read from its manifest without
+    loading the model (the driver does not run it)."""
     from export.artifact import read_model_manifest
 
     manifest = read_model_manifest(model_dir)
-    return manifest.fingerprint, manifest.embedding_dim
+    return ModelIdentity(manifest.fingerprint, manifest.embedding_dim, manifest.detection_threshold)
 
 
 def ingest_ray(
@@ -78,8 +87,9 @@ def ingest_ray(
     actors: int | None = None,
     job: Job | str | None = None,
     progress: bool = True,
-    min_score: float = DEFAULT_MIN_SCORE,
+    min_score: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     address: str | None = None,
 ) -> IngestSummary:
     """:func:`indexer.ingest.ingest` on Ray Data, with the model folder ``model_dir`` loaded in
@@ -89,8 +99,9 @@ def ingest_ray(
     down at the end).
     """
     ray = import_ray()
-    fingerprint, dim = model_identity(model_dir)
+    fingerprint, dim, recommended = model_identity(model_dir)
     gallery.check_model(fingerprint, dim)
+    min_score = min_score_for(min_score, recommended)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
@@ -99,7 +110,7 @@ def ingest_ray(
             sink = GallerySink(gallery, plan, progress)
             try:
                 rows = _detected_rows(ray, plan.work, str(model_dir), backend, batch_size, actors,
-                                      min_score, max_pixels)  # fmt: skip
+                                      min_score, max_pixels, max_bytes)  # fmt: skip
                 for row in rows:
                     sink.put(_result(plan.work[row["position"]], row, dim))
             except KeyboardInterrupt:
@@ -122,6 +133,7 @@ def _detected_rows(
     actors: int | None,
     min_score: float,
     max_pixels: int,
+    max_bytes: int,
 ) -> Iterator[dict[str, Any]]:
     """The detection rows of every work item, in input order."""
     if not work:
@@ -136,7 +148,7 @@ def _detected_rows(
         for item in work
     ]
     dataset = ray.data.from_items(items, override_num_blocks=-(-len(items) // ROWS_PER_BLOCK))
-    dataset = dataset.map(_load_row, fn_kwargs={"max_pixels": max_pixels})
+    dataset = dataset.map(_load_row, fn_kwargs={"max_pixels": max_pixels, "max_bytes": max_bytes})
     dataset = dataset.map_batches(
         DetectionActor,
         fn_constructor_kwargs={
@@ -158,12 +170,12 @@ def _detected_rows(
 # -- Ray tasks: reading and decoding -----------------------------------------------------
 
 
-def _load_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+def _load_row(row: dict[str, Any], max_pixels: int, max_bytes: int) -> dict[str, Any]:
     """Read and decode one file (a Ray task). Pixels travel as raw bytes with their shape:
     Ray's tensor columns want one shape per column, and images differ."""
     done = tuple(int(value) for value in row["done"])
     work = WorkItem(row["position"], ImageSource(row["path"]), None, None if -1 in done else done)
-    loaded = load_item(work, known_image=lambda _: None, max_pixels=max_pixels)
+    loaded = load_item(work, lambda _: None, max_pixels, max_bytes)
     pixels = loaded.pixels
     height, width = (0, 0) if pixels is None else pixels.shape[:2]
     return {

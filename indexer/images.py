@@ -11,9 +11,10 @@ it comes in. Every encoding Pillow reads is decoded the way a person looks at it
 - an animated image gives its first frame.
 
 The pixel limit is checked from the header, before a pixel is decoded: a 1 kB PNG may claim
-100 000 x 100 000 pixels (a decompression bomb) and is refused unopened. :data:`FORMATS` is the
-list of formats read, with the media type each is served as; :data:`IMAGE_SUFFIXES` are the
-file names a folder listing picks up.
+100 000 x 100 000 pixels (a decompression bomb) and is refused unopened. Files are read with a
+byte limit (:data:`DEFAULT_MAX_IMAGE_BYTES`) before they get here (``common.reading``).
+:data:`FORMATS` is the list of formats read, with the media type each is served as
+(:func:`image_media_type`); :data:`IMAGE_SUFFIXES` are the file names a folder listing picks up.
 
 Training decodes its dataset frames itself (``training/data.py``): the datasets' boxes are in
 the stored pixel grid, so their frames must not be turned by EXIF orientation.
@@ -21,6 +22,7 @@ the stored pixel grid, so their frames must not be turned by EXIF orientation.
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,6 +51,10 @@ IMAGE_MEDIA_TYPES = frozenset(FORMATS.values()) | {
 GENERIC_MEDIA_TYPES = frozenset({"application/octet-stream", ""})
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# An image file larger than this is refused unread: a 40-megapixel photo is a few tens of MB
+# (as a PNG up to about 120), and reading a larger file only to fail to decode it costs as much
+# memory as the file.
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -104,6 +110,17 @@ def is_image_media_type(media_type: str | None) -> bool:
     or none or a generic one (then the bytes decide)."""
     declared = (media_type or "").split(";")[0].strip().lower()
     return declared in GENERIC_MEDIA_TYPES or declared in IMAGE_MEDIA_TYPES
+
+
+def image_media_type(image: bytes | Path) -> str:
+    """The media type an image (its bytes, or a file) is served as, from its header (of the
+    :data:`FORMATS` read); ``application/octet-stream`` for anything else."""
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            image_format = opened.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "application/octet-stream"
+    return FORMATS.get(image_format or "", "application/octet-stream")
 
 
 def _open(data: bytes, what: str) -> Image.Image:

@@ -16,6 +16,11 @@ Work is skipped as early as possible: an item that an earlier run of the same jo
 skipped without reading it while its file keeps the recorded size and modification time
 (``indexer/jobs.py``); a file whose content hash is already in the gallery is not decoded. One
 bad file never stops an ingest: it is reported with the reason, and the rest goes on.
+
+Files are read with ``common.reading``: a FIFO, a device or a folder is refused without
+waiting on it, a file larger than ``max_bytes`` without reading it, and with ``within`` (the
+service's allowed roots) a file reached through a link out of them, even one swapped in while
+the ingest runs. A job's outcomes are written in the transactions that add its images.
 """
 
 import functools
@@ -33,11 +38,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from indexer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from indexer.jobs import ItemOutcome, Job, JobItem, JobStore
+from common.reading import FileRefused, open_regular_file, read_at_most
+from indexer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
+from indexer.jobs import ItemOutcome, Job, JobItem, JobProgress, JobStore
 from indexer.sources import ImageSource
 from indexer.store import Gallery
-from indexer.types import DEFAULT_MIN_SCORE, AddResult, NewImage
+from indexer.types import AddResult, NewImage, min_score_for
 
 if TYPE_CHECKING:  # the runtime imports torch, which reading a gallery does not need
     from export.runtime import EngineInfo
@@ -59,6 +65,17 @@ class PersonDetector(Protocol):
         """Per (H, W, 3) uint8 RGB image, its ``ImageDetections``: boxes (K, 4) in its pixels,
         scores (K,), embeddings (K, D)."""
         ...
+
+
+class IngestInterrupted(KeyboardInterrupt):
+    """Stops an ingest (raised by its ``checkpoint`` or its engine): what is finished is
+    written, and the job goes to ``job_status`` with ``reason``, unless it was cancelled
+    meanwhile. Any other KeyboardInterrupt (Ctrl-C) is taken as ``IngestInterrupted()``."""
+
+    def __init__(self, job_status: str = "cancelled", reason: str = "interrupted") -> None:
+        super().__init__(reason)
+        self.job_status = job_status
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -115,33 +132,50 @@ def ingest(
     workers: int = DEFAULT_WORKERS,
     job: Job | str | None = None,
     progress: bool = True,
-    min_score: float = DEFAULT_MIN_SCORE,
+    min_score: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    within: Sequence[str] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> IngestSummary:
     """Detect the persons of ``sources`` with ``engine`` and add them to ``gallery``.
 
     ``workers`` threads read and decode; ``batch_size`` images of similar aspect ratio go to
     ``engine.detect`` at a time (the engine may split them into its own smaller batches).
-    Images are decoded by :func:`indexer.images.decode_image` (larger than ``max_pixels``:
-    refused), and persons scoring at least ``min_score`` are stored
-    (:meth:`NewImage.from_detections`), as every other route does. ``job`` records the ingest in the
-    gallery so that it can be resumed: a name (the job of that name, created if missing, with
-    ``sources`` appended to its inputs; with no sources, its own inputs are resumed) or a
-    :class:`Job` made with :class:`JobStore`. Unreadable files are reported in the summary's
-    ``failures``; an error that is not one file's (the gallery, the engine as a whole) stops
-    the ingest and raises, the job marked failed (``cancelled`` on KeyboardInterrupt).
+    Files are read as the module says (regular files of at most ``max_bytes``, inside the
+    resolved folders ``within`` when given), decoded by :func:`indexer.images.decode_image`
+    (larger than ``max_pixels``: refused), and the persons scoring at least ``min_score`` are
+    stored (:meth:`NewImage.from_detections`), as every other route does; None: the model's
+    recommended threshold (:func:`~indexer.types.min_score_for`).
+
+    ``job`` records the ingest in the gallery so that it can be resumed: a name (the job of that
+    name, created if missing, with ``sources`` appended to its inputs; with no sources, its own
+    inputs are resumed) or a :class:`Job` made with :class:`JobStore` (started only if its
+    status is still the one it has: :class:`~indexer.jobs.JobChanged` otherwise).
+    ``checkpoint()`` is called before each image: raising :class:`IngestInterrupted` there stops
+    the ingest. Unreadable files are reported in the summary's ``failures``; an error that is
+    not one file's (the gallery, the engine as a whole) stops the ingest and raises, the job
+    marked failed (``cancelled`` on KeyboardInterrupt).
     """
     gallery.check_model(engine.info.fingerprint, engine.info.dim)
     _check_sizes(batch_size, workers)
+    min_score = min_score_for(min_score, engine.info.detection_threshold)
     with run_plan(gallery, sources, job) as plan:
         sink = GallerySink(gallery, plan, progress)
         with ThreadPoolExecutor(workers) as pool:
-            known_image = functools.partial(_stored_image_id, gallery)
-            load = functools.partial(load_item, known_image=known_image, max_pixels=max_pixels)
+            load = functools.partial(
+                load_item,
+                known_image=functools.partial(_stored_image_id, gallery),
+                max_pixels=max_pixels,
+                max_bytes=max_bytes,
+                within=within,
+            )
             batcher = SizeBatcher(batch_size, max_wait=4 * batch_size)
             loads = bounded_map(pool, load, plan.work, window=2 * workers + batch_size)
             try:
                 for loaded in loads:
+                    if checkpoint is not None:
+                        checkpoint()
                     if loaded.pixels is None:
                         sink.put(loaded.result)
                         continue
@@ -207,20 +241,28 @@ class LoadedImage:
 
 
 def load_item(
-    work: WorkItem, known_image: Callable[[str], int | None], max_pixels: int = DEFAULT_MAX_PIXELS
+    work: WorkItem,
+    known_image: Callable[[str], int | None],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    within: Sequence[str] | None = None,
 ) -> LoadedImage:
-    """Stat, read, hash and decode one file; never raises for a bad file.
+    """Open, stat, read, hash and decode one file; never raises for a bad file.
 
-    ``known_image(sha256)`` is the id of the stored image with these bytes, or None.
+    ``known_image(sha256)`` is the id of the stored image with these bytes, or None. The file
+    is refused unread unless it is a regular file of at most ``max_bytes`` (inside ``within``,
+    when given: see ``common.reading``).
     """
     path = work.source.path
     try:
-        stat = os.stat(path)
-        stats = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        if work.done_stat == (stat.st_size, stat.st_mtime_ns):
-            return LoadedImage(work, ItemResult(work, "skipped", **stats))
-        with open(path, "rb") as file:
-            content = file.read()
+        with open_regular_file(path, within) as file:
+            stat = os.fstat(file.fileno())
+            stats = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if work.done_stat == (stat.st_size, stat.st_mtime_ns):
+                return LoadedImage(work, ItemResult(work, "skipped", **stats))
+            content = read_at_most(file, max_bytes, path)
+    except FileRefused as error:
+        return LoadedImage(work, ItemResult(work, "failed", error=str(error)))
     except OSError as error:
         return LoadedImage(work, ItemResult(work, "failed", error=_os_reason(error)))
     image_id = known_image(hashlib.sha256(content).hexdigest())
@@ -361,17 +403,20 @@ def run_plan(
     jobs = JobStore(gallery)
     try:
         job_id = _job_for(jobs, job, sources)
-        jobs.start(job_id)
+        jobs.start(job_id, expected_status=job.status if isinstance(job, Job) else None)
         work = [_work_item(position, item) for position, item in enumerate(jobs.items(job_id))]
         try:
             yield RunPlan(work, jobs, job_id)
-        except KeyboardInterrupt:
-            jobs.set_status(job_id, "cancelled", "interrupted")
+        except KeyboardInterrupt as interruption:
+            stop = (
+                interruption if isinstance(interruption, IngestInterrupted) else IngestInterrupted()
+            )
+            jobs.finish(job_id, stop.job_status, stop.reason)
             raise
         except BaseException as error:
-            jobs.set_status(job_id, "failed", " ".join(str(error).split()) or repr(error))
+            jobs.finish(job_id, "failed", " ".join(str(error).split()) or repr(error))
             raise
-        jobs.set_status(job_id, "done")
+        jobs.finish(job_id, "done")
     finally:
         jobs.close()
 
@@ -456,55 +501,82 @@ class GallerySink:
         self._bar.close()
 
     def write_ready(self) -> None:
-        """Write the results that are ready (all those before the first missing one)."""
+        """Write the results that are ready (all those before the first missing one): the
+        detected images in one transaction, which records the job's outcomes of them all."""
         ready, self._ready, self._ready_images = self._ready, [], 0
         self._last_write = time.monotonic()
         detected = [result for result in ready if result.image is not None]
-        stored = iter(self._add(detected))
-        outcomes = [
-            self._account(result, next(stored) if result.image else None) for result in ready
-        ]
-        if self._plan.jobs is not None:
-            self._plan.jobs.record(
-                self._plan.job_id, [outcome for outcome in outcomes if outcome is not None]
-            )
+        settled = [result for result in ready if result.image is None]
+        answers = self._add(detected, settled)
+        for result in settled:
+            self._count(result.status, result.work, result.error)
+        for result, answer in zip(detected, answers, strict=True):
+            if isinstance(answer, str):
+                self._count("failed", result.work, answer)
+            else:
+                self._count("added" if answer.added else "duplicate", result.work)
+                self.summary.persons += answer.num_persons if answer.added else 0
 
-    def _add(self, detected: list[ItemResult]) -> list[AddResult | str]:
-        """The gallery's answer for each image, or why it refused one. A refused batch is
-        added image by image, so that only the image at fault fails."""
-        if not detected:
-            return []
+    def _add(self, detected: list[ItemResult], settled: list[ItemResult]) -> list[AddResult | str]:
+        """The gallery's answer for each detected image, or why it refused one, with the job's
+        outcomes of ``settled`` (and of the images) written in the same transaction. A refused
+        batch is added image by image, so that only the image at fault fails."""
+        progress = self._progress(detected, settled)
+        if not detected and (progress is None or not progress.others):
+            return []  # nothing to write
         try:
-            return self._gallery.add_images([result.image for result in detected])
+            return self._gallery.add_images([r.image for r in detected], job=progress)
         except ValueError:
-            if len(detected) == 1:
+            if len(detected) <= 1:
                 raise
         answers: list[AddResult | str] = []
         for result in detected:
             try:
-                answers += self._gallery.add_images([result.image])
+                answers += self._gallery.add_images([result.image], job=self._progress([result]))
             except ValueError as error:
                 answers.append(f"the gallery refused its detections: {error}")
+        refused = [
+            replace(result, status="failed", error=answer)
+            for result, answer in zip(detected, answers, strict=True)
+            if isinstance(answer, str)
+        ]
+        if self._plan.jobs is not None:
+            outcomes = [_outcome(result) for result in [*settled, *refused]]
+            self._plan.jobs.record(self._plan.job_id, [o for o in outcomes if o is not None])
         return answers
 
-    def _account(self, result: ItemResult, stored: AddResult | str | None) -> ItemOutcome | None:
-        """Count the result in the summary; its job outcome (None for a skipped item)."""
+    def _progress(
+        self, detected: list[ItemResult], settled: Sequence[ItemResult] = ()
+    ) -> JobProgress | None:
+        """The job's outcomes of these results (None without a job)."""
+        if self._plan.job_id is None:
+            return None
+        others = [_outcome(result) for result in settled]
+        return JobProgress(
+            self._plan.job_id,
+            images=[_outcome(result) for result in detected],
+            others=[outcome for outcome in others if outcome is not None],
+        )
+
+    def _count(self, status: str, work: WorkItem, error: str | None = None) -> None:
+        """Count one item's outcome in the summary."""
         summary = self.summary
-        status, image_id, error = result.status, result.image_id, result.error
-        if isinstance(stored, str):
-            status, error = "failed", stored
-        elif stored is not None:
-            status, image_id = ("added" if stored.added else "duplicate"), stored.image_id
-            summary.persons += stored.num_persons if stored.added else 0
         if status == "skipped":
             summary.skipped += 1
-            return None
-        if status == "failed":
-            summary.failures.append(Failure(result.work.source.path, error))
+        elif status == "failed":
+            summary.failures.append(Failure(work.source.path, error or "unknown"))
         elif status == "added":
             summary.added += 1
         else:
             summary.duplicates += 1
-        if result.work.seq is None:
-            return None
-        return ItemOutcome(result.work.seq, status, result.size, result.mtime_ns, image_id, error)
+
+
+def _outcome(result: ItemResult) -> ItemOutcome | None:
+    """The job outcome of a result (that of a detected image is completed by the gallery); None
+    for a skipped item, whose earlier outcome stands."""
+    if result.status == "skipped":
+        return None
+    status = "added" if result.status == "detected" else result.status
+    return ItemOutcome(
+        result.work.seq, status, result.size, result.mtime_ns, result.image_id, result.error
+    )

@@ -8,7 +8,14 @@ recorded size and modification time; a changed file is read again.
 
 Job status: ``queued`` (created, not started), ``running``, ``done`` (every item was
 attempted; some may have failed), ``failed`` (stopped by an error that is not one file's),
-``cancelled`` (interrupted). ``done`` counts the items whose outcome is recorded.
+``cancelled`` (stopped on purpose: interrupted, or cancelled through the service). ``done``
+counts the items whose outcome is recorded.
+
+The outcomes of the items that added images are recorded in the gallery's transaction that
+adds them (:class:`JobProgress`, ``Gallery.add_images(job=...)``): a crash keeps both or
+neither, so a resumed job never mistakes the images it added for duplicates. A job leaves
+``running`` only through :meth:`JobStore.finish` and :meth:`JobStore.cancel`, each a
+conditional update, so a cancellation is never overwritten by the end of the run it stopped.
 """
 
 import json
@@ -17,13 +24,15 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from indexer import schema
 from indexer.sources import ImageSource
-from indexer.store import SQLITE_FILE, Gallery
-from indexer.types import GalleryError
+from indexer.types import AddResult, GalleryError
+
+if TYPE_CHECKING:  # the gallery records job progress itself: it imports this module
+    from indexer.store import Gallery
 
 JOB_KIND = "ingest"
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -36,6 +45,10 @@ class JobNotFound(GalleryError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
+
+
+class JobChanged(GalleryError):
+    """The job is not in the status its caller saw (it was cancelled meanwhile)."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +96,38 @@ class ItemOutcome:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """Outcomes of a job's items to record in the transaction that adds their images
+    (``Gallery.add_images(images, job=...)``).
+
+    ``images`` holds one outcome per image added, in order, with the file's ``size`` and
+    ``mtime_ns``; its status (added or duplicate) and image id are known once the images are
+    inserted (:meth:`outcomes`). ``others`` are the outcomes of the batch's other items
+    (failed, or found duplicate before decoding).
+    """
+
+    job_id: int
+    images: Sequence[ItemOutcome] = ()
+    others: Sequence[ItemOutcome] = ()
+
+    def outcomes(self, results: Sequence[AddResult]) -> list[ItemOutcome]:
+        """Every outcome, those of the images completed with what adding them did."""
+        stored = [
+            replace(item, status="added" if result.added else "duplicate", image_id=result.image_id)
+            for item, result in zip(self.images, results, strict=True)
+        ]
+        return stored + list(self.others)
+
+
 class JobStore:
     """The jobs of one open gallery, through a SQLite connection of their own.
 
     Safe to use from several threads (calls are serialised). Close it before the gallery.
     """
 
-    def __init__(self, gallery: Gallery) -> None:
-        self._connection = schema.connect(gallery.path / SQLITE_FILE)
+    def __init__(self, gallery: "Gallery") -> None:
+        self._connection = schema.connect(gallery.path / schema.SQLITE_FILE)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -150,22 +187,17 @@ class JobStore:
             _require_job(connection, job_id)
             return _append_items(connection, job_id, sources)
 
-    def set_status(self, job_id: int, status: str, error: str | None = None) -> Job:
-        """Move the job to ``status`` (one of :data:`JOB_STATUSES`), with an ``error`` text."""
-        if status not in JOB_STATUSES:
-            raise ValueError(f"job status must be one of {JOB_STATUSES}, got {status!r}")
-        with self._transaction() as connection:
-            _require_job(connection, job_id)
-            connection.execute(
-                "UPDATE jobs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
-                (status, error, time.time(), job_id),
-            )
-        return self.get(job_id)
+    def start(self, job_id: int, expected_status: str | None = None) -> Job:
+        """Mark the job ``running`` for a new attempt: failed items become pending again.
 
-    def start(self, job_id: int) -> Job:
-        """Mark the job ``running`` for a new attempt: failed items become pending again."""
+        ``expected_status``: start only if the job is still in this status (the one its caller
+        saw), else raise :class:`JobChanged`; None starts it whatever its status (resuming a
+        job by name).
+        """
         with self._transaction() as connection:
-            _require_job(connection, job_id)
+            status = _require_job(connection, job_id)
+            if expected_status is not None and status != expected_status:
+                raise JobChanged(f"job {job_id} is {status}, no longer {expected_status}")
             connection.execute(
                 "UPDATE job_items SET status = 'pending' WHERE job_id = ? AND status = 'failed'",
                 (job_id,),
@@ -175,6 +207,33 @@ class JobStore:
                 "(SELECT count(*) FROM job_items WHERE job_id = ? AND status != 'pending') "
                 "WHERE id = ?",
                 (time.time(), job_id, job_id),
+            )
+        return self.get(job_id)
+
+    def finish(self, job_id: int, status: str, error: str | None = None) -> Job:
+        """End the job's run: a ``running`` job moves to ``status``; a job that is no longer
+        running (cancelled meanwhile) keeps its status."""
+        if status not in JOB_STATUSES:
+            raise ValueError(f"job status must be one of {JOB_STATUSES}, got {status!r}")
+        with self._transaction() as connection:
+            _require_job(connection, job_id)
+            connection.execute(
+                "UPDATE jobs SET status = ?, error = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'running'",
+                (status, error, time.time(), job_id),
+            )
+        return self.get(job_id)
+
+    def cancel(self, job_id: int, reason: str) -> Job:
+        """Cancel a ``queued`` or ``running`` job (whoever runs it stops at its next
+        checkpoint); a finished job is left as it is. Returns the job; :class:`JobNotFound` if
+        there is none."""
+        with self._transaction() as connection:
+            _require_job(connection, job_id)
+            connection.execute(
+                "UPDATE jobs SET status = 'cancelled', error = ?, updated_at = ? "
+                "WHERE id = ? AND status IN ('queued', 'running')",
+                (reason, time.time(), job_id),
             )
         return self.get(job_id)
 
@@ -213,34 +272,13 @@ class JobStore:
         return [_item(row) for row in rows]
 
     def record(self, job_id: int, outcomes: Sequence[ItemOutcome]) -> None:
-        """Record the outcomes of some items, and count them as done, in one transaction."""
-        for outcome in outcomes:
-            if outcome.status not in ITEM_STATUSES[1:]:
-                raise ValueError(
-                    f"an outcome is one of {ITEM_STATUSES[1:]}, got {outcome.status!r}"
-                )
+        """Record the outcomes of some items, and count them as done, in one transaction. The
+        outcomes of images added to the gallery go in the transaction that adds them instead
+        (:class:`JobProgress`)."""
         if not outcomes:
             return
-        seqs = json.dumps([outcome.seq for outcome in outcomes])
         with self._transaction() as connection:
-            # Only items that were pending add to ``done``: a changed file re-read is done twice.
-            newly_done = connection.execute(
-                "SELECT count(*) FROM job_items WHERE job_id = ? AND status = 'pending' "
-                "AND seq IN (SELECT value FROM json_each(?))",
-                (job_id, seqs),
-            ).fetchone()[0]
-            connection.executemany(
-                "UPDATE job_items SET status = ?, size = ?, mtime_ns = ?, image_id = ?, "
-                "error = ? WHERE job_id = ? AND seq = ?",
-                [
-                    (o.status, o.size, o.mtime_ns, o.image_id, o.error, job_id, o.seq)
-                    for o in outcomes
-                ],
-            )
-            connection.execute(
-                "UPDATE jobs SET done = done + ?, updated_at = ? WHERE id = ?",
-                (newly_done, time.time(), job_id),
-            )
+            record_outcomes(connection, job_id, outcomes)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -281,9 +319,40 @@ def _job_id_named(connection: sqlite3.Connection, name: str) -> int | None:
     return None if row is None else row[0]
 
 
-def _require_job(connection: sqlite3.Connection, job_id: int) -> None:
-    if connection.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+def _require_job(connection: sqlite3.Connection, job_id: int) -> str:
+    """The job's status; :class:`JobNotFound` if there is no such job."""
+    row = connection.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
         raise JobNotFound(f"no job with id {job_id}")
+    return row[0]
+
+
+def record_outcomes(
+    connection: sqlite3.Connection, job_id: int, outcomes: Sequence[ItemOutcome]
+) -> None:
+    """Record the outcomes of some of the job's items and count them as done, inside the
+    caller's transaction (the gallery's, when they come with images)."""
+    for outcome in outcomes:
+        if outcome.status not in ITEM_STATUSES[1:]:
+            raise ValueError(f"an outcome is one of {ITEM_STATUSES[1:]}, got {outcome.status!r}")
+    if not outcomes:
+        return
+    seqs = json.dumps([outcome.seq for outcome in outcomes])
+    # Only items that were pending add to ``done``: a changed file re-read is done twice.
+    newly_done = connection.execute(
+        "SELECT count(*) FROM job_items WHERE job_id = ? AND status = 'pending' "
+        "AND seq IN (SELECT value FROM json_each(?))",
+        (job_id, seqs),
+    ).fetchone()[0]
+    connection.executemany(
+        "UPDATE job_items SET status = ?, size = ?, mtime_ns = ?, image_id = ?, "
+        "error = ? WHERE job_id = ? AND seq = ?",
+        [(o.status, o.size, o.mtime_ns, o.image_id, o.error, job_id, o.seq) for o in outcomes],
+    )
+    connection.execute(
+        "UPDATE jobs SET done = done + ?, updated_at = ? WHERE id = ?",
+        (newly_done, time.time(), job_id),
+    )
 
 
 def _append_items(

@@ -7,6 +7,7 @@ snapshot that can always be rebuilt from these tables.
 import sqlite3
 from pathlib import Path
 
+SQLITE_FILE = "gallery.sqlite"  # in the gallery folder
 SCHEMA_VERSION = 1
 
 SCHEMA = """

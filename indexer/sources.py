@@ -7,21 +7,30 @@ A manifest lists one image per row with its camera and capture time:
 
 Timestamps are POSIX seconds (a number, or a string of one) or ISO 8601 text
 (``2024-05-01T08:30:00+02:00``; a time without a UTC offset is taken as UTC). Relative paths in
-a manifest are relative to the manifest's folder. Errors name the file and line.
+a manifest are relative to the manifest's folder. Camera names follow the gallery's rule
+(``indexer.validation.check_camera``). Errors name the file and line.
+
+A manifest is read as ``common.reading`` reads a file someone else named: a FIFO or a device is
+refused rather than waited on, and (``within``) it is reached without following a link out of
+the allowed folders.
 """
 
 import csv
+import io
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from common.reading import FileRefused, open_regular_file
 from indexer.images import IMAGE_SUFFIXES
+from indexer.validation import check_camera
 
 MANIFEST_COLUMNS = ("path", "camera", "timestamp")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
@@ -50,7 +59,8 @@ def collect_sources(
     """The images named by ``paths`` (files, or folders: the image files in them, in name order;
     with ``recursive`` also in their subfolders) and listed in ``manifests``, in that order,
     each path once (its first mention wins). ``camera`` is the camera of every image whose
-    manifest row names none. Raises :class:`SourceError` for a path that does not exist.
+    manifest row names none. Raises :class:`SourceError` for a path that does not exist or
+    cannot be looked at (a name too long for the file system, a folder that cannot be listed).
     """
     sources: list[ImageSource] = []
     for path in paths:
@@ -61,12 +71,18 @@ def collect_sources(
 
 
 def _image_files(path: Path, recursive: bool) -> Iterator[Path]:
-    if path.is_file():
-        yield path.absolute()
-    elif path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SourceError(f"no such file or folder: {path}") from None
+    except (OSError, ValueError) as error:
+        raise SourceError(f"cannot read {path}: {_reason(error)}") from None
+    if stat.S_ISDIR(mode):
         yield from _listed_images(path.absolute(), recursive)
+    elif stat.S_ISREG(mode):
+        yield path.absolute()
     else:
-        raise SourceError(f"no such file or folder: {path}")
+        raise SourceError(f"{path} is neither a file nor a folder (a FIFO, socket or device?)")
 
 
 def _listed_images(folder: Path, recursive: bool) -> Iterator[Path]:
@@ -80,12 +96,24 @@ def _listed_images(folder: Path, recursive: bool) -> Iterator[Path]:
         raise SourceError(f"cannot list folder {folder}: {error.strerror}") from None
     visible = [entry for entry in entries if not entry.name.startswith(".")]
     for entry in visible:
-        if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+        if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and _is_file(entry):
             yield Path(entry.path)
     if recursive:
         for entry in visible:
             if entry.is_dir(follow_symlinks=False):
                 yield from _listed_images(Path(entry.path), recursive)
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a regular file (or a link to one; a broken link is not)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _reason(error: Exception) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
 def first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
@@ -100,9 +128,12 @@ def first_of_each_path(sources: Sequence[ImageSource]) -> list[ImageSource]:
     return unique
 
 
-def read_image_manifest(path: str | PathLike, *, camera: str | None = None) -> list[ImageSource]:
+def read_image_manifest(
+    path: str | PathLike, *, camera: str | None = None, within: Sequence[str] | None = None
+) -> list[ImageSource]:
     """The images a manifest lists (CSV, or JSON lines by suffix), in its order. ``camera`` is
-    the camera of rows that name none. Raises :class:`SourceError` naming the line at fault."""
+    the camera of rows that name none; ``within``: resolved folders the manifest must lie in
+    (see the module). Raises :class:`SourceError` naming the line at fault."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix != ".csv" and suffix not in JSON_LINES_SUFFIXES:
@@ -110,52 +141,61 @@ def read_image_manifest(path: str | PathLike, *, camera: str | None = None) -> l
             f"{path}: a manifest is .csv or JSON lines ({', '.join(JSON_LINES_SUFFIXES)}), "
             f"not {suffix or 'a file without suffix'}"
         )
-    if not path.is_file():
-        raise SourceError(f"no such manifest: {path}")
-    rows = _csv_rows(path) if suffix == ".csv" else _json_lines_rows(path)
     folder = path.absolute().parent
-    return [_manifest_source(row, folder, camera, f"{path}:{line}") for line, row in rows]
+    try:
+        with open_regular_file(path, within) as binary:
+            # utf-8-sig reads files with or without a byte order mark.
+            text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+            rows = _csv_rows(text, path) if suffix == ".csv" else _json_lines_rows(text, path)
+            return [_manifest_source(row, folder, camera, f"{path}:{line}") for line, row in rows]
+    except FileNotFoundError:
+        raise SourceError(f"no such manifest: {path}") from None
+    except FileRefused as error:
+        raise SourceError(f"manifest {error}") from None
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise SourceError(f"cannot read manifest {path}: {_reason(error)}") from None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) of a CSV manifest; ``utf-8-sig`` reads files with or without a BOM."""
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
-        if "path" not in columns:
-            raise SourceError(
-                f"{path}:1: the header must name a 'path' column (found: {', '.join(columns)})"
-            )
-        unknown = [column for column in columns if column not in MANIFEST_COLUMNS]
+def _csv_rows(file: TextIO, path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV manifest."""
+    reader = csv.DictReader(file)
+    columns = reader.fieldnames or []
+    if "path" not in columns:
+        raise SourceError(
+            f"{path}:1: the header must name a 'path' column (found: {', '.join(columns)})"
+        )
+    unknown = [column for column in columns if column not in MANIFEST_COLUMNS]
+    if unknown:
+        raise SourceError(
+            f"{path}:1: unknown column(s) {', '.join(map(repr, unknown))}; "
+            f"the columns are {', '.join(MANIFEST_COLUMNS)}"
+        )
+    for row in reader:
+        if None in row:  # more cells than header columns
+            raise SourceError(f"{path}:{reader.line_num}: more cells than header columns")
+        yield reader.line_num, {key: value for key, value in row.items() if value != ""}
+
+
+def _json_lines_rows(file: TextIO, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSON lines manifest; blank lines are skipped."""
+    for line_number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise SourceError(f"{path}:{line_number}: expected a JSON object, got {line!r}")
+        unknown = [key for key in row if key not in MANIFEST_COLUMNS]
         if unknown:
             raise SourceError(
-                f"{path}:1: unknown column(s) {', '.join(map(repr, unknown))}; "
-                f"the columns are {', '.join(MANIFEST_COLUMNS)}"
+                f"{path}:{line_number}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"the keys are {', '.join(MANIFEST_COLUMNS)}"
             )
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise SourceError(f"{path}:{reader.line_num}: more cells than header columns")
-            yield reader.line_num, {key: value for key, value in row.items() if value != ""}
-
-
-def _json_lines_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SourceError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise SourceError(f"{path}:{line_number}: expected a JSON object, got {line!r}")
-            unknown = [key for key in row if key not in MANIFEST_COLUMNS]
-            if unknown:
-                raise SourceError(
-                    f"{path}:{line_number}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                    f"the keys are {', '.join(MANIFEST_COLUMNS)}"
-                )
-            yield line_number, {key: value for key, value in row.items() if value is not None}
+        yield line_number, {key: value for key, value in row.items() if value is not None}
 
 
 def _manifest_source(
@@ -164,10 +204,8 @@ def _manifest_source(
     path = row.get("path")
     if not isinstance(path, str) or not path:
         raise SourceError(f"{where}: 'path' must be a non-empty string, got {path!r}")
-    row_camera = row.get("camera", camera)
-    if row_camera is not None and not isinstance(row_camera, str):
-        raise SourceError(f"{where}: 'camera' must be a string, got {row_camera!r}")
     try:
+        row_camera = check_camera(row.get("camera", camera))
         timestamp = parse_timestamp(row.get("timestamp"))
     except ValueError as error:
         raise SourceError(f"{where}: {error}") from None

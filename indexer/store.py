@@ -5,13 +5,20 @@ A gallery is a folder::
     gallery.sqlite   images, persons (box, detection score, embedding), jobs; WAL mode
     vectors.faiss    FAISS index of the person embeddings, ids = person ids, inner product
     manifest.json    fingerprint, dim, metric, index type and params, watermark
-    gallery.lock     held (flock) by the one process that has the gallery open
+    files/           the bytes of uploaded images, by content hash (indexer/image_files.py)
+    gallery.lock     held (flock) by the one process that has the gallery open; not empty
+                     while it is open, so the next opener knows when the last one crashed
 
 Durability: every add and remove is one SQLite transaction, committed (``synchronous=FULL``)
 before it is acknowledged and before its persons enter the in-memory index. ``snapshot()``
 writes the index file durably and only then moves the manifest's watermark. Opening the gallery
 loads the snapshot and replays what SQLite holds beyond it, so a crash at any point loses
 nothing acknowledged and duplicates nothing (images are keyed by the SHA-256 of their bytes).
+A kept file is written before its image's transaction and removed after the removal's, under
+the write lock, so an image is never seen without its file; opening after a crash removes the
+files that no image references any more. A bulk job's progress is recorded in the transaction
+that stores its images (``job=`` of :meth:`Gallery.add_images`), so a crash never leaves an
+image stored that its job does not know it added.
 
 Concurrency: searches may run in any number of threads while one thread adds. Writers are
 serialised by a lock held over the SQLite transaction and the index update; the FAISS index
@@ -39,7 +46,10 @@ import numpy as np
 
 from common.files import remove_leftover_temporaries
 from indexer import schema
+from indexer.image_files import FILES_FOLDER, ImageFiles
 from indexer.index import IndexSpec, IndexTrainingError, VectorIndex, resolve_spec
+from indexer.jobs import JobProgress, record_outcomes
+from indexer.schema import SQLITE_FILE
 from indexer.snapshot import SnapshotManifest, read_snapshot_manifest, write_snapshot_manifest
 from indexer.types import (
     AddResult,
@@ -55,9 +65,8 @@ from indexer.types import (
     NewImage,
     Person,
 )
-from indexer.validation import check_detections, check_query
+from indexer.validation import check_camera, check_detections, check_query
 
-SQLITE_FILE = "gallery.sqlite"
 INDEX_FILE = "vectors.faiss"
 SNAPSHOT_MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "gallery.lock"
@@ -82,6 +91,7 @@ class _PreparedImage:
     boxes: np.ndarray  # (n, 4)
     scores: np.ndarray  # (n,)
     embeddings: np.ndarray  # (n, D) float32, unit norm
+    kept_bytes: bytes | None  # the bytes to keep as the image's file (keep_file), else None
 
 
 class Gallery:
@@ -92,9 +102,12 @@ class Gallery:
     What the indexer and the service use of it, and all that another store would provide:
 
     - its model: ``fingerprint``, ``dim``, :meth:`check_model`;
-    - writing: :meth:`add_images` (:meth:`add_image` for one), :meth:`remove_image`;
+    - writing: :meth:`add_images` (:meth:`add_image` for one), with a bulk job's progress in
+      the same transaction (``job=``), and with the image's bytes kept as its file
+      (``NewImage.keep_file``); :meth:`remove_image`, which removes the kept file too;
     - reading: :meth:`get_image` (by id), :meth:`image_by_sha256` (by content),
-      :meth:`images_by_uri` (by where it came from), :meth:`search`, :meth:`stats`;
+      :meth:`images_by_uri` (by where it came from), :meth:`kept_file`, :meth:`search`,
+      :meth:`stats`;
     - upkeep: :meth:`snapshot`, :meth:`rebuild`, :meth:`close`.
 
     Bulk jobs (``indexer/jobs.py``) keep their records in the same SQLite file (``path``).
@@ -110,6 +123,8 @@ class Gallery:
         self._write_lock = threading.Lock()  # one writer: SQLite transaction + index update
         self._index_lock = threading.Lock()  # the FAISS index: mutation vs search
         self._dirty = False  # changed since the last snapshot
+        self._files = ImageFiles(root / FILES_FOLDER)
+        self._crashed_before = _mark_open(lock_descriptor)  # its files may need a sweep
         for name in (INDEX_FILE, SNAPSHOT_MANIFEST_FILE):  # what a crash mid-snapshot left
             remove_leftover_temporaries(root / name)
         meta = schema.read_meta(self._db())
@@ -193,6 +208,8 @@ class Gallery:
         try:
             gallery.check_model(fingerprint)
             gallery._load_index()
+            if gallery._crashed_before:
+                gallery._sweep_files()
         except BaseException:
             gallery.close(snapshot=False)
             raise
@@ -209,6 +226,8 @@ class Gallery:
             for connection in self._connections.values():
                 connection.close()
             self._connections.clear()
+        if not self._crashed_before:  # else the files still need the sweep of the next open
+            os.ftruncate(self._lock_descriptor, 0)  # closed cleanly
         os.close(self._lock_descriptor)  # releases the flock
         self._lock_descriptor = None
 
@@ -252,6 +271,20 @@ class Gallery:
                     persons,
                 )
                 self._rebuild_locked(self._spec, fall_back_to_flat=True)
+
+    def _sweep_files(self) -> None:
+        """After a crash: remove the kept files no image references and half-written ones."""
+        removed = self._files.sweep(self._referenced_hashes)
+        if removed:
+            logger.warning("%s: removed %d files left by a crash", self.path, removed)
+        self._crashed_before = False
+
+    def _referenced_hashes(self, hashes: list[str]) -> set[str]:
+        rows = self._db().execute(
+            "SELECT sha256 FROM images WHERE sha256 IN (SELECT value FROM json_each(?))",
+            (json.dumps(hashes),),
+        )
+        return {row[0] for row in rows}
 
     def _read_snapshot(self, manifest: SnapshotManifest | None) -> VectorIndex | None:
         """The snapshot if the manifest vouches for it as an index of the current spec."""
@@ -302,21 +335,38 @@ class Gallery:
         image = NewImage(data, boxes, scores, embeddings, width, height, camera, timestamp, uri)
         return self.add_images([image])[0]
 
-    def add_images(self, images: Iterable[NewImage]) -> list[AddResult]:
+    def add_images(
+        self, images: Iterable[NewImage], *, job: JobProgress | None = None
+    ) -> list[AddResult]:
         """Add many images in ONE transaction: all of them are stored, or (on error) none.
 
         Inputs are validated (and files read and hashed) before the transaction starts.
         Duplicates, within the batch or of stored images, are reported with ``added=False``.
+        The bytes of images with ``keep_file`` are kept as their file (:meth:`kept_file`)
+        before the transaction commits. ``job``: the outcomes of a bulk job's items, recorded in
+        the same transaction (one per image, whose status and image id this call fills in, and
+        the job's other outcomes).
         """
         prepared = [self._prepare(image) for image in images]
+        if job is not None and len(job.images) != len(prepared):
+            raise ValueError(f"{len(prepared)} images, but job outcomes for {len(job.images)}")
+        kept = {image.sha256: image.kept_bytes for image in prepared if image.kept_bytes}
+        for sha256, data in kept.items():  # the slow, durable writes: outside the lock
+            self._files.save(sha256, data)
         with self._write_lock:
+            for sha256, data in kept.items():  # a removal of the same bytes may have run since
+                self._files.save(sha256, data)
             connection = self._db()
             connection.execute("BEGIN IMMEDIATE")
             try:
                 results, person_ids, vectors = _insert_images(connection, prepared)
+                if job is not None:
+                    record_outcomes(connection, job.job_id, job.outcomes(results))
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
+                for sha256 in set(kept) - self._referenced_hashes(list(kept)):
+                    self._files.remove(sha256)  # kept for images that were not stored
                 raise
             # Only now, after the commit, do the new persons become searchable.
             if person_ids:
@@ -337,33 +387,34 @@ class Gallery:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if image.timestamp is not None and not math.isfinite(image.timestamp):
             raise ValueError(f"timestamp must be finite POSIX seconds, got {image.timestamp!r}")
-        if image.camera is not None and not isinstance(image.camera, str):
-            raise ValueError(f"camera must be a string, got {image.camera!r}")
         boxes, scores, embeddings = check_detections(
             image.boxes, image.scores, image.embeddings, self.dim
         )
         return _PreparedImage(
             sha256=hashlib.sha256(content).hexdigest(),
             uri=uri,
-            camera=image.camera,
+            camera=check_camera(image.camera),
             timestamp=None if image.timestamp is None else float(image.timestamp),
             width=int(image.width),
             height=int(image.height),
             boxes=boxes,
             scores=scores,
             embeddings=embeddings,
+            kept_bytes=content if image.keep_file else None,
         )
 
     def remove_image(self, image_id: int) -> int:
-        """Remove an image and its persons (from SQLite and the index); returns the number of
-        persons removed. Raises :class:`ImageNotFound` when there is no such image."""
+        """Remove an image, its persons (from SQLite and the index) and its kept file; returns
+        the number of persons removed. Raises :class:`ImageNotFound` when there is no such
+        image."""
         with self._write_lock:
             connection = self._db()
             connection.execute("BEGIN IMMEDIATE")
             try:
-                if not connection.execute(
-                    "SELECT 1 FROM images WHERE id = ?", (image_id,)
-                ).fetchone():
+                found = connection.execute(
+                    "SELECT sha256 FROM images WHERE id = ?", (image_id,)
+                ).fetchone()
+                if found is None:
                     raise ImageNotFound(f"no image with id {image_id}")
                 person_ids = [
                     row[0]
@@ -381,6 +432,8 @@ class Gallery:
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
+            # After the commit, before the lock is released: no add of these bytes in between.
+            self._files.remove(found[0])
             with self._index_lock:
                 self._index.remove(np.array(person_ids, dtype=np.int64))
             self._dirty = True
@@ -400,6 +453,11 @@ class Gallery:
         keyed by content, so there is at most one."""
         found = self._images_where("sha256 = ?", sha256)
         return found[0] if found else None
+
+    def kept_file(self, sha256: str) -> Path | None:
+        """The file kept for the image with these bytes (it was added with ``keep_file``), or
+        None."""
+        return self._files.find(sha256)
 
     def images_by_uri(self, uri: str) -> list[ImageInfo]:
         """The stored images recorded under ``uri`` (the path they were indexed from, or an
@@ -442,9 +500,11 @@ class Gallery:
     ) -> list[Hit]:
         """The ``top_k`` persons most similar to ``query`` (D,) (L2-normalised), best first.
 
-        Filters: ``cameras`` (the image's camera is one of these), ``time_range`` ``(start,
-        end)`` POSIX seconds, inclusive, either end None for open (images without camera or
-        timestamp fail these filters), ``exclude_images`` (image ids), ``min_similarity``.
+        Filters: ``cameras`` (the image's camera is one of these; a name that no image can
+        have, see :func:`~indexer.validation.check_camera`, is a ValueError), ``time_range``
+        ``(start, end)`` POSIX seconds, inclusive, either end None for open (images without
+        camera or timestamp fail these filters), ``exclude_images`` (image ids),
+        ``min_similarity``.
         Similarities are cosines computed from the stored embeddings; IVF-PQ ranks
         ``rerank * top_k`` candidates by them. With IVF indexes a very selective filter can
         return fewer hits than exist, as only ``nprobe`` lists are visited.
@@ -474,7 +534,8 @@ class Gallery:
         the excluded images (None: none))."""
         conditions, parameters = [], []
         if cameras is not None:
-            names = [cameras] if isinstance(cameras, str) else list(cameras)
+            given = [cameras] if isinstance(cameras, str) else cameras
+            names = [check_camera(name) for name in given]
             conditions.append("i.camera IN (SELECT value FROM json_each(?))")
             parameters.append(json.dumps(names))
         if time_range is not None:
@@ -790,3 +851,12 @@ def _ids(cursor: sqlite3.Cursor) -> np.ndarray:
 def _as_vectors(blobs: list[bytes], dim: int) -> np.ndarray:
     """(n, dim) float32 from embedding BLOBs as stored in SQLite."""
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
+
+
+def _mark_open(lock_descriptor: int) -> bool:
+    """Mark the gallery open in its lock file (emptied by a clean close); whether the last
+    process to open it did not close it (it crashed, or was killed)."""
+    crashed = os.fstat(lock_descriptor).st_size > 0
+    os.ftruncate(lock_descriptor, 0)
+    os.pwrite(lock_descriptor, b"open\n", 0)
+    return crashed

@@ -8,7 +8,19 @@ import numpy as np
 
 from common.boxes import Box
 
-DEFAULT_MIN_SCORE = 0.5  # persons detected with a lower score are not stored
+# Persons detected with a lower score are not stored, when neither a setting nor the model's
+# folder says otherwise (folders exported before psearch.json recorded a detection threshold).
+DEFAULT_MIN_SCORE = 0.5
+
+
+def min_score_for(setting: float | None, recommended: float | None) -> float:
+    """The detection score from which every route stores persons: the ``setting`` when one is
+    given, else the threshold the model's folder ``recommended`` (psearch.json's
+    ``detection_threshold``: the one its training config evaluates with), else
+    :data:`DEFAULT_MIN_SCORE`."""
+    if setting is not None:
+        return setting
+    return recommended if recommended is not None else DEFAULT_MIN_SCORE
 
 
 class GalleryError(Exception):
@@ -45,7 +57,9 @@ class NewImage:
     ``data`` is the encoded image (bytes) or a path to it; the gallery keys images by the SHA-256
     of these bytes, so the same file is never stored twice. ``boxes`` (n, 4) x1 y1 x2 y2 in the
     original pixels, ``scores`` (n,), ``embeddings`` (n, D) L2-normalised. ``timestamp`` in POSIX
-    seconds. ``uri`` defaults to the path when ``data`` is one.
+    seconds. ``uri`` defaults to the path when ``data`` is one. ``keep_file``: keep the bytes
+    as the image's file, served back and removed with the image (uploads; an image indexed from
+    a path is served from there).
     """
 
     data: bytes | str | PathLike
@@ -57,6 +71,7 @@ class NewImage:
     camera: str | None = None
     timestamp: float | None = None
     uri: str | None = None
+    keep_file: bool = False
 
     @classmethod
     def from_detections(
@@ -70,6 +85,7 @@ class NewImage:
         camera: str | None = None,
         timestamp: float | None = None,
         uri: str | None = None,
+        keep_file: bool = False,
     ) -> "NewImage":
         """An image and the persons the engine detected in it that score at least
         ``min_score``: how every route turns one image's ``detections`` (boxes (K, 4), scores
@@ -87,6 +103,7 @@ class NewImage:
             camera=camera,
             timestamp=timestamp,
             uri=uri,
+            keep_file=keep_file,
         )
 
 

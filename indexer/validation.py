@@ -5,13 +5,18 @@ renormalised exactly (half-precision engines give norms like 0.9996), so that in
 cosine similarities in [-1, 1]; anything further off is refused, because it is not an embedding
 of the contract (raw features, the zero vectors of unused detection slots, a wrong output), and
 normalising it would hide the bug while storing meaningless similarities.
+
+A camera name is short printable text (:func:`check_camera`): it is stored with every image,
+returned with every hit and compared in filters, where a NUL would cut it short.
 """
 
+import unicodedata
 from typing import Any
 
 import numpy as np
 
 NORM_TOLERANCE = 1e-2
+MAX_CAMERA_LENGTH = 256  # characters of a camera name
 
 
 def check_detections(
@@ -70,3 +75,25 @@ def _check_finite(array: np.ndarray, what: str) -> None:
     bad = np.argwhere(~np.isfinite(array))
     if len(bad):
         raise ValueError(f"{what} contain NaN or infinity (at index {tuple(bad[0].tolist())})")
+
+
+def check_camera(camera: Any) -> str | None:
+    """A camera name as stored and filtered on: None, or text of 1 to
+    :data:`MAX_CAMERA_LENGTH` characters without control characters (NUL, line breaks) or
+    unpaired surrogates (text no file or database can hold). Raises ValueError saying which."""
+    if camera is None:
+        return None
+    if not isinstance(camera, str):
+        raise ValueError(f"a camera name must be text, got {camera!r}")
+    if not 1 <= len(camera) <= MAX_CAMERA_LENGTH:
+        shown = camera if len(camera) <= 40 else f"{camera[:40]}..."
+        raise ValueError(
+            f"a camera name has 1 to {MAX_CAMERA_LENGTH} characters, got {len(camera)} ({shown!r})"
+        )
+    for character in camera:
+        if unicodedata.category(character) in ("Cc", "Cs"):
+            raise ValueError(
+                f"a camera name cannot contain the character U+{ord(character):04X} "
+                f"(a control character or an unpaired surrogate), got {camera[:40]!r}"
+            )
+    return camera

@@ -6,6 +6,7 @@ The app answers at once (``/healthz``) and loads the model and the gallery in th
 
 from fastapi import FastAPI
 
+from server.auth import ApiKeyMiddleware
 from server.errors import install_error_handlers
 from server.lifecycle import EngineLoader, ServiceState, lifespan, load_runtime_engine
 from server.limits import BodySizeLimitMiddleware
@@ -38,8 +39,10 @@ def create_app(
     app.state.metrics = ServiceMetrics()
     app.state.service_state = ServiceState(settings.retry_after_s)
     install_error_handlers(app)
-    # The last added is the outermost: metrics see every answer, the size limit's included.
+    # The last added is the outermost: metrics see every answer, the size limit's included;
+    # the API key is checked before the body size, and before any of the body is read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     routers = (search.router, gallery.router, jobs.router, health.router, metrics.router, ui.router)
     for router in routers:

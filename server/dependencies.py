@@ -1,31 +1,16 @@
-"""FastAPI dependencies: settings, the loaded services, API keys, request media types.
+"""FastAPI dependencies: the loaded services, the API key scheme, request media types.
 
 They are ``async``: none blocks, and FastAPI would run plain functions in the thread pool."""
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
 
-from server.errors import Forbidden, Unauthenticated, UnsupportedMediaType
+from server.auth import API_KEY_SCHEME
+from server.errors import UnsupportedMediaType
 from server.jobs import JobService
 from server.lifecycle import ServiceState
 from server.services import GalleryService, SearchService
-from server.settings import ServerSettings
-
-API_KEY_HEADER = "X-API-Key"
-
-_api_key_header = APIKeyHeader(
-    name=API_KEY_HEADER,
-    auto_error=False,  # we answer a missing key ourselves, in the service's error shape
-    description="One of the keys the service was configured with (when it has any).",
-)
-
-
-async def get_settings(request: Request) -> ServerSettings:
-    """The app's settings."""
-    return request.app.state.settings
 
 
 async def get_state(request: Request) -> ServiceState:
@@ -33,7 +18,6 @@ async def get_state(request: Request) -> ServiceState:
     return request.app.state.service_state
 
 
-SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
@@ -57,19 +41,10 @@ GalleryServiceDep = Annotated[GalleryService, Depends(get_gallery_service)]
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 
 
-async def require_api_key(
-    settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]
-) -> None:
-    """401 without a key, 403 with a wrong one; nothing to check when no keys are configured."""
-    if not settings.api_keys:
-        return
-    if not api_key:
-        raise Unauthenticated(f"an API key is required in the {API_KEY_HEADER} header")
-    given = api_key.encode()
-    # Compare with every key in constant time: timing must not tell how much of a key matched.
-    keys = [key.get_secret_value().encode() for key in settings.api_keys]
-    if not any([secrets.compare_digest(given, key) for key in keys]):
-        raise Forbidden(f"the API key in the {API_KEY_HEADER} header is not valid")
+async def api_key_scheme(api_key: Annotated[str | None, Security(API_KEY_SCHEME)]) -> None:
+    """Declares the ``X-API-Key`` scheme of an operation in the OpenAPI document. The key is
+    checked before the body is read, by ``server.auth.ApiKeyMiddleware`` (a dependency runs
+    only after FastAPI has read the body)."""
 
 
 async def require_multipart(request: Request) -> None:

@@ -102,6 +102,13 @@ class JobNameTaken(ServiceError):
     code = "job_name_taken"
 
 
+class JobFinished(ServiceError):
+    """The job asked to be cancelled has finished already."""
+
+    status_code = HTTPStatus.CONFLICT
+    code = "job_finished"
+
+
 class Overloaded(ServiceError):
     """The inference queue is full; the client should retry after ``Retry-After`` seconds."""
 

@@ -3,7 +3,11 @@
 - :func:`collect_job_sources` turns a :class:`~server.schemas.JobRequest` into image sources,
   refusing (403) every path that does not resolve inside the allowed roots (``server/roots.py``).
 - :class:`JobRunner` runs the jobs one at a time, in submission order, on a thread of its own,
-  with :func:`indexer.ingest.ingest` writing to the service's open gallery.
+  with :func:`indexer.ingest.ingest` writing to the service's open gallery. It reads each file
+  as ``common.reading`` does within the allowed roots: a symlink swapped in while the job runs
+  cannot lead it out of them, and a FIFO, a device or a file over ``max_image_bytes`` fails
+  alone, unread, instead of holding up the queue.
+- :class:`JobControl` says which job runs and stops it, at a shutdown or when it is cancelled.
 - :class:`BatcherEngine` is the engine the jobs see: it sends their images through the service's
   micro-batcher, so that a job never holds the engine. The batcher serves its queue first in,
   first out, and a job submits its next batch only once the previous one is answered: a search
@@ -15,7 +19,9 @@
 
 Jobs live in the gallery's SQLite (``indexer/jobs.py``): a resumed job skips the images it has
 done. At shutdown the running job stops after its current batch, keeps what it finished, and
-goes back to ``queued``.
+goes back to ``queued``. A job cancelled through the API (queued or running) is ``cancelled``
+at once in the gallery, so that it is never resumed, and the running one stops at its next
+image or batch, keeping what it finished.
 """
 
 import asyncio
@@ -31,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from export.runtime import EngineInfo
-from indexer.ingest import ingest
-from indexer.jobs import Job, JobNotFound, JobStore
+from indexer.ingest import IngestInterrupted, ingest
+from indexer.jobs import Job, JobChanged, JobNotFound, JobStore
 from indexer.sources import (
     ImageSource,
     SourceError,
@@ -44,11 +50,11 @@ from indexer.store import Gallery
 from server.batcher import MicroBatcher
 from server.errors import (
     InvalidField,
+    JobFinished,
     JobNameTaken,
     NotFound,
     NotReady,
     Overloaded,
-    ServiceError,
 )
 from server.roots import AllowedRoots
 from server.schemas import JobFailureOut, JobListOut, JobOut, JobRequest, JobSummaryOut
@@ -62,10 +68,8 @@ FAILURES_SHOWN = 20  # failed images listed in a job's report
 INTERRUPTED = "interrupted by a shutdown of the service; it resumes when the service starts"
 
 
-class JobInterrupted(KeyboardInterrupt):
-    """Raised in a job's thread to stop it at shutdown. ``ingest`` treats a KeyboardInterrupt as
-    an interruption: it writes what is finished and re-raises (any other error would fail the
-    images of the batch, or the job)."""
+CANCELLED = "cancelled through the API"
+CANCEL_WAIT_S = 30.0  # how long a cancel request waits for the running job to stop
 
 
 # -- paths -------------------------------------------------------------------------------
@@ -89,7 +93,7 @@ def collect_job_sources(request: JobRequest, roots: AllowedRoots) -> list[ImageS
     if request.manifest is not None:
         manifest = roots.resolve(request.manifest, f"manifest {request.manifest!r}")
         with _source_errors_as_invalid("manifest"):
-            listed = read_image_manifest(manifest, camera=request.camera)
+            listed = read_image_manifest(manifest, camera=request.camera, within=roots.roots)
         sources += (
             _resolved(source, roots, f"manifest {request.manifest!r}, entry {number}")
             for number, source in enumerate(listed, start=1)
@@ -117,11 +121,63 @@ def _resolved(source: ImageSource, roots: AllowedRoots, where: str) -> ImageSour
 # -- running jobs ------------------------------------------------------------------------
 
 
+class JobControl:
+    """Which job runs, and whether it is to stop: at a shutdown (it goes back to the queue) or
+    because it was cancelled. The job's thread calls :meth:`checkpoint` before each image and
+    each batch; ``wake`` ends the engine's pauses at once when it is to stop."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self._changed = threading.Condition()  # guards the three below
+        self._stopping = False
+        self._running: int | None = None
+        self._cancelled = False  # the running job was cancelled
+
+    def checkpoint(self) -> None:
+        """Raise :class:`IngestInterrupted` in the running job when it is to stop."""
+        with self._changed:
+            if self._stopping:
+                raise _shutdown()
+            if self._cancelled:
+                raise IngestInterrupted("cancelled", CANCELLED)
+
+    def shut_down(self) -> None:
+        """Stop the running job, and start no other."""
+        with self._changed:
+            self._stopping = True
+        self.wake.set()
+
+    def begin(self, job_id: int) -> bool:
+        """Job ``job_id`` runs now; False (it must not) once the service is shutting down."""
+        with self._changed:
+            if self._stopping:
+                return False
+            self._running, self._cancelled = job_id, False
+            self.wake.clear()
+            return True
+
+    def end(self) -> None:
+        """The running job has stopped."""
+        with self._changed:
+            self._running = None
+            self._changed.notify_all()
+
+    def stop_if_running(self, job_id: int, timeout_s: float) -> None:
+        """Stop job ``job_id`` if it is the running one, and wait (at most ``timeout_s``) until
+        it has stopped."""
+        with self._changed:
+            if self._running == job_id:
+                self._cancelled = True
+                self.wake.set()
+                self._changed.wait_for(lambda: self._running != job_id, timeout_s)
+
+
 class BatcherEngine:
     """What :func:`~indexer.ingest.ingest` needs of an engine, run on the service's
     micro-batcher from a job's thread (searches and jobs share the one engine worker).
 
-    ``detect`` raises :class:`JobInterrupted` once ``stopping`` is set, or when the batcher
+    ``detect`` passes the ``control``'s checkpoint before each submission (it raises
+    :class:`IngestInterrupted` when the job is to stop) and raises it itself when the batcher
     stops; images refused because the queue is full are submitted again after a pause.
     """
 
@@ -130,13 +186,13 @@ class BatcherEngine:
         batcher: MicroBatcher[Any, Any],
         loop: asyncio.AbstractEventLoop,
         info: EngineInfo,
-        stopping: threading.Event,
+        control: JobControl,
         retry_after_s: float,
     ) -> None:
         self.info = info
         self._batcher = batcher
         self._loop = loop
-        self._stopping = stopping
+        self._control = control
         self._retry_after_s = retry_after_s
 
     def detect(self, images: list[np.ndarray]) -> list[Any]:
@@ -144,22 +200,21 @@ class BatcherEngine:
         results: list[Any] = [None] * len(images)
         waiting = list(range(len(images)))
         while waiting:
-            if self._stopping.is_set():
-                raise JobInterrupted
+            self._control.checkpoint()
             answers = self._submit([images[index] for index in waiting])
             refused = []
             for index, answer in zip(waiting, answers, strict=True):
                 if isinstance(answer, Overloaded):
                     refused.append(index)
                 elif isinstance(answer, NotReady):  # the batcher is stopping
-                    raise JobInterrupted
+                    raise _shutdown()
                 elif isinstance(answer, BaseException):
                     raise answer
                 else:
                     results[index] = answer
             waiting = refused
             if waiting:
-                self._stopping.wait(self._retry_after_s)
+                self._control.wake.wait(self._retry_after_s)
         return results
 
     def _submit(self, images: list[np.ndarray]) -> list[Any]:
@@ -172,16 +227,23 @@ class BatcherEngine:
         try:
             return asyncio.run_coroutine_threadsafe(submit_all(), self._loop).result()
         except concurrent.futures.CancelledError:  # the event loop is going away
-            raise JobInterrupted from None
+            raise _shutdown() from None
+
+
+def _shutdown() -> IngestInterrupted:
+    """The interruption of a job by a shutdown: it goes back to the queue."""
+    return IngestInterrupted("queued", INTERRUPTED)
 
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """How jobs run ``ingest``: the service's own detection floor and pixel limit, as uploads."""
+    """How jobs run ``ingest``: the service's own detection floor and image limits, as
+    uploads."""
 
     batch_size: int
     min_score: float
     max_pixels: int
+    max_bytes: int
     workers: int = DECODE_WORKERS
 
 
@@ -195,14 +257,14 @@ class JobRunner:
         jobs: JobStore,
         roots: AllowedRoots,
         options: IngestOptions,
-        stopping: threading.Event,
+        control: JobControl,
     ) -> None:
         self._gallery = gallery
         self._engine = engine
         self._jobs = jobs
         self._roots = roots
         self._options = options
-        self._stopping = stopping
+        self._control = control
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="ingest-jobs", daemon=True)
 
@@ -217,53 +279,59 @@ class JobRunner:
         self._queue.put(job_id)
 
     def stop(self) -> None:
-        """Interrupt the running job after its current batch and wait for the thread (blocking:
-        call it off the event loop, which the job's last batch still needs)."""
-        self._stopping.set()
+        """Interrupt the running job after its current image or batch and wait for the thread
+        (blocking: call it off the event loop, which the job's last batch still needs)."""
+        self._control.shut_down()
         self._queue.put(None)
         self._thread.join()
 
+    def cancel(self, job_id: int) -> Job:
+        """Cancel the job in the gallery (a queued one is then skipped; the running one stops,
+        and this waits at most :data:`CANCEL_WAIT_S` for it); returns the job as it is then.
+        Raises :class:`JobNotFound`."""
+        if self._jobs.cancel(job_id, CANCELLED).status == "cancelled":
+            self._control.stop_if_running(job_id, CANCEL_WAIT_S)
+        return self._jobs.get(job_id)
+
     def _work(self) -> None:
-        while (job_id := self._queue.get()) is not None and not self._stopping.is_set():
+        while (job_id := self._queue.get()) is not None:
+            job = self._jobs.get(job_id)
+            if job.status not in ("queued", "running"):  # cancelled while it waited
+                continue
+            if not self._control.begin(job_id):  # shutting down
+                return
             try:
-                self._run(self._jobs.get(job_id))
+                self._run(job)
             except Exception:  # one job's failure must not stop the others
                 logger.exception("job %d failed", job_id)
+            finally:
+                self._control.end()
 
     def _run(self, job: Job) -> None:
-        outside = self._first_item_outside_roots(job.id)
-        if outside is not None:
-            self._jobs.set_status(job.id, "failed", outside)
-            logger.error("job %d refused: %s", job.id, outside)
-            return
         logger.info("job %d: indexing %d images (%d done before)", job.id, job.total, job.done)
+        options = self._options
         try:
             summary = ingest(
                 self._gallery,
                 self._engine,
                 [],
                 job=job,
-                batch_size=self._options.batch_size,
-                workers=self._options.workers,
+                batch_size=options.batch_size,
+                workers=options.workers,
                 progress=False,
-                min_score=self._options.min_score,
-                max_pixels=self._options.max_pixels,
+                min_score=options.min_score,
+                max_pixels=options.max_pixels,
+                max_bytes=options.max_bytes,
+                within=self._roots.roots,
+                checkpoint=self._control.checkpoint,
             )
-        except JobInterrupted:
-            self._jobs.set_status(job.id, "queued", INTERRUPTED)
-            logger.info("job %d interrupted by the shutdown; it resumes on the next start", job.id)
+        except JobChanged:
+            logger.info("job %d was cancelled before it started", job.id)
+            return
+        except IngestInterrupted as interruption:
+            logger.info("job %d stopped: %s", job.id, interruption.reason)
             return
         logger.info("%s", summary.describe())
-
-    def _first_item_outside_roots(self, job_id: int) -> str | None:
-        """Why the job may not run: an image that no longer resolves inside the allowed roots
-        (the roots were changed, or a symlink was, since it was submitted); None if all do."""
-        for item in self._jobs.items(job_id):
-            try:
-                self._roots.resolve(item.source.path, f"image {item.source.path!r}")
-            except ServiceError as error:
-                return error.message
-        return None
 
 
 # -- the service -------------------------------------------------------------------------
@@ -292,16 +360,21 @@ class JobService:
         info: EngineInfo,
         roots: AllowedRoots,
         loop: asyncio.AbstractEventLoop,
+        min_score: float,
     ) -> "JobService":
         """Open the gallery's jobs and start the runner on those left queued or running (by a
-        shutdown or a crash), oldest first."""
-        stopping = threading.Event()
-        engine = BatcherEngine(batcher, loop, info, stopping, settings.retry_after_s)
+        shutdown or a crash), oldest first. Jobs store the persons scoring at least
+        ``min_score``, as uploads do."""
         # A job's batch takes at most half the queue: searches always find room in it.
         batch_size = max(1, min(settings.max_batch_size, settings.queue_size // 2))
-        options = IngestOptions(batch_size, settings.min_detection_score, settings.max_image_pixels)
+        options = IngestOptions(
+            batch_size, min_score, settings.max_image_pixels, settings.max_image_bytes
+        )
+
+        control = JobControl()
+        engine = BatcherEngine(batcher, loop, info, control, settings.retry_after_s)
         jobs = JobStore(gallery)
-        runner = JobRunner(gallery, engine, jobs, roots, options, stopping)
+        runner = JobRunner(gallery, engine, jobs, roots, options, control)
         try:
             unfinished = [job.id for job in jobs.all_jobs() if job.status in ("queued", "running")]
         except BaseException:
@@ -351,13 +424,25 @@ class JobService:
         """Every job, newest first."""
         return JobListOut(jobs=[_summary(job) for job in self._jobs.all_jobs()])
 
+    def cancel(self, job_id: int) -> JobOut:
+        """Cancel a queued or running job (a running one stops after its current image or
+        batch, keeping what it finished); 404 if there is none of this id, 409 if it has
+        finished."""
+        try:
+            job = self._runner.cancel(job_id)
+        except JobNotFound as error:
+            raise NotFound(str(error)) from None
+        if job.status in ("done", "failed"):
+            raise JobFinished(f"job {job_id} is {job.status}: there is nothing to cancel")
+        logger.info("job %d cancelled (%s)", job_id, job.status)
+        return self.get(job_id)
+
 
 def _summary(job: Job) -> JobSummaryOut:
     return JobSummaryOut(
         id=job.id,
         name=job.name,
-        # The store's "cancelled" is a job stopped on purpose (Ctrl-C of psearch-index).
-        status="interrupted" if job.status == "cancelled" else job.status,
+        status=job.status,
         error=job.error,
         total=job.total,
         done=job.done,

@@ -29,10 +29,9 @@ from starlette.concurrency import run_in_threadpool
 
 from export.runtime import Engine, load_engine
 from indexer.store import Gallery, open_gallery_for
-from indexer.types import GalleryMismatch, GalleryNotFound
+from indexer.types import GalleryMismatch, GalleryNotFound, min_score_for
 from server.batcher import MicroBatcher
 from server.errors import ModelMismatch, NotReady, ServiceError
-from server.files import ImageFiles
 from server.jobs import JobService
 from server.metrics import ServiceMetrics
 from server.roots import AllowedRoots
@@ -66,10 +65,11 @@ def warm_up(engine: Engine) -> None:
 
 @dataclass
 class Services:
-    """Everything loaded: the model's description, the gallery, the batcher on the engine, and
-    the services on them."""
+    """Everything loaded: the model's description, the detection score from which persons are
+    stored, the gallery, the batcher on the engine, and the services on them."""
 
     model: ModelOut
+    min_detection_score: float
     gallery: Gallery
     batcher: MicroBatcher[InferenceTask, Any]
     search: SearchService
@@ -142,8 +142,15 @@ async def start_services(
         name="inference",
     )
     await batcher.start()
-    files = ImageFiles(settings.uploads_dir)
     roots = AllowedRoots(settings.allowed_roots)
+    min_score = min_score_for(settings.min_detection_score, engine.info.detection_threshold)
+    if settings.min_detection_score is None and engine.info.detection_threshold is None:
+        logger.warning(
+            "the model folder recommends no detection threshold (it was exported before "
+            "psearch.json recorded one): storing persons scored >= %g; set "
+            "min_detection_score to choose, or export the model again",
+            min_score,
+        )
     try:
         jobs = await run_in_threadpool(
             JobService.open,
@@ -153,16 +160,18 @@ async def start_services(
             engine.info,
             roots,
             asyncio.get_running_loop(),
+            min_score,
         )
     except BaseException:
         await batcher.stop()
         raise
     return Services(
         model=ModelOut.model_validate(engine.info, from_attributes=True),
+        min_detection_score=min_score,
         gallery=gallery,
         batcher=batcher,
-        search=SearchService(settings, gallery, batcher, files),
-        gallery_service=GalleryService(settings, gallery, files, roots),
+        search=SearchService(settings, gallery, batcher, min_score),
+        gallery_service=GalleryService(settings, gallery, roots),
         jobs=jobs,
     )
 
@@ -212,11 +221,12 @@ async def _load(app: FastAPI) -> None:
     app.state.metrics.ready.set(1)
     info = engine.info
     logger.info(
-        "ready: model %s (%s on %s), gallery %s",
+        "ready: model %s (%s on %s), gallery %s, storing persons scored >= %g",
         info.name,
         info.backend,
         info.device,
         settings.gallery_dir,
+        state.services.min_detection_score,
     )
 
 

@@ -19,8 +19,18 @@ from pydantic import (
     model_validator,
 )
 
+from indexer.validation import MAX_CAMERA_LENGTH, check_camera
+
 # Hard bound of top_k in the schema; the configured top_k_max (at most this) is checked too.
 TOP_K_LIMIT = 10_000
+
+# The gallery's rule for camera names (indexer.validation.check_camera), its length bounds
+# also in the OpenAPI document.
+CameraName = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_CAMERA_LENGTH),
+    AfterValidator(check_camera),
+]
 
 BoxOut = Annotated[
     list[float],
@@ -82,7 +92,7 @@ class SearchForm(_Form):
         le=1,
         description="Leave out hits less similar than this (cosine similarity, -1 to 1).",
     )
-    cameras: list[str] = Field(
+    cameras: list[CameraName] = Field(
         default_factory=list,
         description="Only hits in images of these cameras (repeat the field for several).",
     )
@@ -117,9 +127,10 @@ class AddImagesForm(_Form):
     images: list[UploadFile] = Field(
         min_length=1, description="Scene images to index (repeat the field for several)."
     )
-    cameras: list[str] = Field(
+    cameras: list[CameraName] = Field(
         default_factory=list,
-        description="The camera of the images: none, one for all, or one per image in order.",
+        description="The camera of the images: none, one for all, or one per image in order "
+        f"(1 to {MAX_CAMERA_LENGTH} characters, no control characters).",
     )
     timestamps: list[FiniteFloat] = Field(
         default_factory=list,
@@ -274,6 +285,9 @@ class ModelOut(BaseModel):
     dim: int = Field(description="Embedding dimension.")
     backend: str = Field(description="Inference backend in use.")
     device: str = Field(description="Inference device in use.")
+    detection_threshold: float | None = Field(
+        description="The detection threshold the model folder recommends (null: it names none)."
+    )
 
 
 class HealthOut(BaseModel):
@@ -287,6 +301,10 @@ class ReadyOut(BaseModel):
 
     status: Literal["ready"] = Field(description="Always `ready` (otherwise the answer is 503).")
     model: ModelOut = Field(description="The loaded model.")
+    min_detection_score: float = Field(
+        description="Persons detected with a lower score are not stored: the "
+        "min_detection_score setting, or else the model's recommended detection_threshold."
+    )
     gallery: GalleryStatsOut = Field(description="The loaded gallery.")
 
 
@@ -321,11 +339,8 @@ class JobRequest(BaseModel):
         "its folder.",
     )
     recursive: bool = Field(default=False, description="Also index the subfolders of `paths`.")
-    camera: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=256,
-        description="Camera of every image whose manifest row names none.",
+    camera: CameraName | None = Field(
+        default=None, description="Camera of every image whose manifest row names none."
     )
     name: str | None = Field(
         default=None,
@@ -341,7 +356,7 @@ class JobRequest(BaseModel):
         return self
 
 
-JobStatus = Literal["queued", "running", "done", "failed", "interrupted"]
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
 class JobFailureOut(BaseModel):
@@ -360,9 +375,10 @@ class JobSummaryOut(BaseModel):
         description="`queued` (waiting for the worker, or interrupted by a shutdown: it resumes "
         "when the service starts again), `running`, `done` (every image attempted; some may "
         "have failed), `failed` (stopped by an error that is not one image's: see `error`), "
-        "`interrupted` (stopped on purpose, e.g. Ctrl-C of `psearch-index`; not resumed)."
+        "`cancelled` (stopped on purpose: cancelled through the API, or Ctrl-C of "
+        "`psearch-index`; not resumed)."
     )
-    error: str | None = Field(description="Why the job failed or was interrupted.")
+    error: str | None = Field(description="Why the job failed, was cancelled or interrupted.")
     total: int = Field(description="Images the job lists.")
     done: int = Field(description="Images with an outcome: added, duplicate or failed.")
     created_at: float = Field(description="When the job was submitted (POSIX seconds).")

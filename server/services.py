@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,11 +22,12 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from common.boxes import Box
+from common.reading import FileRefused, read_regular_file
+from indexer.images import image_media_type
 from indexer.store import Gallery
-from indexer.types import AddResult, Hit, ImageInfo, ImageNotFound, NewImage
+from indexer.types import Hit, ImageInfo, ImageNotFound, NewImage
 from server.batcher import MicroBatcher
 from server.errors import InvalidField, NotFound, TooLarge
-from server.files import ImageFiles, media_type
 from server.roots import AllowedRoots
 from server.schemas import (
     AddedImage,
@@ -56,12 +58,12 @@ class SearchService:
         settings: ServerSettings,
         gallery: Gallery,
         batcher: MicroBatcher[InferenceTask, Any],
-        files: ImageFiles,
+        min_score: float,
     ) -> None:
         self.settings = settings
         self.gallery = gallery
         self.batcher = batcher
-        self.files = files
+        self.min_score = min_score  # the setting, or the model's recommended threshold
 
     async def search(self, upload: Upload, form: SearchForm) -> SearchResponse:
         """Embed the query person and find the most similar gallery persons."""
@@ -109,7 +111,9 @@ class SearchService:
     async def add_images(
         self, uploads: Sequence[Upload], cameras: Sequence[str], timestamps: Sequence[float]
     ) -> AddImagesResponse:
-        """Detect the persons in each image and store all images in one gallery transaction."""
+        """Detect the persons in each image and store all images in one gallery transaction,
+        each with its bytes kept as its file (written before the transaction commits, removed
+        with the image)."""
         started = time.perf_counter()
         if len(uploads) > self.settings.max_images_per_request:
             raise TooLarge(
@@ -132,16 +136,17 @@ class SearchService:
                 found,
                 width=width,
                 height=height,
-                min_score=self.settings.min_detection_score,
+                min_score=self.min_score,
                 camera=camera,
                 timestamp=timestamp,
                 uri=upload.filename,
+                keep_file=True,
             )
             for upload, (width, height), found, camera, timestamp in zip(
                 uploads, sizes, detections, per_image_cameras, per_image_timestamps, strict=True
             )
         ]
-        results = await run_in_threadpool(self._store, uploads, new_images)
+        results = await run_in_threadpool(self.gallery.add_images, new_images)
         finished = time.perf_counter()
         return AddImagesResponse(
             images=[
@@ -165,24 +170,25 @@ class SearchService:
         )
 
     def _decode(self, upload: Upload, what: str) -> np.ndarray:
-        return decode_upload(upload, self.settings.max_image_pixels, what)
+        settings = self.settings
+        return decode_upload(upload, settings.max_image_pixels, settings.max_image_bytes, what)
 
-    def _store(self, uploads: Sequence[Upload], images: list[NewImage]) -> list[AddResult]:
-        # Files first: once an image id is visible, its file can be served.
-        for upload in uploads:
-            self.files.save(hashlib.sha256(upload.data).hexdigest(), upload.data)
-        return self.gallery.add_images(images)
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A gallery image's file to serve, as read (a file removed or swapped after this read
+    changes nothing about the answer)."""
+
+    content: bytes
+    media_type: str
 
 
 class GalleryService:
     """Reading and removing gallery images; no engine needed."""
 
-    def __init__(
-        self, settings: ServerSettings, gallery: Gallery, files: ImageFiles, roots: AllowedRoots
-    ) -> None:
+    def __init__(self, settings: ServerSettings, gallery: Gallery, roots: AllowedRoots) -> None:
         self.settings = settings
         self.gallery = gallery
-        self.files = files
         self.roots = roots
 
     def get_image(self, image_id: int) -> ImageOut:
@@ -204,40 +210,50 @@ class GalleryService:
         )
 
     def remove_image(self, image_id: int) -> RemovedImage:
-        """Remove the image, its persons and its kept file; 404 if there is no such image."""
-        sha256 = self._image(image_id).sha256
+        """Remove the image, its persons and its kept file (the gallery removes them together);
+        404 if there is no such image."""
         try:
             removed = self.gallery.remove_image(image_id)
-        except ImageNotFound as error:  # removed by another request meanwhile
+        except ImageNotFound as error:
             raise NotFound(str(error)) from None
-        self.files.remove(sha256)
         return RemovedImage(image_id=image_id, num_persons=removed)
 
-    def image_file(self, image_id: int) -> tuple[Path, str]:
-        """(path, media type) of the image's file: the bytes uploaded to this service, or the
-        file the image was indexed from (a folder, a manifest, ``psearch-index add``) when it
-        lies under an allowed root and still holds the same bytes; 404 saying why otherwise."""
+    def image_file(self, image_id: int) -> ImageFile:
+        """The image's file: the bytes uploaded to this service, or the file the image was
+        indexed from (a folder, a manifest, ``psearch-index add``) when it lies under an allowed
+        root and still holds the same bytes; 404 saying why otherwise."""
         info = self._image(image_id)
-        path = self.files.find(info.sha256) or self._indexed_file(info)
-        return path, media_type(path)
+        content = self._kept_file(info) or self._indexed_file(info)
+        return ImageFile(content, image_media_type(content))
 
-    def _indexed_file(self, info: ImageInfo) -> Path:
+    def _kept_file(self, info: ImageInfo) -> bytes | None:
+        kept = self.gallery.kept_file(info.sha256)
+        try:
+            return None if kept is None else kept.read_bytes()
+        except FileNotFoundError:  # the image was removed since it was looked up
+            raise NotFound(f"no image with id {info.id}") from None
+
+    def _indexed_file(self, info: ImageInfo) -> bytes:
+        """The bytes of the file an image was indexed from, read as a job reads (within the
+        allowed roots, a regular file of at most max_image_bytes) and checked against its
+        hash: what is served is what was checked."""
         unavailable = f"the file of image {info.id} is not available on this server"
         if not info.uri or not Path(info.uri).is_absolute():
             raise NotFound(f"{unavailable}: it was not uploaded here and has no server path")
-        real = self.roots.locate(info.uri)
-        if real is None:
+        if self.roots.locate(info.uri) is None:
             raise NotFound(
                 f"{unavailable}: {info.uri} is outside the allowed roots "
                 f"({self.roots.describe()}); add its folder to allowed_roots to serve it"
             )
         try:
-            content = Path(real).read_bytes()
+            content = read_regular_file(info.uri, self.settings.max_image_bytes, self.roots.roots)
+        except FileRefused as error:
+            raise NotFound(f"{unavailable}: {error}") from None
         except OSError as error:
-            raise NotFound(f"{unavailable}: {info.uri}: {error.strerror}") from None
+            raise NotFound(f"{unavailable}: {info.uri}: {error.strerror or error}") from None
         if hashlib.sha256(content).hexdigest() != info.sha256:
             raise NotFound(f"{unavailable}: {info.uri} has changed since it was indexed")
-        return Path(real)
+        return content
 
     def stats(self) -> GalleryStatsOut:
         """Counts and settings of the gallery."""

@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from common.config_files import read_yaml_mapping
 from export.runtime import Backend, Device
-from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from indexer.types import DEFAULT_MIN_SCORE
 
 ENV_PREFIX = "PSEARCH_"
@@ -33,11 +33,6 @@ class ServerSettings(BaseSettings):
         default=True,
         description="Create an empty gallery for the model when gallery_dir holds none.",
     )
-    files_dir: Path | None = Field(
-        default=None,
-        description="Where uploaded gallery images are kept, by content hash, so that they "
-        "can be served back (default: the 'files' folder of gallery_dir).",
-    )
     backend: Backend = Field(
         default="auto", description="Inference backend; 'auto' picks the fastest available."
     )
@@ -45,12 +40,13 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads of the backend (default: its own choice)."
     )
-    min_detection_score: float = Field(
-        default=DEFAULT_MIN_SCORE,
+    min_detection_score: float | None = Field(
+        default=None,
         ge=0,
         le=1,
         description="Detections in gallery images (uploaded or indexed by jobs) scored lower "
-        "than this are not stored.",
+        "than this are not stored. Default: the threshold the model folder recommends "
+        f"(detection_threshold in psearch.json), or {DEFAULT_MIN_SCORE} for a folder without one.",
     )
     max_batch_size: int = Field(
         default=8, ge=1, description="Most images the engine runs in one forward pass."
@@ -64,7 +60,8 @@ class ServerSettings(BaseSettings):
     queue_size: int = Field(
         default=64,
         ge=1,
-        description="Images that may wait for the engine; beyond, requests get 503.",
+        description="Images that may wait for the engine; beyond, requests get 503. At least "
+        "max_images_per_request (an upload sends all its images at once).",
     )
     retry_after_s: int = Field(
         default=1,
@@ -76,6 +73,12 @@ class ServerSettings(BaseSettings):
         ge=1024,
         description="Largest request body accepted, all files and form fields together.",
     )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        ge=1,
+        description="Largest image file accepted, uploaded or read by a job (bytes; a job's "
+        "larger file is refused without reading it).",
+    )
     max_image_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS,
         ge=1,
@@ -83,7 +86,9 @@ class ServerSettings(BaseSettings):
         "from the file header before decoding: decompression bombs are refused unopened).",
     )
     max_images_per_request: int = Field(
-        default=32, ge=1, description="Most images one POST /v1/gallery/images may carry."
+        default=32,
+        ge=1,
+        description="Most images one POST /v1/gallery/images may carry; at most queue_size.",
     )
     top_k_max: int = Field(default=100, ge=1, description="Largest top_k a search may ask for.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -116,10 +121,17 @@ class ServerSettings(BaseSettings):
             raise ValueError("API keys must not be empty strings")
         return keys
 
-    @property
-    def uploads_dir(self) -> Path:
-        """Where uploaded gallery images are kept."""
-        return self.files_dir if self.files_dir is not None else self.gallery_dir / "files"
+    @model_validator(mode="after")
+    def _uploads_fit_the_queue(self) -> "ServerSettings":
+        """An upload submits all its images to the inference queue at once: a request of more
+        images than the queue holds could never be accepted."""
+        if self.max_images_per_request > self.queue_size:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) is more than "
+                f"queue_size ({self.queue_size}): an upload of that many images would never "
+                "fit in the inference queue; lower max_images_per_request or raise queue_size"
+            )
+        return self
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:

@@ -1,6 +1,6 @@
 """Uploaded files: read from the request, decoded by the indexer's one decoder, its refusals
-answered with the service's errors (400 unreadable, 413 too many pixels, 415 not an image type
-we read)."""
+answered with the service's errors (400 unreadable, 413 too many bytes or pixels, 415 not an
+image type we read)."""
 
 from dataclasses import dataclass
 
@@ -32,9 +32,12 @@ async def read_upload(file: UploadFile) -> Upload:
     return Upload(await file.read(), file.filename, file.content_type)
 
 
-def decode_upload(upload: Upload, max_pixels: int, what: str) -> np.ndarray:
+def decode_upload(upload: Upload, max_pixels: int, max_bytes: int, what: str) -> np.ndarray:
     """The (H, W, 3) RGB uint8 pixels of an uploaded image (``indexer.images.decode_image``),
-    or the service's error; ``what`` names the image in messages."""
+    or the service's error; ``what`` names the image in messages. An image file is at most
+    ``max_bytes``, as jobs read them."""
+    if len(upload.data) > max_bytes:
+        raise TooLarge(f"{what} is {len(upload.data)} bytes; the limit is {max_bytes}")
     if not is_image_media_type(upload.media_type):
         declared = (upload.media_type or "").split(";")[0].strip().lower()
         raise UnsupportedMediaType(

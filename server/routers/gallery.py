@@ -3,12 +3,12 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Path
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from server.dependencies import (
     GalleryServiceDep,
     SearchServiceDep,
-    require_api_key,
+    api_key_scheme,
     require_multipart,
 )
 from server.schemas import (
@@ -24,7 +24,7 @@ from server.uploads import read_upload
 router = APIRouter(
     prefix="/v1/gallery",
     tags=["gallery"],
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(api_key_scheme)],
     responses=error_responses(401, 403, 409, 503),
 )
 
@@ -62,16 +62,16 @@ def remove_image(image_id: ImageId, service: GalleryServiceDep) -> RemovedImage:
 
 @router.get(
     "/images/{image_id}/file",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"content": {"image/*": {}}, "description": "The image file."},
         **error_responses(404, 422),
     },
 )
-def get_image_file(image_id: ImageId, service: GalleryServiceDep) -> FileResponse:
+def get_image_file(image_id: ImageId, service: GalleryServiceDep) -> Response:
     """The image file as it was uploaded (or indexed from an allowed server folder)."""
-    path, media_type = service.image_file(image_id)
-    return FileResponse(path, media_type=media_type)
+    file = service.image_file(image_id)
+    return Response(file.content, media_type=file.media_type)
 
 
 @router.get("/stats")

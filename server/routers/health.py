@@ -21,4 +21,9 @@ async def readyz(state: StateDep) -> ReadyOut:
     failed (the message says why)."""
     services = state.require()
     gallery = await run_in_threadpool(services.gallery_service.stats)
-    return ReadyOut(status="ready", model=services.model, gallery=gallery)
+    return ReadyOut(
+        status="ready",
+        model=services.model,
+        min_detection_score=services.min_detection_score,
+        gallery=gallery,
+    )

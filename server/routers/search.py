@@ -4,14 +4,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form
 
-from server.dependencies import SearchServiceDep, require_api_key, require_multipart
+from server.dependencies import SearchServiceDep, api_key_scheme, require_multipart
 from server.schemas import SearchForm, SearchResponse, error_responses
 from server.uploads import read_upload
 
 router = APIRouter(
     prefix="/v1",
     tags=["search"],
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(api_key_scheme)],
     responses=error_responses(401, 403, 409, 503),
 )
 

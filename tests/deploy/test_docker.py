@@ -648,21 +648,27 @@ def test_entrypoint_index_adds_images_with_the_prepared_model_and_the_settings(t
     assert calls == [
         PREPARE_CALL,
         f"psearch-index add --model {MIRROR} --gallery /galleries/main --backend tensorrt "
-        "--device cuda --min-score 0.5 --max-pixels 40000000 /images --job bulk "
+        "--device cuda --max-pixels 40000000 --max-bytes 67108864 /images --job bulk "
         f"(PSEARCH_MODEL_DIR={MIRROR})",
     ]
 
 
-def test_entrypoint_index_takes_the_services_detection_floor_and_pixel_limit(tmp_path):
+def test_entrypoint_index_takes_the_services_detection_floor_and_image_limits(tmp_path):
     """Bulk indexing stores what an upload of the same image would: the service's settings,
-    with the service's defaults when they are not set."""
+    with the service's defaults when they are not set (the detection floor's default is the
+    model folder's threshold for both, so it is passed only when set)."""
     defaults = ServerSettings()
     _, [_, default_call] = run_entrypoint(tmp_path, "index", "/images")
-    assert f"--min-score {defaults.min_detection_score} " in default_call
+    assert defaults.min_detection_score is None and "--min-score" not in default_call
     assert f"--max-pixels {defaults.max_image_pixels} " in default_call
-    settings = {"PSEARCH_MIN_DETECTION_SCORE": "0.3", "PSEARCH_MAX_IMAGE_PIXELS": "1000"}
+    assert f"--max-bytes {defaults.max_image_bytes} " in default_call
+    settings = {
+        "PSEARCH_MIN_DETECTION_SCORE": "0.3",
+        "PSEARCH_MAX_IMAGE_PIXELS": "1000",
+        "PSEARCH_MAX_IMAGE_BYTES": "2000",
+    }
     _, [_, call] = run_entrypoint(tmp_path, "index", "/images", **settings)
-    assert "--min-score 0.3 --max-pixels 1000 " in call
+    assert "--min-score 0.3 --max-pixels 1000 --max-bytes 2000 " in call
 
 
 def test_entrypoint_runs_other_commands_as_given_without_preparing(tmp_path):

@@ -6,8 +6,12 @@ two-core machine, more than all of these tests; the runtime's own tests show tha
 agree, and the pipeline only sees the Engine interface.
 """
 
+import dataclasses
+import hashlib
 import io
+import json
 import os
+import shutil
 import sqlite3
 
 import numpy as np
@@ -22,6 +26,7 @@ from indexer.jobs import JobStore
 from indexer.sources import ImageSource
 from indexer.store import Gallery, open_gallery_for
 from indexer.types import GalleryMismatch
+from tests.hostile_files import fifo, sparse_file
 
 LANDSCAPE, PORTRAIT = (64, 96), (96, 64)  # (height, width)
 
@@ -211,6 +216,115 @@ def test_a_finished_job_skips_unchanged_files_unread_and_reads_changed_ones(
     assert new_gallery.stats().num_images == 4
 
 
+class Crash(BaseException):
+    """A kill of the process at an injected point: nothing after it runs (no handler of
+    ordinary errors catches it)."""
+
+
+def test_a_crash_right_after_a_batch_is_stored_leaves_its_job_knowing_it_added_the_batch(
+    tmp_path, engine, new_gallery, monkeypatch
+):
+    """The job's outcomes are written in the transaction that stores the images: a crash right
+    after the commit cannot leave images stored that the job does not know it added (a resumed
+    job used to count them as duplicates of themselves)."""
+    paths, _ = write_images(tmp_path / "images", [LANDSCAPE] * 3, seed=10)
+    store = new_gallery.add_images
+
+    def store_then_crash(images, **job):
+        store(images, **job)
+        raise Crash
+
+    monkeypatch.setattr(new_gallery, "add_images", store_then_crash)
+    with pytest.raises(Crash):
+        ingest(new_gallery, engine, sources_of(paths), job="j", progress=False, min_score=0.0)
+    monkeypatch.undo()
+    assert new_gallery.stats().num_images == 3  # the batch was committed before the crash
+
+    resumed = CountingEngine(engine)
+    summary = ingest(new_gallery, resumed, [], job="j", progress=False, min_score=0.0)
+
+    assert (summary.skipped, summary.added, summary.duplicates, resumed.images) == (3, 0, 0, 0)
+    with JobStore(new_gallery) as jobs:
+        job = jobs.find("j")
+        counts = jobs.counts(job.id)
+    assert (job.status, job.done, counts["added"], counts["duplicate"]) == ("done", 3, 3, 0)
+
+
+def test_files_that_are_not_regular_or_too_large_fail_alone_unread(tmp_path, engine, new_gallery):
+    """A FIFO used to block the ingest forever (opening it waits for a writer); a 1 GiB file was
+    read whole before failing to decode."""
+    (first, last), _ = write_images(tmp_path / "images", [LANDSCAPE, LANDSCAPE], seed=11)
+    huge = sparse_file(tmp_path / "huge.jpg", 1 << 30)
+    with fifo(tmp_path / "pipe.jpg") as pipe:
+        summary = ingest(
+            new_gallery, engine, sources_of([first, pipe, huge, tmp_path, last]),
+            progress=False, min_score=0.0, max_bytes=1 << 20,
+        )  # fmt: skip
+    assert (summary.added, summary.failed) == (2, 3)
+    assert {failure.path: failure.reason for failure in summary.failures} == {
+        str(pipe): f"{pipe} is a FIFO (named pipe), not a regular file",
+        str(huge): f"{huge} is 1073741824 bytes; the limit is 1048576",
+        str(tmp_path): f"{tmp_path} is a folder, not a regular file",
+    }
+
+
+def test_within_folders_a_link_swapped_in_while_the_ingest_runs_is_not_followed(
+    tmp_path, engine, new_gallery
+):
+    """The sources are checked to lie in the allowed folder; then, while the first image is
+    detected, its folder is replaced by a link to a folder outside holding other images of
+    the same names. Those are read after the swap and must be refused, not indexed."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    paths, _ = write_images(allowed / "cam", [LANDSCAPE] * 8, seed=12)
+    secrets, _ = write_images(outside, [LANDSCAPE] * 8, seed=13)
+
+    class SwapsOnFirstDetect(CountingEngine):
+        def detect(self, images):
+            if self.calls == 0:
+                (allowed / "cam").rename(allowed / "cam.before")
+                (allowed / "cam").symlink_to(outside, target_is_directory=True)
+            return super().detect(images)
+
+    # One image per batch and one decoding thread: at most 2 * 1 + 1 = 3 files are read ahead
+    # of the first detection; the other 5 are read after the swap.
+    summary = ingest(
+        new_gallery, SwapsOnFirstDetect(engine), sources_of(paths), batch_size=1, workers=1,
+        progress=False, min_score=0.0, within=[str(allowed.resolve())],
+    )  # fmt: skip
+
+    secret_hashes = {hashlib.sha256(path.read_bytes()).hexdigest() for path in secrets}
+    assert not any(new_gallery.image_by_sha256(sha256) for sha256 in secret_hashes)
+    assert summary.added + summary.failed == 8 and summary.failed >= 5
+    assert all("is outside the allowed roots" in f.reason for f in summary.failures)
+
+
+def test_without_min_score_the_model_folders_threshold_is_used_and_a_setting_overrides_it(
+    tmp_path, engine, new_gallery
+):
+    """The tiny random model scores its detections about 0.01: recommending 0 keeps all 6 of
+    each image, the fallback of a folder recommending none (0.5) keeps none."""
+    paths, _ = write_images(tmp_path / "images", [LANDSCAPE] * 3, seed=14)
+    recommends_zero = RecommendingEngine(engine, 0.0)
+    assert ingest(new_gallery, recommends_zero, sources_of(paths[:1]), progress=False).persons == 6
+    assert ingest(new_gallery, engine, sources_of(paths[1:2]), progress=False).persons == 0
+    overridden = ingest(
+        new_gallery, RecommendingEngine(engine, 0.9), sources_of(paths[2:]), progress=False,
+        min_score=0.0,
+    )  # fmt: skip
+    assert overridden.persons == 6
+
+
+class RecommendingEngine:
+    """The engine, its model folder recommending ``threshold``."""
+
+    def __init__(self, engine, threshold):
+        self.engine = engine
+        self.info = dataclasses.replace(engine.info, detection_threshold=threshold)
+
+    def detect(self, images):
+        return self.engine.detect(images)
+
+
 def test_a_job_name_to_resume_must_exist_when_no_images_are_given(engine, new_gallery):
     with pytest.raises(ValueError, match="no job named 'typo' to resume"):
         ingest(new_gallery, engine, [], job="typo", progress=False)
@@ -324,6 +438,18 @@ def test_add_refuses_a_gallery_of_another_model_in_one_line(tmp_path, model_dir,
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("psearch-index: error: the gallery at")
     assert "'sha256:other-model'" in err and f"{engine.info.fingerprint!r}" in err
+
+
+def test_add_stores_from_the_threshold_the_model_folder_recommends(tmp_path, model_dir, capsys):
+    recommending = tmp_path / "model"
+    shutil.copytree(model_dir, recommending)
+    manifest = json.loads((recommending / "psearch.json").read_text())
+    (recommending / "psearch.json").write_text(json.dumps(manifest | {"detection_threshold": 0}))
+    paths, _ = write_images(tmp_path / "images", [LANDSCAPE], seed=15)
+    gallery = tmp_path / "gallery"
+    status, out, _ = run(capsys, "add", paths[0], "--gallery", gallery, "--model", recommending,
+                         "--backend", "torch", "--no-progress")  # fmt: skip
+    assert status == 0 and out.startswith("added 1 images (6 persons)")
 
 
 @pytest.mark.parametrize(

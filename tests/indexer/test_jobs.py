@@ -91,7 +91,7 @@ def test_starting_again_retries_failed_items(jobs):
     job = jobs.create([A, B, C])
     jobs.start(job.id)
     jobs.record(job.id, [ItemOutcome(0, "added", 1, 1, 1), ItemOutcome(1, "failed", error="x")])
-    jobs.set_status(job.id, "cancelled", "interrupted")
+    jobs.finish(job.id, "cancelled", "interrupted")
     restarted = jobs.start(job.id)
     # Only item 0 stays done; item 1 is pending again, with item 2.
     assert (restarted.status, restarted.done, restarted.error) == ("running", 1, None)
@@ -113,7 +113,7 @@ def test_jobs_survive_reopening_the_gallery(gallery, gallery_path):
 def test_bad_statuses_and_unknown_jobs_are_refused(jobs):
     job = jobs.create([A])
     with pytest.raises(ValueError, match="job status must be one of"):
-        jobs.set_status(job.id, "finished")
+        jobs.finish(job.id, "finished")
     with pytest.raises(ValueError, match="an outcome is one of"):
         jobs.record(job.id, [ItemOutcome(0, "pending")])
     with pytest.raises(JobNotFound, match="no job with id 99"):

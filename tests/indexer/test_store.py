@@ -340,6 +340,33 @@ def test_search_filtered_by_camera(gallery, scenes, query):
     assert gallery.search(query, 10, cameras=["roof"]) == []
 
 
+def test_a_camera_name_no_image_can_have_is_refused_rather_than_cut_short(gallery, scenes, query):
+    """SQLite compares the JSON text of a filter, where a NUL ends the name: "gate\\x00" used
+    to find gate's images. No image can have such a camera (the gallery refuses to store one),
+    so such a filter is refused."""
+    for name in ("gate\x00", "gate\n", "g" * 257, ""):
+        with pytest.raises(ValueError, match="a camera name"):
+            gallery.search(query, 10, cameras=[name])
+
+
+@pytest.mark.parametrize(
+    ("camera", "message"),
+    [
+        ("c" * 257, "a camera name has 1 to 256 characters, got 257"),
+        ("", "a camera name has 1 to 256 characters, got 0"),
+        ("c1\x00", "cannot contain the character U\\+0000"),
+        ("c1\ud800", "cannot contain the character U\\+D800"),
+        (3, "a camera name must be text"),
+    ],
+)
+def test_a_camera_name_is_short_printable_text(gallery, image, person, camera, message):
+    with pytest.raises(ValueError, match=message):
+        gallery.add_images([image(person(0.5), camera=camera)])
+    assert gallery.stats().num_images == 0
+    stored = gallery.add_images([image(person(0.5), camera="c" * 256)])[0]
+    assert gallery.get_image(stored.image_id).camera == "c" * 256
+
+
 def test_search_filtered_by_time_range_inclusive_and_open_ended(gallery, scenes, query):
     gate_100, gate_200, hall, _ = scenes
     assert ranked(gallery.search(query, 10, time_range=(150.0, 200.0))) == [
@@ -463,3 +490,95 @@ def test_stats_count_what_the_snapshot_lacks(gallery, image, person):
     stats = gallery.stats()
     assert (stats.num_images, stats.num_persons, stats.indexed) == (2, 3, 3)
     assert (stats.watermark, stats.pending) == (2, 1)
+
+
+# -- kept files --------------------------------------------------------------------------------
+
+
+def kept_image(image, person, number: int = 0) -> NewImage:
+    """An uploaded image: its bytes are kept as its file."""
+    return replace(image(person(0.5)), data=f"upload {number}".encode(), keep_file=True)
+
+
+def test_the_file_of_an_uploaded_image_lives_and_dies_with_its_image(gallery, image, person):
+    upload = kept_image(image, person)
+    [added] = gallery.add_images([upload])
+    path = gallery.kept_file(added.sha256)
+    assert path is not None and path.read_bytes() == upload.data
+    assert gallery.kept_file(gallery.add_images([image(person(0.4))])[0].sha256) is None
+
+    gallery.remove_image(added.image_id)
+
+    assert gallery.kept_file(added.sha256) is None and not path.exists()
+
+
+def test_a_remove_that_runs_between_an_uploads_file_write_and_its_transaction_loses_nothing(
+    gallery, image, person
+):
+    """The race of a delete with a re-upload of the same bytes, driven step by step: the
+    re-upload's file is written (it exists already, as the first upload kept it), then the
+    image is removed with its file, then the re-upload's transaction runs. Its image must have
+    its file (it used to be stored without one)."""
+    [first] = gallery.add_images([kept_image(image, person)])
+    files = gallery._files
+    save = files.save
+    removed = []
+
+    def save_then_let_the_remove_run(sha256, data):
+        path = save(sha256, data)
+        if not removed:  # the re-upload's write, outside the lock: the remove runs now
+            removed.append(gallery.remove_image(first.image_id))
+        return path
+
+    files.save = save_then_let_the_remove_run
+    [again] = gallery.add_images([kept_image(image, person)])
+
+    assert removed == [1] and again.added and again.image_id != first.image_id
+    assert gallery.kept_file(again.sha256) is not None
+
+
+def test_a_failed_add_keeps_no_file(gallery, image, person):
+    bad = replace(kept_image(image, person), width=0)
+    upload = kept_image(image, person, number=1)
+    with pytest.raises(ValueError):
+        gallery.add_images([upload, bad])
+    assert gallery.kept_file(hashlib.sha256(upload.data).hexdigest()) is None
+
+
+def crash_leftovers(gallery_path, gallery, image, person):
+    """What a process killed while serving leaves: a kept file whose transaction never
+    committed (or whose image's removal did), a temporary of a file write cut short, and the
+    lock file still marked open. Returns (kept, orphan, temporary) paths."""
+    [stored] = gallery.add_images([kept_image(image, person)])
+    gallery.close()
+    orphan_bytes = b"an upload whose transaction never committed"
+    orphan_hash = hashlib.sha256(orphan_bytes).hexdigest()
+    orphan = gallery_path / "files" / orphan_hash[:2] / orphan_hash
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(orphan_bytes)
+    kept = gallery_path / "files" / stored.sha256[:2] / stored.sha256
+    temporary = kept.with_name(f".{'b' * 64}.0123abcd.tmp")
+    temporary.write_bytes(b"half")
+    (gallery_path / "gallery.lock").write_text("open\n")
+    return kept, orphan, temporary
+
+
+def test_after_a_crash_opening_removes_the_files_no_image_references_and_half_written_ones(
+    gallery, gallery_path, image, person
+):
+    kept, orphan, temporary = crash_leftovers(gallery_path, gallery, image, person)
+
+    with Gallery.open(gallery_path, FINGERPRINT):
+        assert kept.exists()
+        assert not orphan.exists() and not temporary.exists()
+    assert (gallery_path / "gallery.lock").read_text() == ""  # closed cleanly this time
+
+
+def test_a_closed_gallery_is_not_swept_again(gallery, gallery_path, monkeypatch):
+    """The sweep lists every kept file: it runs only after a crash, which the lock file tells."""
+    gallery.close()
+    assert (gallery_path / "gallery.lock").read_text() == ""
+    swept = []
+    monkeypatch.setattr(Gallery, "_sweep_files", lambda self: swept.append(self))
+    Gallery.open(gallery_path, FINGERPRINT).close()
+    assert swept == []

@@ -31,9 +31,10 @@ API_KEY = "test-key"
 MAX_DETECTIONS = 5  # persons per image: enough to choose from, few to store
 
 
-def write_model_folder(folder: Path) -> Path:
+def write_model_folder(folder: Path, detection_threshold: float | None = None) -> Path:
     """An exported model folder (manifest + weights: what the torch backend loads) of the
-    tiny AlignPS, randomly initialised."""
+    tiny AlignPS, randomly initialised, recommending ``detection_threshold`` (None: none, as
+    folders exported before psearch.json recorded it)."""
     config = yaml.safe_load(TINY_CONFIG.read_text())["model"]
     config["inference"].update(score_thresh=0.0, max_detections=MAX_DETECTIONS)
     config["preprocess"].update(min_size=96, max_size=128)  # the test scenes' own size: fast
@@ -43,7 +44,7 @@ def write_model_folder(folder: Path) -> Path:
     # from each location makes person-shaped 32 x 64 pixel boxes, which queries can aim at.
     with torch.no_grad():
         model.head.bbox_pred.bias.copy_(torch.tensor([2.0, 4.0, 2.0, 4.0]))
-    manifest = artifact.build_manifest(model)
+    manifest = artifact.build_manifest(model, detection_threshold)
     folder.mkdir(parents=True, exist_ok=True)
     artifact.write_weights(model, folder, manifest)
     artifact.write_model_manifest(manifest, folder)

@@ -185,7 +185,9 @@ async def test_health_readiness_and_openapi(client, engine):
         "dim": engine.info.dim,
         "backend": "torch",
         "device": "cpu",
+        "detection_threshold": None,  # the test folder recommends none
     }
+    assert ready["min_detection_score"] == 0.0  # the test settings'
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert set(paths) == {
         "/v1/search",
@@ -195,6 +197,7 @@ async def test_health_readiness_and_openapi(client, engine):
         "/v1/gallery/stats",
         "/v1/gallery/jobs",
         "/v1/gallery/jobs/{job_id}",
+        "/v1/gallery/jobs/{job_id}/cancel",
         "/healthz",
         "/readyz",
         "/metrics",

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.anyio
 
 MAX_IMAGES = 3  # images per upload in this module's service
 BODY_LIMIT = 256 * 1024  # bytes
+IMAGE_BYTES_LIMIT = 128 * 1024  # bytes of one image file
 PIXEL_LIMIT = 1_000_000
 TOP_K_MAX = 50
 
@@ -139,6 +140,9 @@ BAD_REQUESTS = {
     "png over the pixel limit": search_image(
         413, "too_large", "big.png", png_header(1001, 1000), "image/png"
     ),
+    "image file over max_image_bytes": search_image(
+        413, "too_large", "big.png", b"x" * (IMAGE_BYTES_LIMIT + 1), "image/png"
+    ),
     # -- the box (the image is 128 x 96) ------------------------------------------------------
     "box right of the image": search_with(box="100,10,129,50"),
     "box below the image": search_with(box="10,10,50,97"),
@@ -162,6 +166,9 @@ BAD_REQUESTS = {
     "since infinite": search_with(since="inf"),
     "exclude_images a word": search_with(exclude_images="first"),
     "exclude_images zero": search_with(exclude_images="0"),
+    # A NUL ended the name in the gallery's filter: "c1\x00" found c1's images.
+    "camera filter with a NUL": search_with(cameras="c1\x00"),
+    "camera filter too long": search_with(cameras="c" * 257),
     # -- adding images ------------------------------------------------------------------------
     "add without images": Bad(
         422, "invalid_field", path="/v1/gallery/images", files={"cameras": (None, "door")}
@@ -172,6 +179,21 @@ BAD_REQUESTS = {
         path="/v1/gallery/images",
         files=[("images", png_file(4)), ("images", png_file(5))],
         data={"cameras": ["a", "b", "c"]},
+    ),
+    # Cameras were unbounded: a 1 MiB camera name was stored and returned with every hit.
+    "add with a camera too long": Bad(
+        422,
+        "invalid_field",
+        path="/v1/gallery/images",
+        files=[("images", png_file(4))],
+        data={"cameras": "c" * 257},
+    ),
+    "add with a camera holding a NUL": Bad(
+        422,
+        "invalid_field",
+        path="/v1/gallery/images",
+        files=[("images", png_file(4))],
+        data={"cameras": "c1\x00"},
     ),
     "add with a timestamp word": Bad(
         422,
@@ -233,6 +255,7 @@ async def service(model_dir, engine, tmp_path_factory):
         tmp_path_factory.mktemp("bad-requests"),
         max_images_per_request=MAX_IMAGES,
         max_upload_bytes=BODY_LIMIT,
+        max_image_bytes=IMAGE_BYTES_LIMIT,
         max_image_pixels=PIXEL_LIMIT,
         top_k_max=TOP_K_MAX,
     )
@@ -296,6 +319,9 @@ async def test_messages_say_what_is_wrong(service):
         "box right of the image": "not inside the 128 x 96 image",
         "top_k over the service's maximum": f"more than this service returns ({TOP_K_MAX})",
         "png bomb header 100k x 100k": "pixels",
+        "image file over max_image_bytes": f"is {IMAGE_BYTES_LIMIT + 1} bytes; the limit is",
+        "camera filter with a NUL": "cannot contain the character U+0000",
+        "add with a camera too long": "at most 256 characters",
         "inverted box": "x2 > x1",
         "missing api key": "X-API-Key",
         "unknown image": "no image with id 999",

@@ -5,7 +5,11 @@ image in it, which every escape attempt aims at.
 """
 
 import asyncio
+import hashlib
+import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import pytest
 from indexer.jobs import JobStore
 from indexer.store import Gallery
 from server.settings import ServerSettings
+from tests.hostile_files import fifo, sparse_file
 from tests.server.support import (
     encode,
     make_settings,
@@ -25,7 +30,7 @@ from tests.server.support import (
 pytestmark = pytest.mark.anyio
 
 SCENE_SHAPE = (96, 128)  # (height, width) of support.scene: what jobs index here
-FINISHED = ("done", "failed", "interrupted")
+FINISHED = ("done", "failed", "cancelled")
 
 
 @pytest.fixture
@@ -96,6 +101,33 @@ class PacedEngine:
 
     def embed_query(self, image, box=None):
         return self.engine.embed_query(image, box)
+
+
+class GatedEngine(PacedEngine):
+    """The shared engine, holding its first batch of scenes at a gate: ``entered`` is set once
+    that batch arrives, which then waits for ``gate``."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def detect(self, images):
+        if any(image.shape[:2] == SCENE_SHAPE for image in images) and not self.entered.is_set():
+            self.entered.set()
+            assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return super().detect(images)
+
+
+async def held_at_the_gate(gated: GatedEngine) -> None:
+    assert await asyncio.to_thread(gated.entered.wait, 30), "no job batch reached the engine"
+
+
+@asynccontextmanager
+async def gated_service(settings: ServerSettings, gated: GatedEngine) -> AsyncIterator:
+    """A ready app on ``gated``; its client."""
+    async with running_app(settings, lambda _: gated) as service:
+        await wait_until_ready(service.client)
+        yield service.client
 
 
 # -- jobs run ----------------------------------------------------------------------------
@@ -360,3 +392,141 @@ async def test_a_job_interrupted_by_a_shutdown_resumes_at_the_next_start_without
     assert counts == [8, 8, 8, 0, 0]
     assert counting.scenes == 8 - stopped.done  # the done images were skipped unread
     assert stats["num_images"] == 8
+
+
+# -- hostile files and paths -------------------------------------------------------------
+
+
+async def test_a_path_too_long_for_the_file_system_is_422_not_500(client, allowed):
+    """A name longer than 255 bytes made looking at the path raise "File name too long"."""
+    too_long = "x" * 300
+    cases = [
+        {"paths": [f"{allowed}/{too_long}"]},
+        {"paths": [f"{allowed}/{too_long}/frame.png"]},
+        {"manifest": f"{allowed}/{too_long}.csv"},
+    ]
+    for body in cases:
+        response = await client.post("/v1/gallery/jobs", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert "File name too long" in response.json()["error"]["message"]
+
+
+async def test_a_fifo_in_a_manifest_fails_alone_and_the_next_job_runs(client, allowed):
+    """Opening a FIFO for reading waits for a writer: the job used to stay running at 0 with
+    every later job queued behind it, and the service could not be stopped."""
+    write_scenes(allowed, [1, 2])
+    with fifo(allowed / "pipe.png") as pipe:
+        (allowed / "list.csv").write_text("path\nframe01.png\npipe.png\n")
+        first = await client.post("/v1/gallery/jobs", json={"manifest": str(allowed / "list.csv")})
+        second = await client.post(
+            "/v1/gallery/jobs", json={"paths": [str(allowed / "frame02.png")]}
+        )
+        listed, after = [await wait_for_job(client, r.json()["id"]) for r in (first, second)]
+    counts = [listed[key] for key in ("status", "total", "done", "added", "failed")]
+    assert counts == ["done", 2, 2, 1, 1]
+    assert listed["failures"] == [
+        {"path": str(pipe), "reason": f"{pipe} is a FIFO (named pipe), not a regular file"}
+    ]
+    assert (after["status"], after["added"]) == ("done", 1)
+
+
+async def test_a_file_over_max_image_bytes_fails_unread(client, allowed):
+    """A job read every file whole: a 1 GiB file took 1 GiB of memory before failing to
+    decode. Just over the default limit (64 MiB, sparse here) is refused from its size."""
+    write_scenes(allowed, [1])
+    big = sparse_file(allowed / "big.png", 64 * 1024 * 1024 + 1)
+    response = await client.post("/v1/gallery/jobs", json={"paths": [str(allowed)]})
+    job = await wait_for_job(client, response.json()["id"])
+    assert [job[key] for key in ("status", "added", "failed")] == ["done", 1, 1]
+    assert job["failures"] == [
+        {"path": str(big), "reason": f"{big} is 67108865 bytes; the limit is 67108864"}
+    ]
+
+
+async def test_a_folder_swapped_for_a_link_out_while_its_job_runs_is_not_read_through(
+    model_dir, tmp_path, allowed, outside, engine
+):
+    """The job lists allowed/cam (checked inside the allowed roots); while its first image is
+    detected, allowed/cam becomes a link to the outside folder, which holds other images under
+    the same names. The job reads the rest after the swap: none of the outside images may be
+    indexed (the check and the open used to be separate steps)."""
+    names = [f"frame{seed:02d}.png" for seed in range(10)]
+    for seed, name in enumerate(names):
+        (allowed / "cam").mkdir(exist_ok=True)
+        (allowed / "cam" / name).write_bytes(encode(scene(seed)))
+        (outside / name).write_bytes(encode(scene(100 + seed)))
+    secret = {hashlib.sha256((outside / name).read_bytes()).hexdigest() for name in names}
+    gated = GatedEngine(engine)
+    # One image per batch and two decoding threads: at most 2 * 2 + 1 files are read ahead of
+    # the first detection; the other 5 are read after the swap.
+    settings = make_settings(model_dir, tmp_path, allowed_roots=[allowed], max_batch_size=1)
+    async with gated_service(settings, gated) as client:
+        submitted = await client.post("/v1/gallery/jobs", json={"paths": [str(allowed / "cam")]})
+        await held_at_the_gate(gated)
+        (allowed / "cam").rename(allowed / "cam.before")
+        (allowed / "cam").symlink_to(outside, target_is_directory=True)
+        gated.gate.set()
+        job = await wait_for_job(client, submitted.json()["id"])
+        stored = [
+            (await client.get(f"/v1/gallery/images/{image_id}")).json()["sha256"]
+            for image_id in range(1, job["added"] + 1)
+        ]
+    assert job["status"] == "done" and job["added"] + job["failed"] == 10
+    assert not secret & set(stored)
+    assert job["failed"] >= 5
+    assert all("outside the allowed roots" in f["reason"] for f in job["failures"])
+
+
+# -- cancelling --------------------------------------------------------------------------
+
+
+async def test_a_cancelled_job_stops_keeps_what_it_added_and_is_never_resumed(
+    model_dir, tmp_path, allowed, engine
+):
+    """The running job is cancelled while its first batch is detected: it stops after that
+    batch. The job queued behind it is cancelled before it starts: it never runs. Neither
+    resumes when the service starts again."""
+    write_scenes(allowed / "a", range(6))
+    write_scenes(allowed / "b", range(6, 8))
+    gated = GatedEngine(engine)
+    settings = make_settings(model_dir, tmp_path, allowed_roots=[allowed], max_batch_size=2)
+    async with gated_service(settings, gated) as client:
+        running = await client.post("/v1/gallery/jobs", json={"paths": [str(allowed / "a")]})
+        queued = await client.post("/v1/gallery/jobs", json={"paths": [str(allowed / "b")]})
+        running_id, queued_id = running.json()["id"], queued.json()["id"]
+        await held_at_the_gate(gated)
+
+        cancel_queued = await client.post(f"/v1/gallery/jobs/{queued_id}/cancel")
+        cancelling = asyncio.ensure_future(client.post(f"/v1/gallery/jobs/{running_id}/cancel"))
+        await asyncio.sleep(0.2)  # the cancel waits for the job to stop: its batch is held
+        assert not cancelling.done()
+        gated.gate.set()
+        cancel_running = await cancelling
+        again = await client.post(f"/v1/gallery/jobs/{queued_id}/cancel")
+        stats = (await client.get("/v1/gallery/stats")).json()
+
+    assert cancel_queued.status_code == 200, cancel_queued.text
+    assert (cancel_queued.json()["status"], cancel_queued.json()["done"]) == ("cancelled", 0)
+    assert cancel_running.status_code == 200, cancel_running.text
+    stopped = cancel_running.json()
+    assert stopped["status"] == "cancelled" and stopped["error"] == "cancelled through the API"
+    assert stopped["added"] == stats["num_images"] == 2  # the batch it was detecting
+    assert (again.status_code, again.json()["status"]) == (200, "cancelled")
+
+    async with gated_service(settings, gated) as client:
+        await asyncio.sleep(0.3)  # a resumed job would start at once
+        jobs = {j["id"]: j for j in (await client.get("/v1/gallery/jobs")).json()["jobs"]}
+    assert [jobs[i]["status"] for i in (running_id, queued_id)] == ["cancelled", "cancelled"]
+    assert [jobs[i]["done"] for i in (running_id, queued_id)] == [2, 0]
+
+
+async def test_only_an_unfinished_job_can_be_cancelled(client, allowed):
+    write_scenes(allowed, [1])
+    done = await wait_for_job(
+        client, (await client.post("/v1/gallery/jobs", json={"paths": [str(allowed)]})).json()["id"]
+    )
+    finished = await client.post(f"/v1/gallery/jobs/{done['id']}/cancel")
+    unknown = await client.post("/v1/gallery/jobs/12345/cancel")
+    assert (finished.status_code, finished.json()["error"]["code"]) == (409, "job_finished")
+    assert "job 1 is done" in finished.json()["error"]["message"]
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")

@@ -1,6 +1,9 @@
 """Starting, readiness, overload, authentication and stopping of the service."""
 
 import asyncio
+import dataclasses
+import hashlib
+import logging
 import threading
 
 import pytest
@@ -85,7 +88,14 @@ class HeldEngine:
 async def test_a_full_queue_answers_503_with_retry_after_and_recovers(model_dir, tmp_path, engine):
     """Queue of 1, batches of 1: search A holds the worker, B waits in the queue, C is refused
     at once; when the worker is released A and B are answered, and later searches too."""
-    settings = make_settings(model_dir, tmp_path, queue_size=1, max_batch_size=1, retry_after_s=7)
+    settings = make_settings(
+        model_dir,
+        tmp_path,
+        queue_size=1,
+        max_images_per_request=1,
+        max_batch_size=1,
+        retry_after_s=7,
+    )
     held = HeldEngine(engine)
     async with running_app(settings, lambda _: held) as service:
         client = service.client
@@ -109,6 +119,36 @@ async def test_a_full_queue_answers_503_with_retry_after_and_recovers(model_dir,
             held.gate.set()
         assert [(await first).status_code, (await second).status_code] == [200, 200]
         assert (await post_search(client, 4)).status_code == 200
+
+
+class RecommendingEngine(HeldEngine):
+    """The real engine, its model folder recommending ``threshold``."""
+
+    def __init__(self, engine, threshold) -> None:
+        super().__init__(engine)
+        self.info = dataclasses.replace(engine.info, detection_threshold=threshold)
+
+
+@pytest.mark.parametrize(
+    ("setting", "recommended", "used"),
+    [(None, 0.0, 0.0), (None, None, 0.5), (0.0, 0.9, 0.0)],
+    ids=["the folder's threshold", "a folder without one: 0.5", "a setting overrides it"],
+)
+async def test_persons_are_stored_from_the_model_folders_threshold_unless_a_setting_says(
+    model_dir, tmp_path, engine, caplog, setting, recommended, used
+):
+    """The tiny model scores its 5 detections about 0.01. The service used to store from 0.5
+    whatever the model's own config evaluates with, so an upload stored nobody."""
+    settings = make_settings(model_dir, tmp_path, min_detection_score=setting)
+    caplog.set_level(logging.WARNING, logger="server.lifecycle")
+    async with running_app(settings, lambda _: RecommendingEngine(engine, recommended)) as service:
+        ready = (await wait_until_ready(service.client)).json()
+        added = await service.client.post("/v1/gallery/images", files={"images": png_file(1)})
+    assert ready["min_detection_score"] == used
+    assert ready["model"]["detection_threshold"] == recommended
+    assert added.json()["images"][0]["num_persons"] == (5 if used == 0.0 else 0)
+    warned = "recommends no detection threshold" in caplog.text
+    assert warned == (setting is None and recommended is None)
 
 
 async def test_api_keys_guard_the_api_but_not_health_and_metrics(client):
@@ -154,6 +194,33 @@ async def test_a_stopped_service_leaves_its_gallery_saved_for_the_next_start(set
     assert {hit["image_id"] for hit in search.json()["hits"]} == {
         image["image_id"] for image in added.json()["images"]
     }
+
+
+async def test_a_start_after_a_kill_removes_the_files_the_kill_left(settings, engine):
+    """A kill (SIGKILL, power loss) can leave a half-written upload (a temporary file beside
+    where it was going) and the file of an upload whose transaction never committed. Nothing
+    used to remove them; the next start does, and keeps the files of stored images."""
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        added = await service.client.post("/v1/gallery/images", files={"images": png_file(1)})
+    [stored] = added.json()["images"]
+    kept_hash = stored["sha256"]
+    files = settings.gallery_dir / "files"
+    kept = files / kept_hash[:2] / kept_hash
+    orphan_hash = hashlib.sha256(b"never committed").hexdigest()
+    orphan = files / orphan_hash[:2] / orphan_hash
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"never committed")
+    temporary = kept.with_name(f".{orphan_hash}.5eed5eed.tmp")
+    temporary.write_bytes(b"half an upload")
+    (settings.gallery_dir / "gallery.lock").write_text("open\n")  # what a killed owner leaves
+
+    async with running_app(settings, lambda _: engine) as service:
+        await wait_until_ready(service.client)
+        served = await service.client.get(f"/v1/gallery/images/{stored['image_id']}/file")
+
+    assert served.status_code == 200 and kept.exists()
+    assert not orphan.exists() and not temporary.exists()
 
 
 class FailingEngine(HeldEngine):

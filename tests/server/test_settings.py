@@ -19,7 +19,7 @@ def clean_environment(monkeypatch):
 
 def test_arguments_beat_the_environment_which_beats_the_file(tmp_path, monkeypatch):
     config = tmp_path / "server.yaml"
-    config.write_text("max_batch_size: 4\nqueue_size: 10\nport: 1001\n")
+    config.write_text("max_batch_size: 4\nqueue_size: 10\nmax_images_per_request: 8\nport: 1001\n")
     monkeypatch.setenv("PSEARCH_QUEUE_SIZE", "20")
     monkeypatch.setenv("PSEARCH_PORT", "1002")
 
@@ -47,9 +47,23 @@ def test_api_keys_do_not_show_in_the_settings_repr():
     assert "hunter2" not in repr(ServerSettings(api_keys=["hunter2"]))
 
 
-def test_uploads_are_kept_in_the_gallery_unless_told_otherwise():
-    assert str(ServerSettings(gallery_dir="/g").uploads_dir) == "/g/files"
-    assert str(ServerSettings(gallery_dir="/g", files_dir="/f").uploads_dir) == "/f"
+def test_an_upload_limit_the_queue_could_never_take_is_refused_naming_both():
+    """An upload submits all its images to the inference queue at once: with more images per
+    request than the queue holds, such an upload could never succeed (it was 503 forever)."""
+    with pytest.raises(
+        ValidationError, match=r"max_images_per_request \(3\) is more than queue_size \(2\)"
+    ):
+        ServerSettings(queue_size=2, max_images_per_request=3)
+    assert ServerSettings(queue_size=2, max_images_per_request=2).queue_size == 2
+    defaults = ServerSettings()
+    assert defaults.max_images_per_request <= defaults.queue_size
+
+
+def test_the_detection_floor_defaults_to_the_model_folders_threshold():
+    """None: the service takes the model folder's recommended threshold (tests/server/
+    test_detection_threshold.py); a setting overrides it."""
+    assert ServerSettings().min_detection_score is None
+    assert ServerSettings(min_detection_score=0.3).min_detection_score == 0.3
 
 
 @pytest.mark.parametrize(
