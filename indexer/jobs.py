@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from indexer import schema
 from indexer.sources import ImageSource
 from indexer.types import AddResult, GalleryError
+from indexer.validation import check_name
 
 if TYPE_CHECKING:  # the gallery records job progress itself: it imports this module
     from indexer.store import Gallery
@@ -145,8 +146,8 @@ class JobStore:
     def create(self, sources: Sequence[ImageSource], name: str | None = None) -> Job:
         """A new ``queued`` job over ``sources`` (in this order). A ``name`` lets the job be
         found again (:meth:`find`); names are unique (ValueError if taken)."""
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"a job name must be a non-empty string, got {name!r}")
+        if name is not None:
+            check_name(name, "a job name")
         now = time.time()
         with self._transaction() as connection:
             if name is not None and _job_id_named(connection, name) is not None:

@@ -6,8 +6,8 @@ cosine similarities in [-1, 1]; anything further off is refused, because it is n
 of the contract (raw features, the zero vectors of unused detection slots, a wrong output), and
 normalising it would hide the bug while storing meaningless similarities.
 
-A camera name is short printable text (:func:`check_camera`): it is stored with every image,
-returned with every hit and compared in filters, where a NUL would cut it short.
+A camera or job name is short printable text (:func:`check_name`): a camera is stored with
+every image, returned with every hit and compared in filters, where a NUL would cut it short.
 """
 
 import unicodedata
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 NORM_TOLERANCE = 1e-2
-MAX_CAMERA_LENGTH = 256  # characters of a camera name
+MAX_NAME_LENGTH = 256  # characters of a camera or job name
 
 
 def check_detections(
@@ -78,22 +78,26 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 
 
 def check_camera(camera: Any) -> str | None:
-    """A camera name as stored and filtered on: None, or text of 1 to
-    :data:`MAX_CAMERA_LENGTH` characters without control characters (NUL, line breaks) or
-    unpaired surrogates (text no file or database can hold). Raises ValueError saying which."""
-    if camera is None:
-        return None
-    if not isinstance(camera, str):
-        raise ValueError(f"a camera name must be text, got {camera!r}")
-    if not 1 <= len(camera) <= MAX_CAMERA_LENGTH:
-        shown = camera if len(camera) <= 40 else f"{camera[:40]}..."
+    """A camera name as stored and filtered on: None, or a :func:`check_name`."""
+    return None if camera is None else check_name(camera, "a camera name")
+
+
+def check_name(name: Any, what: str) -> str:
+    """A name people give (a camera, a job), as stored and looked up: text of 1 to
+    :data:`MAX_NAME_LENGTH` characters without control characters (NUL, line breaks) or
+    unpaired surrogates (text no file or database can hold). Raises ValueError saying which,
+    ``what`` naming it."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be text, got {name!r}")
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        shown = name if len(name) <= 40 else f"{name[:40]}..."
         raise ValueError(
-            f"a camera name has 1 to {MAX_CAMERA_LENGTH} characters, got {len(camera)} ({shown!r})"
+            f"{what} has 1 to {MAX_NAME_LENGTH} characters, got {len(name)} ({shown!r})"
         )
-    for character in camera:
+    for character in name:
         if unicodedata.category(character) in ("Cc", "Cs"):
             raise ValueError(
-                f"a camera name cannot contain the character U+{ord(character):04X} "
-                f"(a control character or an unpaired surrogate), got {camera[:40]!r}"
+                f"{what} cannot contain the character U+{ord(character):04X} "
+                f"(a control character or an unpaired surrogate), got {name[:40]!r}"
             )
-    return camera
+    return name

@@ -19,17 +19,20 @@ from pydantic import (
     model_validator,
 )
 
-from indexer.validation import MAX_CAMERA_LENGTH, check_camera
+from indexer.validation import MAX_NAME_LENGTH, check_camera, check_name
 
 # Hard bound of top_k in the schema; the configured top_k_max (at most this) is checked too.
 TOP_K_LIMIT = 10_000
 
-# The gallery's rule for camera names (indexer.validation.check_camera), its length bounds
-# also in the OpenAPI document.
+# The gallery's rule for names (indexer.validation.check_name), its length bounds also in the
+# OpenAPI document.
 CameraName = Annotated[
+    str, Field(min_length=1, max_length=MAX_NAME_LENGTH), AfterValidator(check_camera)
+]
+JobName = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_CAMERA_LENGTH),
-    AfterValidator(check_camera),
+    Field(min_length=1, max_length=MAX_NAME_LENGTH),
+    AfterValidator(lambda name: check_name(name, "a job name")),
 ]
 
 BoxOut = Annotated[
@@ -130,7 +133,7 @@ class AddImagesForm(_Form):
     cameras: list[CameraName] = Field(
         default_factory=list,
         description="The camera of the images: none, one for all, or one per image in order "
-        f"(1 to {MAX_CAMERA_LENGTH} characters, no control characters).",
+        f"(1 to {MAX_NAME_LENGTH} characters, no control characters).",
     )
     timestamps: list[FiniteFloat] = Field(
         default_factory=list,
@@ -342,11 +345,8 @@ class JobRequest(BaseModel):
     camera: CameraName | None = Field(
         default=None, description="Camera of every image whose manifest row names none."
     )
-    name: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=256,
-        description="A name for the job, unique in the gallery.",
+    name: JobName | None = Field(
+        default=None, description="A name for the job, unique in the gallery."
     )
 
     @model_validator(mode="after")

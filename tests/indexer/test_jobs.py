@@ -31,6 +31,17 @@ def test_job_names_are_unique(jobs):
     assert unnamed.name is None and jobs.create([C]).id != unnamed.id
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("", "1 to 256 characters"), ("n" * 257, "1 to 256 characters"), ("n\ud800", "U\\+D800")],
+)
+def test_a_job_name_is_short_printable_text(jobs, name, message):
+    """An unpaired surrogate cannot even be looked up in SQLite (it is no UTF-8)."""
+    with pytest.raises(ValueError, match=f"a job name .*{message}"):
+        jobs.create([A], name=name)
+    assert jobs.all_jobs() == []
+
+
 def test_extend_appends_only_new_paths(jobs):
     job = jobs.create([A, B])
     assert jobs.extend(job.id, [B, C, C]) == 1

@@ -324,12 +324,24 @@ async def test_malformed_job_requests_are_422_saying_what_is_wrong(client, allow
         ({"paths": [str(allowed / "missing")]}, f"no such file or folder: {allowed}/missing"),
         ({"paths": [str(allowed / "empty")]}, "no image files found"),
         ({"manifest": str(allowed / "cam" / "frame01.png")}, "a manifest is .csv or JSON lines"),
+        ({"paths": [str(allowed / "cam")], "camera": "c" * 257}, "at most 256 characters"),
     ]
     for body, message in cases:
         response = await client.post("/v1/gallery/jobs", json=body)
         assert response.status_code == 422, (body, response.text)
         assert response.json()["error"]["code"] == "invalid_field"
         assert message in response.json()["error"]["message"], body
+
+
+async def test_a_job_name_no_database_can_hold_is_422(client, allowed):
+    """JSON may escape an unpaired surrogate, which no UTF-8 text (and no SQLite) holds."""
+    write_scenes(allowed, [1])
+    body = f'{{"paths": ["{allowed}"], "name": "night\\ud800"}}'
+    response = await client.post(
+        "/v1/gallery/jobs", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("name:")
 
 
 # -- jobs and the rest of the service ----------------------------------------------------
