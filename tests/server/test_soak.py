@@ -97,7 +97,7 @@ class Service:
 
     def terminate(self) -> int:
         """SIGTERM, as an orchestrator stops a container; the exit status (uvicorn shuts down,
-        then raises the signal again: -15)."""
+        then may raise the signal again: -15)."""
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=STOP_TIMEOUT_S)
@@ -264,7 +264,7 @@ def test_killed_and_restarted_under_load_the_gallery_stays_consistent(soak_setti
                 service.wait_until_ready(client)
             time.sleep(RUN_BEFORE_KILL_S[1])  # the clients go on against the last start
         jobs = wait_for_jobs(client, record.jobs, service)
-        assert service.terminate() == -signal.SIGTERM, service.tail()
+        assert service.terminate() in (0, -signal.SIGTERM), service.tail()
 
     # Stopped, not killed: the gallery was closed (its lock file emptied, its index written).
     assert (gallery_dir / "gallery.lock").read_text() == ""
