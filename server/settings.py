@@ -52,10 +52,13 @@ class ServerSettings(BaseSettings):
         default=8, ge=1, description="Most images the engine runs in one forward pass."
     )
     max_wait_ms: float = Field(
-        default=5.0,
+        default=0.0,
         ge=0,
         le=10_000,
-        description="How long the micro-batcher waits for more requests to fill a batch.",
+        description="An optional extra wait: how long a request may wait for others to fill "
+        "its batch. 0 (the default): a request that finds the engine idle runs at once, and "
+        "those arriving while it runs form the next batch; raise it where a batch costs little "
+        "more than one image (GPUs) and latency may grow by that much.",
     )
     queue_size: int = Field(
         default=64,
