@@ -11,6 +11,7 @@ from server.errors import UnsupportedMediaType
 from server.jobs import JobService
 from server.lifecycle import ServiceState
 from server.services import GalleryService, SearchService
+from server.timing import STATE_KEY, Timeline
 
 
 async def get_state(request: Request) -> ServiceState:
@@ -18,7 +19,14 @@ async def get_state(request: Request) -> ServiceState:
     return request.app.state.service_state
 
 
+async def get_timeline(request: Request) -> Timeline:
+    """The request's timeline (``server/timing.py``); a new one where no middleware opened it."""
+    timeline = getattr(request.state, STATE_KEY, None)
+    return timeline if isinstance(timeline, Timeline) else Timeline()
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
+TimelineDep = Annotated[Timeline, Depends(get_timeline)]
 
 
 async def get_search_service(state: StateDep) -> SearchService:

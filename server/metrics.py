@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests, latencies, the inference queue, the gallery.
+"""Prometheus metrics of one app: requests, latencies, the inference queue, the gallery; and
+each answer's ``Server-Timing`` header (``server/timing.py``).
 
 Each app has its own registry (two apps in one process, as in tests, do not collide). Request
 metrics are labelled by the route *template* (``/v1/gallery/images/{image_id}``), never by the
@@ -9,9 +10,11 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.batcher import BatchObserver
+from server.timing import STATE_KEY, Timeline
 
 UNMATCHED_ROUTE = "<unmatched>"
 
@@ -88,7 +91,10 @@ class ServiceMetrics(BatchObserver):
 
 
 class RequestMetricsMiddleware:
-    """ASGI middleware that counts every HTTP request and times it, errors included."""
+    """ASGI middleware that counts every HTTP request and times it, errors included, and
+    answers where its time went in a ``Server-Timing`` header: the steps marked on its
+    :class:`~server.timing.Timeline` (kept in the request's state), then ``respond`` (from the
+    last step to the response's start) and the ``total``."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -98,19 +104,24 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        timeline = Timeline()
+        scope.setdefault("state", {})[STATE_KEY] = timeline
         status = 500  # if the app fails before it answers
 
-        async def send_and_record_status(message: Message) -> None:
+        async def send_with_timing(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                now = time.perf_counter()
+                if timeline.steps():
+                    timeline.mark("respond", now)
+                MutableHeaders(scope=message).append("Server-Timing", timeline.server_timing(now))
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_record_status)
+            await self.app(scope, receive, send_with_timing)
         finally:
             route = scope.get("route")  # set by the router on the scope it shares with us
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - timeline.start
             self.metrics.observe_request(scope["method"], template, status, seconds)

@@ -44,6 +44,7 @@ from server.schemas import (
     SearchTimings,
 )
 from server.settings import ServerSettings
+from server.timing import Timeline
 from server.uploads import Upload, decode_upload, image_size
 from server.worker import DetectTask, InferenceTask, QueryEmbedding, QueryTask
 
@@ -65,19 +66,26 @@ class SearchService:
         self.batcher = batcher
         self.min_score = min_score  # the setting, or the model's recommended threshold
 
-    async def search(self, upload: Upload, form: SearchForm) -> SearchResponse:
-        """Embed the query person and find the most similar gallery persons."""
-        started = time.perf_counter()
+    async def search(
+        self, upload: Upload, form: SearchForm, timeline: Timeline | None = None
+    ) -> SearchResponse:
+        """Embed the query person and find the most similar gallery persons, marking each step
+        on the request's ``timeline`` (``server/timing.py``)."""
+        timeline = timeline or Timeline()
+        started = timeline.mark("receive")
         if form.top_k > self.settings.top_k_max:
             raise InvalidField(
                 f"top_k: {form.top_k} is more than this service returns ({self.settings.top_k_max})"
             )
         pixels = await run_in_threadpool(self._decode, upload, "the query image")
-        decoded = time.perf_counter()
+        decoded = timeline.mark("decode")
         width, height = image_size(pixels)
         requested = _requested_box(form.box, width, height)
-        query: QueryEmbedding = await self.batcher.submit(QueryTask(pixels, requested))
-        embedded = time.perf_counter()
+        query: QueryEmbedding
+        query, run = await self.batcher.submit_timed(QueryTask(pixels, requested))
+        timeline.mark("queue", run.started)
+        timeline.mark("engine", run.finished)
+        embedded = timeline.mark("wake")
         time_range = None if form.since is None and form.until is None else (form.since, form.until)
         hits = await run_in_threadpool(
             self.gallery.search,
@@ -88,7 +96,7 @@ class SearchService:
             exclude_images=form.exclude_images or None,
             min_similarity=form.min_similarity,
         )
-        finished = time.perf_counter()
+        finished = timeline.mark("search")
         return SearchResponse(
             query=QueryInfo(
                 box=list(query.box),

@@ -106,6 +106,38 @@ async def test_searching_with_a_gallery_persons_own_box_finds_that_person_first(
     assert set(result["timings"]) == {"decode_ms", "embed_ms", "search_ms", "total_ms"}
 
 
+def server_timing(response) -> dict[str, float]:
+    """The Server-Timing header's steps and their milliseconds, in order."""
+    entries = [
+        entry.strip().split(";dur=") for entry in response.headers["server-timing"].split(",")
+    ]
+    return {name: float(duration) for name, duration in entries}
+
+
+async def test_a_search_says_where_its_time_went_step_by_step(client):
+    await add(client, png_file(5))
+    response = await client.post("/v1/search", files={"image": png_file(5)}, data={"top_k": "1"})
+    assert response.status_code == 200, response.text
+
+    steps = server_timing(response)
+    assert list(steps) == [
+        "receive", "decode", "queue", "engine", "wake", "search", "respond", "total",
+    ]  # fmt: skip
+    assert all(milliseconds >= 0 for milliseconds in steps.values())
+    total = steps.pop("total")
+    assert sum(steps.values()) == pytest.approx(total, abs=0.01)  # each rounded to 1 us
+    timings = response.json()["timings"]
+    assert timings["decode_ms"] == pytest.approx(steps["decode"], abs=0.002)
+    embedding = steps["queue"] + steps["engine"] + steps["wake"]
+    assert timings["embed_ms"] == pytest.approx(embedding, abs=0.005)
+    assert timings["search_ms"] == pytest.approx(steps["search"], abs=0.002)
+
+
+async def test_every_answer_says_how_long_it_took(client):
+    for response in (await client.get("/healthz"), await client.get("/v1/gallery/images/999")):
+        assert list(server_timing(response)) == ["total"]
+
+
 async def test_a_search_without_a_box_takes_the_whole_image_as_the_person(client):
     await add(client, png_file(4))
     crop = ("crop.png", encode(scene(5, width=40, height=90)), "image/png")
