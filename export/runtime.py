@@ -167,6 +167,10 @@ class OnnxRuntimeRunner:
                 f"{GPU_EXTRA}"
             )
         options = onnxruntime.SessionOptions()
+        # The pool's threads stop spinning when a run returns (they still spin between the
+        # operators of a run): spinning on, they would take the CPU from what runs between two
+        # runs on the same cores, the next batch's preprocessing and a service's requests.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
