@@ -5,7 +5,8 @@
                   [--until T] [--exclude-image ID ...] [--min-similarity S] [--fingerprint FP]
     psearch-index search GALLERY QUERY_IMAGE --model MODEL_DIR [--box X1,Y1,X2,Y2] [...]
     psearch-index remove GALLERY IMAGE_ID [IMAGE_ID ...]
-    psearch-index rebuild GALLERY {flat,ivf_flat,ivf_pq} [--nlist N] [--nprobe N] [--m M] ...
+    psearch-index rebuild GALLERY {flat,ivf_flat,ivf_pq,hnsw} [--nlist N] [--nprobe N] [--m M]
+                  [--links N] [--ef-construction N] [--ef-search N] ...
     psearch-index add [PATHS ...] --gallery G --model MODEL_DIR [--camera C] [--recursive]
                   [--manifest FILE.csv|.jsonl] [--backend B] [--batch-size N] [--workers N]
                   [--job NAME] [--min-score S] [--max-pixels N] [--max-bytes N]
@@ -44,6 +45,10 @@ from indexer.store import Gallery, open_gallery_for
 from indexer.types import DEFAULT_MIN_SCORE, GalleryError, Hit
 
 PROGRAM = "psearch-index"
+# Index parameters `rebuild` takes (indexer/index.py says which index type takes which).
+REBUILD_PARAMS = (
+    "nlist", "nprobe", "m", "nbits", "train_size", "rerank", "links", "ef_construction", "ef_search"
+)  # fmt: skip
 
 
 class _UsageError(Exception):
@@ -104,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     rebuild = commands.add_parser("rebuild", help="rebuild the index as another type")
     rebuild.add_argument("gallery", type=Path)
     rebuild.add_argument("index_type", choices=INDEX_TYPES)
-    for name in ("nlist", "nprobe", "m", "nbits", "train_size", "rerank"):
+    for name in REBUILD_PARAMS:
         rebuild.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
     rebuild.add_argument("--gpu", action="store_true", help="search on GPU (FAISS GPU build)")
     rebuild.set_defaults(command=_rebuild)
@@ -219,8 +224,7 @@ def _remove(arguments: argparse.Namespace) -> int:
 
 
 def _rebuild(arguments: argparse.Namespace) -> int:
-    names = ("nlist", "nprobe", "m", "nbits", "train_size", "rerank")
-    params = {name: getattr(arguments, name) for name in names}
+    params = {name: getattr(arguments, name) for name in REBUILD_PARAMS}
     params = {name: value for name, value in params.items() if value is not None}
     if arguments.gpu:
         params["gpu"] = True

@@ -507,7 +507,8 @@ class Gallery:
         ``min_similarity``.
         Similarities are cosines computed from the stored embeddings; IVF-PQ ranks
         ``rerank * top_k`` candidates by them. With IVF indexes a very selective filter can
-        return fewer hits than exist, as only ``nprobe`` lists are visited.
+        return fewer hits than exist, as only ``nprobe`` lists are visited; HNSW widens its
+        search for a filter, and scans a very selective one exactly (``indexer/index.py``).
         """
         vector = check_query(query, self.dim)  # (1, D)
         if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
@@ -517,8 +518,9 @@ class Gallery:
             return []  # the camera/time filters leave nobody
         selector = _selector(allowed, excluded)
         candidates = top_k * self._index.spec.params.get("rerank", 1)
+        selected = None if allowed is None else len(allowed)
         with self._index_lock:
-            _, ids = self._index.search(vector, candidates, selector)
+            _, ids = self._index.search(vector, candidates, selector, selected=selected)
         hits = self._hits(ids[0][ids[0] >= 0], vector[0])
         if min_similarity is not None:
             hits = [hit for hit in hits if hit.similarity >= min_similarity]
@@ -621,11 +623,17 @@ class Gallery:
 
     def snapshot(self) -> None:
         """Write the index durably to ``vectors.faiss``, then the manifest with the new
-        watermark. Adds wait meanwhile; searches go on."""
+        watermark. An HNSW index holding many removed persons is rebuilt without them first
+        (``indexer/index.py``). Adds wait meanwhile; searches go on."""
         with self._write_lock:
             self._snapshot_locked()
 
     def _snapshot_locked(self) -> None:
+        if self._index.needs_compaction:  # HNSW tombstones (indexer/index.py)
+            logger.info("%s: rebuilding the index without the persons removed", self.path)
+            index = self._build_index(self._spec)
+            with self._index_lock:
+                self._index = index
         connection = self._db()
         # Writers are excluded, so the index holds exactly the committed persons: all ids up
         # to the last one ever assigned, less the removed ones.
@@ -650,7 +658,8 @@ class Gallery:
 
         "flat" is exact; "ivf_flat" and "ivf_pq" are trained on a sample of the stored
         embeddings (params: ``nlist``, ``nprobe``, ``train_size``; IVF-PQ also ``m``,
-        ``nbits``, ``rerank``); ``gpu=True`` searches on GPU where FAISS has GPU support.
+        ``nbits``, ``rerank``); "hnsw" is a graph (params: ``links``, ``ef_construction``,
+        ``ef_search``); ``gpu=True`` searches on GPU where FAISS has GPU support (not HNSW).
         Raises ValueError for too few stored embeddings to train. Adds wait meanwhile; searches
         use the old index until the new one is complete.
         """

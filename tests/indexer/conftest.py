@@ -31,8 +31,19 @@ def gallery_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gallery(gallery_path: Path) -> Iterator[Gallery]:
-    with Gallery.create(gallery_path, FINGERPRINT, DIM) as created:
+def index_type() -> str:
+    """The index type the gallery fixture is created with; tests that hold for every type a
+    gallery can be created with parametrize it (``EVERY_CREATABLE_INDEX``)."""
+    return "flat"
+
+
+# The index types a new gallery can have (IVF types need stored embeddings to train on).
+EVERY_CREATABLE_INDEX = pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+
+
+@pytest.fixture
+def gallery(gallery_path: Path, index_type: str) -> Iterator[Gallery]:
+    with Gallery.create(gallery_path, FINGERPRINT, DIM, index_type) as created:
         yield created
 
 

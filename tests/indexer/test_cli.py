@@ -94,7 +94,7 @@ def test_rebuild_changes_the_index_type(stored, capsys):
         ([], "the following arguments are required: COMMAND"),
         (["stats"], "the following arguments are required: gallery"),
         (["stats", "/nonexistent/gallery"], "no gallery at /nonexistent/gallery"),
-        (["rebuild", "GALLERY", "hnsw"], "invalid choice: 'hnsw'"),
+        (["rebuild", "GALLERY", "annoy"], "invalid choice: 'annoy'"),
         (["search", "GALLERY", "QUERY", "--top-k", "many"], "invalid int value: 'many'"),
         (["search", "GALLERY", "QUERY", "--fingerprint", "model-b"], "not comparable"),
         (["search", "GALLERY", "/nonexistent/query.npy"], "No such file"),

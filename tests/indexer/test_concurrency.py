@@ -5,11 +5,13 @@ import threading
 import numpy as np
 
 from indexer.types import NewImage
+from tests.indexer.conftest import EVERY_CREATABLE_INDEX
 
 PERSONS_PER_IMAGE = 3
 NUM_IMAGES = 120
 
 
+@EVERY_CREATABLE_INDEX
 def test_searches_during_adds_see_whole_images_and_only_committed_ones(gallery, random_embeddings):
     """Each image holds 3 persons with one shared embedding, distinct between images. Searching
     that embedding for the top 3 returns the 3 persons of the image once it is visible (each at

@@ -26,6 +26,7 @@ from indexer.types import (
     ImageNotFound,
     NewImage,
 )
+from tests.indexer.conftest import EVERY_CREATABLE_INDEX
 
 FINGERPRINT = "model-a"  # the gallery fixture's model
 DIM = 8
@@ -237,6 +238,7 @@ def test_an_image_without_persons_is_recorded_so_that_it_is_not_ingested_again(g
     assert not gallery.add_image(b"empty scene", ([], [], []), width=10, height=10).added
 
 
+@EVERY_CREATABLE_INDEX
 def test_remove_deletes_the_image_and_its_persons_from_sqlite_and_index(
     gallery, image, person, query
 ):
@@ -316,6 +318,7 @@ def ranked(hits):
     return [(hit.image_id, round(hit.similarity, 5)) for hit in hits]
 
 
+@EVERY_CREATABLE_INDEX
 def test_search_ranks_persons_by_cosine_similarity(gallery, scenes, query):
     gate_100, gate_200, _, unknown = scenes
     hits = gallery.search(query, 3)
@@ -329,6 +332,7 @@ def test_search_ranks_persons_by_cosine_similarity(gallery, scenes, query):
     )
 
 
+@EVERY_CREATABLE_INDEX
 def test_search_filtered_by_camera(gallery, scenes, query):
     gate_100, gate_200, hall, _ = scenes
     assert ranked(gallery.search(query, 10, cameras=["gate"])) == [
@@ -367,6 +371,7 @@ def test_a_camera_name_is_short_printable_text(gallery, image, person, camera, m
     assert gallery.get_image(stored.image_id).camera == "c" * 256
 
 
+@EVERY_CREATABLE_INDEX
 def test_search_filtered_by_time_range_inclusive_and_open_ended(gallery, scenes, query):
     gate_100, gate_200, hall, _ = scenes
     assert ranked(gallery.search(query, 10, time_range=(150.0, 200.0))) == [
@@ -379,12 +384,14 @@ def test_search_filtered_by_time_range_inclusive_and_open_ended(gallery, scenes,
     ]
 
 
+@EVERY_CREATABLE_INDEX
 def test_search_excluding_images(gallery, scenes, query):
     gate_100, gate_200, hall, unknown = scenes
     hits = gallery.search(query, 10, exclude_images=[unknown, gate_100])
     assert ranked(hits) == [(gate_200, 0.8), (hall, 0.7)]
 
 
+@EVERY_CREATABLE_INDEX
 def test_search_with_combined_filters_and_a_similarity_floor(gallery, scenes, query):
     gate_100, gate_200, hall, _ = scenes
     hits = gallery.search(
@@ -396,6 +403,7 @@ def test_search_with_combined_filters_and_a_similarity_floor(gallery, scenes, qu
 # -- snapshots and recovery ------------------------------------------------------------------
 
 
+@EVERY_CREATABLE_INDEX
 def test_persons_added_after_the_snapshot_are_replayed_on_open(
     gallery, gallery_path, image, person, query
 ):
@@ -412,6 +420,7 @@ def test_persons_added_after_the_snapshot_are_replayed_on_open(
         assert reopened.stats().indexed == 2
 
 
+@EVERY_CREATABLE_INDEX
 def test_persons_removed_after_the_snapshot_stay_removed_on_open(
     gallery, gallery_path, image, person, query
 ):
@@ -425,6 +434,7 @@ def test_persons_removed_after_the_snapshot_stay_removed_on_open(
         assert reopened.stats().indexed == 1
 
 
+@EVERY_CREATABLE_INDEX
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
 def test_a_corrupt_or_missing_snapshot_is_rebuilt_from_sqlite(
     gallery, gallery_path, image, person, query, damage
@@ -454,6 +464,7 @@ def test_a_corrupt_manifest_makes_open_rebuild_the_index(
         assert reopened.search(query, 1)[0].image_id == added.image_id
 
 
+@EVERY_CREATABLE_INDEX
 def test_a_crash_between_writing_index_and_manifest_duplicates_nothing(
     gallery, gallery_path, image, person, query
 ):
