@@ -1,15 +1,20 @@
-"""Gallery search: exact (flat) next to IVF-Flat and IVF-PQ, measured side by side in one run.
+"""Gallery search: exact (flat) next to IVF-Flat, IVF-PQ and HNSW, measured side by side in one
+run.
 
     python benchmarks/index.py [--num 1000000] [--dim 512] [--queries 1000] [--batch 32]
                                [--threads 2] [--nlist N] [--train-size N] [--target 0.95]
+                               [--types flat ivf_flat ivf_pq hnsw] [--links M]
+                               [--ef-construction N] [--speedup 50]
 
 Builds each index type over the same synthetic re-id gallery, through the indexer's own index
 code (``indexer.index``), and prints per index type: build time, bytes per person, and for a
-sweep of ``nprobe`` the queries/s and recall@10 against exact search. It picks the smallest
-``nprobe`` whose recall@10 reaches ``--target`` and prints its speed-up over exact search.
+sweep of its search effort (IVF: ``nprobe``; HNSW: ``ef_search``) the queries/s and recall@10
+against exact search. It picks the smallest effort whose recall@10 reaches ``--target`` and
+prints its speed-up over exact search, and whether that meets ``--speedup``.
 IVF-PQ re-ranks ``rerank x 10`` candidates by exact similarity (the gallery recomputes them from
 the embeddings in SQLite; here from the vectors in memory), so its recall is that of the
-gallery's answers. Queries go ``--batch`` at a time (what a micro-batching server sends).
+gallery's answers. HNSW is built with the gallery's defaults (``--links``, ``--ef-construction``
+to try others). Queries go ``--batch`` at a time (what a micro-batching server sends).
 A script, not a test: the numbers depend on the machine. ``--num 200000`` for a quick run.
 
 ``--ingest`` measures the ingest pipeline's throughput instead (see ``INGEST_USAGE`` below).
@@ -28,10 +33,11 @@ import numpy as np
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.index import IndexSpec, VectorIndex, resolve_spec
+from indexer.index import INDEX_TYPES, IndexSpec, VectorIndex, resolve_spec
 
 TOP_K = 10
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+EF_SEARCHES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 LATENT_DIM = 64  # identities vary along few directions (clothing colours, build, ...)
 VIEWS = (2, 40)  # each identity is seen between a few and a few dozen times
 CHUNK = 100_000
@@ -95,15 +101,16 @@ def build(spec: IndexSpec, gallery: np.ndarray, seed: int) -> tuple[VectorIndex,
 
 
 def search_all(
-    index: VectorIndex, queries: np.ndarray, batch: int, gallery: np.ndarray, nprobe: int | None
+    index: VectorIndex, queries: np.ndarray, batch: int, gallery: np.ndarray, **effort: int
 ) -> tuple[np.ndarray, float]:
-    """Top-10 ids (q, 10) of every query, ``batch`` at a time, and the queries per second."""
+    """Top-10 ids (q, 10) of every query, ``batch`` at a time, and the queries per second.
+    ``effort``: ``nprobe`` (IVF) or ``ef_search`` (HNSW), overriding the spec's."""
     rerank = index.spec.params.get("rerank", 1)
     results = []
     start = time.perf_counter()
     for first in range(0, len(queries), batch):
         chunk = queries[first : first + batch]
-        _, ids = index.search(chunk, TOP_K * rerank, nprobe=nprobe)
+        _, ids = index.search(chunk, TOP_K * rerank, **effort)
         results.append(_rerank(ids, chunk, gallery) if rerank > 1 else ids)
     elapsed = time.perf_counter() - start
     return np.concatenate(results), len(queries) / elapsed
@@ -124,7 +131,7 @@ def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits)) / TOP_K
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=1_000_000, help="persons in the gallery")
     parser.add_argument("--dim", type=int, default=512)
@@ -133,9 +140,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nlist", type=int, help="IVF lists (default: the gallery's default)")
     parser.add_argument("--train-size", type=int, help="training sample (default: the gallery's)")
+    parser.add_argument("--links", type=int, help="HNSW links per node (default: the gallery's)")
+    parser.add_argument("--ef-construction", type=int, help="HNSW (default: the gallery's)")
+    parser.add_argument("--types", nargs="+", choices=INDEX_TYPES[1:], default=INDEX_TYPES[1:],
+                        help="approximate index types to compare with exact search")  # fmt: skip
     parser.add_argument("--target", type=float, default=0.95, help="recall@10 to reach")
+    parser.add_argument("--speedup", type=float, default=50, help="x exact queries/s to reach")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.dim < LATENT_DIM or args.dim % 8:
+        parser.error(f"--dim must be a multiple of 8 and at least {LATENT_DIM} (the identities')")
     faiss.omp_set_num_threads(args.threads)
 
     start = time.perf_counter()
@@ -146,40 +160,61 @@ def main() -> None:
     _print_similarity_profile(gallery, queries)
 
     flat, seconds = build(resolve_spec("flat", args.dim, args.num), gallery, args.seed)
-    exact, exact_qps = search_all(flat, queries, args.batch, gallery, nprobe=None)
-    print(f"\n{'index':<9} {'nprobe':>6} {'queries/s':>10} {'x exact':>8} {'recall@10':>9}")
-    print(f"{'flat':<9} {'-':>6} {exact_qps:>10.1f} {1:>8.1f} {1:>9.3f}")
+    exact, exact_qps = search_all(flat, queries, args.batch, gallery)
+    print(f"\n{'index':<9} {'effort':>14} {'queries/s':>10} {'x exact':>8} {'recall@10':>9}")
+    print(f"{'flat':<9} {'-':>14} {exact_qps:>10.1f} {1:>8.1f} {1:>9.3f}")
     memory = {"flat": (flat.serialized_bytes() / args.num, seconds)}
     del flat
 
-    ivf_params = {name: value for name, value in (("nlist", args.nlist),
-                  ("train_size", args.train_size)) if value is not None}  # fmt: skip
     chosen = {}
-    for index_type, extra in (("ivf_flat", {}), ("ivf_pq", {"m": args.dim // 8})):
-        spec = resolve_spec(index_type, args.dim, args.num, **ivf_params, **extra)
+    for index_type in args.types:
+        spec = resolve_spec(index_type, args.dim, args.num, **_build_params(index_type, args))
         index, seconds = build(spec, gallery, args.seed)
         memory[index_type] = (index.serialized_bytes() / args.num, seconds)
-        for nprobe in (n for n in NPROBES if n <= spec.params["nlist"]):
-            found, qps = search_all(index, queries, args.batch, gallery, nprobe)
+        name, efforts = _effort_sweep(spec)
+        for effort in efforts:
+            found, qps = search_all(index, queries, args.batch, gallery, **{name: effort})
             recall = recall_at_10(found, exact)
+            shown = f"{name}={effort}"
             print(
-                f"{index_type:<9} {nprobe:>6} {qps:>10.1f} {qps / exact_qps:>8.1f} {recall:>9.3f}"
+                f"{index_type:<9} {shown:>14} {qps:>10.1f} {qps / exact_qps:>8.1f} {recall:>9.3f}"
             )
             if recall >= args.target:
-                chosen[index_type] = ({**spec.params, "nprobe": nprobe}, qps / exact_qps, recall)
+                chosen[index_type] = ({**spec.params, name: effort}, qps / exact_qps, recall)
                 break
         del index
 
     print(f"\n{'index':<9} {'bytes/person':>12} {'build s':>8}")
     for index_type, (bytes_per_person, seconds) in memory.items():
         print(f"{index_type:<9} {bytes_per_person:>12.1f} {seconds:>8.1f}")
-    print(f"\nchosen (smallest nprobe with recall@10 >= {args.target}):")
-    for index_type, (params, speedup, recall) in chosen.items():
-        shown = {k: v for k, v in params.items() if k != "gpu"}
-        print(f"  {index_type}: {shown}: {speedup:.1f}x exact queries/s at recall@10 {recall:.3f}")
-    for index_type in ("ivf_flat", "ivf_pq"):
+    print(f"\nchosen (smallest effort with recall@10 >= {args.target}; target >= "
+          f"{args.speedup:g}x exact queries/s):")  # fmt: skip
+    for index_type in args.types:
         if index_type not in chosen:
-            print(f"  {index_type}: no nprobe up to {NPROBES[-1]} reached the target")
+            print(f"  {index_type}: no effort in the sweep reached the target recall")
+            continue
+        params, speedup, recall = chosen[index_type]
+        shown = {k: v for k, v in params.items() if k != "gpu"}
+        verdict = "meets" if speedup >= args.speedup else "misses"
+        print(f"  {index_type}: {shown}: {speedup:.1f}x exact queries/s at recall@10 "
+              f"{recall:.3f} ({verdict} the target)")  # fmt: skip
+
+
+def _build_params(index_type: str, args: argparse.Namespace) -> dict[str, int]:
+    """The command line's build parameters that apply to ``index_type``."""
+    given = {
+        "ivf_flat": {"nlist": args.nlist, "train_size": args.train_size},
+        "ivf_pq": {"nlist": args.nlist, "train_size": args.train_size, "m": args.dim // 8},
+        "hnsw": {"links": args.links, "ef_construction": args.ef_construction},
+    }[index_type]
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _effort_sweep(spec: IndexSpec) -> tuple[str, list[int]]:
+    """The search-effort parameter of an index type and the values to sweep, cheapest first."""
+    if spec.type == "hnsw":
+        return "ef_search", list(EF_SEARCHES)
+    return "nprobe", [n for n in NPROBES if n <= spec.params["nlist"]]
 
 
 def _print_similarity_profile(gallery: np.ndarray, queries: np.ndarray) -> None:

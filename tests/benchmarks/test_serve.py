@@ -7,6 +7,7 @@ wait for) to a handful of requests: it proves the plumbing, not the speed.
 import asyncio
 import time
 
+import httpx
 import pytest
 
 from benchmarks import serve
@@ -56,21 +57,37 @@ def test_batches_of_one_are_not_a_comparison():
         serve.parse_args(["--max-batch-size", "1"])
 
 
-def test_a_tiny_run_prints_both_tables_the_ratio_and_the_overhead(tmp_path, capsys):
+def test_a_tiny_run_prints_both_tables_the_ratio_the_steps_and_the_overhead(tmp_path, capsys):
     model_dir = write_model_folder(tmp_path / "model")
     argv = ["--model-dir", str(model_dir), "--backend", "torch", "--threads", "1"]
-    argv += ["--levels", "1", "2", "--requests", "3", "--frames", "3", "--max-wait-ms", "1"]
+    argv += ["--levels", "1", "2", "--requests", "3", "--frames", "3"]
 
     assert serve.main(argv) == 0
 
     output = capsys.readouterr().out
-    rows = [line.split() for line in output.splitlines() if line[:7].strip().isdigit()]
+    tables = [section.splitlines() for section in output.split("\n\n")]
+    loads = [lines for lines in tables if lines[0].startswith(("micro-batching", "batches of"))]
+    rows = [line.split() for lines in loads for line in lines[2:] if line[:7].strip().isdigit()]
     # clients, answered, errors: 3 searches at 1 and 2 clients batched, 3 at 2 unbatched.
     assert [row[:3] for row in rows] == [["1", "3", "0"], ["2", "3", "0"], ["2", "3", "0"]]
-    assert rows[2][-1] == "1.00"  # batches of one: the mean batch is 1
+    assert rows[2][6] == "1.00"  # batches of one: the mean batch is 1
+    assert all(float(row[7]) > 0 for row in rows)  # the service's CPU per search
+    steps = next(lines for lines in tables if lines[0].startswith("where the time went"))
+    assert steps[1].split() == [
+        "clients", "receive", "decode", "queue", "engine", "wake", "search", "respond", "total",
+    ]  # fmt: skip
     assert "micro-batching / batches of one" in output
-    assert "service overhead, one client" in output
     assert "the most micro-batching can gain here" in output
+    assert "of it (target >= 90%)" in output
+    assert "service overhead, one client" in output
+    assert "where the time went, step by step" in output
+    assert "the service beyond its engine step" in output
+
+
+def test_the_steps_of_a_server_timing_header_are_read_in_milliseconds():
+    response = httpx.Response(200, headers={"Server-Timing": "decode;dur=0.5, total;dur=12.25"})
+    assert serve.server_timing(response) == {"decode": 0.5, "total": 12.25}
+    assert serve.server_timing(httpx.Response(200)) == {}
 
 
 def test_the_engine_batch_gain_is_timed_on_the_same_frames_both_ways():
