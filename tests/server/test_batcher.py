@@ -100,6 +100,17 @@ async def submitted(batching: MicroBatcher, items) -> list[asyncio.Task]:
     return tasks
 
 
+async def queued_behind(
+    batching: MicroBatcher, run: Doubler, first, items
+) -> tuple[asyncio.Task, list[asyncio.Task]]:
+    """Submit ``first`` and hold the worker on it, then queue ``items`` behind it; returns the
+    tasks of ``first`` and of ``items``. ``run.release.set()`` lets the worker go on."""
+    run.hold()
+    held = asyncio.ensure_future(batching.submit(first))
+    await run.running()
+    return held, await submitted(batching, items)
+
+
 async def test_an_item_that_finds_the_worker_idle_runs_at_once_alone():
     """No wait when nobody else is waiting: the result comes back although the clock never
     moves, and the worker never waited on it."""
@@ -117,11 +128,8 @@ async def test_items_arriving_while_the_worker_is_busy_run_together_next():
     max_batch_size (4) each, without waiting on the clock."""
     clock = FakeClock()
     run = Doubler()
-    run.hold()
     async with batcher(run, clock=clock) as batching:
-        first = asyncio.ensure_future(batching.submit(0))
-        await run.running()
-        rest = await submitted(batching, range(1, 7))
+        first, rest = await queued_behind(batching, run, 0, range(1, 7))
         assert batching.depth == 6
         run.release.set()
         assert await asyncio.gather(first, *rest) == [0, 2, 4, 6, 8, 10, 12]
@@ -191,11 +199,8 @@ async def test_with_max_wait_an_item_that_waited_behind_a_busy_worker_does_not_w
 async def test_a_full_queue_is_refused_with_retry_after():
     """The worker holds item 0; items 1 and 2 fill a queue of 2; item 3 is refused at once."""
     run = Doubler()
-    run.hold()
     async with batcher(run, queue_size=2, max_batch_size=1, retry_after_s=3) as batching:
-        held = asyncio.ensure_future(batching.submit(0))
-        await run.running()
-        waiting = await submitted(batching, (1, 2))
+        held, waiting = await queued_behind(batching, run, 0, (1, 2))
         assert batching.depth == 2
         with pytest.raises(Overloaded) as refused:
             await batching.submit(3)
@@ -223,15 +228,12 @@ async def test_a_failing_batch_fails_its_items_and_the_next_batch_runs():
 
 async def test_an_exception_returned_as_a_result_fails_only_its_item():
     run = Doubler()
-    run.hold()
 
     def run_batch(items):
         return [ValueError(f"bad {item}") if item < 0 else item for item in run(items)]
 
     async with batcher(run_batch) as batching:
-        held = asyncio.ensure_future(batching.submit(0))
-        await run.running()
-        together = await submitted(batching, (1, -1))
+        held, together = await queued_behind(batching, run, 0, (1, -1))
         run.release.set()
         results = await asyncio.gather(held, *together, return_exceptions=True)
     assert run.batches == [[0], [1, -1]]
@@ -264,11 +266,8 @@ async def test_a_cancelled_request_is_not_run():
     """Item 1 waits behind the held item 0; its request is cancelled (client gone): the worker
     never sees it."""
     run = Doubler()
-    run.hold()
     async with batcher(run, max_batch_size=1) as batching:
-        held = asyncio.ensure_future(batching.submit(0))
-        await run.running()
-        (cancelled,) = await submitted(batching, (1,))
+        held, (cancelled,) = await queued_behind(batching, run, 0, (1,))
         cancelled.cancel()
         run.release.set()
         assert await held == 0
@@ -278,12 +277,9 @@ async def test_a_cancelled_request_is_not_run():
 
 async def test_stopping_fails_waiting_items_and_refuses_new_ones():
     run = Doubler()
-    run.hold()
     batching = batcher(run, max_batch_size=1)
     await batching.start()
-    held = asyncio.ensure_future(batching.submit(0))
-    await run.running()
-    (waiting,) = await submitted(batching, (1,))
+    held, (waiting,) = await queued_behind(batching, run, 0, (1,))
     stopping = asyncio.ensure_future(batching.stop())
     await asyncio.sleep(0)
     run.release.set()
@@ -312,11 +308,8 @@ async def test_stopping_ends_the_optional_wait():
 async def test_the_observer_sees_queue_depths_and_batch_sizes():
     recorder = Recorder()
     run = Doubler()
-    run.hold()
     async with batcher(run, observer=recorder) as batching:
-        held = asyncio.ensure_future(batching.submit(0))
-        await run.running()
-        rest = await submitted(batching, range(1, 7))
+        held, rest = await queued_behind(batching, run, 0, range(1, 7))
         run.release.set()
         await asyncio.gather(held, *rest)
     assert recorder.sizes == [1, 4, 2]
