@@ -74,8 +74,8 @@ TINY_CONFIG = REPOSITORY / "configs" / "tiny" / "alignps_synthetic.yaml"
 BATCH_SIZE_METRIC = "psearch_inference_batch_size"
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
-# A pause between the engine's call here and the service's: ONNX Runtime's idle threads spin a
-# while after a run, and would take the CPU from the other process's run.
+# A pause between the engine's call here and the service's: the threads of a run (ONNX Runtime's,
+# OpenMP's) may spin a while after it, and would take the CPU from the other process's run.
 SETTLE_S = 0.05
 BATCH_GAIN_TARGET = 0.9  # share of the engine's own batch gain the service should keep
 OVERHEAD_TARGET = 0.1  # the service's time beyond the engine's, as a share of the engine's
@@ -394,11 +394,14 @@ async def paired_overhead(
 
 @dataclass(frozen=True)
 class BatchGain:
-    """Median seconds of the engine alone on the same frames, one at a time and in one batch."""
+    """Median seconds of the engine alone on the same frames, one at a time and in one batch,
+    and the median CPU seconds (all its threads) of each."""
 
     frames: int
     one_at_a_time: float
     batched: float
+    one_at_a_time_cpu: float = float("nan")
+    batched_cpu: float = float("nan")
 
     @property
     def ratio(self) -> float:
@@ -413,15 +416,20 @@ def engine_batch_gain(
     one batch, in turns, `repeat` times."""
     images = [queries[i % len(queries)].pixels for i in range(frames)]
     times: dict[int, list[float]] = {1: [], frames: []}
+    cpu: dict[int, list[float]] = {1: [], frames: []}
     for _ in range(repeat):
         for batch_size in times:
             engine.batch_size = batch_size
-            start = time.perf_counter()
+            start, started_cpu = time.perf_counter(), time.process_time()
             engine.detect(images)
             times[batch_size].append(time.perf_counter() - start)
+            cpu[batch_size].append(time.process_time() - started_cpu)
             time.sleep(SETTLE_S)
     engine.batch_size = 1
-    return BatchGain(frames, statistics.median(times[1]), statistics.median(times[frames]))
+    median = statistics.median
+    return BatchGain(
+        frames, median(times[1]), median(times[frames]), median(cpu[1]), median(cpu[frames])
+    )
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -513,6 +521,9 @@ def batch_gain_report(gain: BatchGain, ratio: float, clients: int) -> str:
             f"the engine alone on {gain.frames} query frames: one at a time "
             f"{gain.one_at_a_time * 1000:.0f} ms, in one batch {gain.batched * 1000:.0f} ms: "
             f"{gain.ratio:.2f}x, the most micro-batching can gain here",
+            f"  its CPU per frame: {gain.one_at_a_time_cpu * 1000 / gain.frames:.1f} ms one at a "
+            f"time, {gain.batched_cpu * 1000 / gain.frames:.1f} ms in one batch (compare the "
+            "service's CPU per search above: what it spends beyond these is its own work)",
             f"the service at {clients} clients keeps {ratio:.2f}x / {gain.ratio:.2f}x = "
             f"{kept:.0%} of it (target >= {BATCH_GAIN_TARGET:.0%}); of the speed-up beyond 1x, "
             f"{(ratio - 1) / (gain.ratio - 1):.0%}",
