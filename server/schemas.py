@@ -276,7 +276,7 @@ class GalleryStatsOut(BaseModel):
     pending: int = Field(description="Persons added since the index was last written to disk.")
     dim: int = Field(description="Embedding dimension.")
     metric: str = Field(description="Similarity of the index (inner product of unit vectors).")
-    index_type: str = Field(description="Vector index type: flat, ivf_flat or ivf_pq.")
+    index_type: str = Field(description="Vector index type: flat, ivf_flat, ivf_pq or hnsw.")
     fingerprint: str = Field(description="Fingerprint of the model the gallery belongs to.")
 
 
