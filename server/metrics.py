@@ -93,8 +93,7 @@ class ServiceMetrics(BatchObserver):
 class RequestMetricsMiddleware:
     """ASGI middleware that counts every HTTP request and times it, errors included, and
     answers where its time went in a ``Server-Timing`` header: the steps marked on its
-    :class:`~server.timing.Timeline` (kept in the request's state), then ``respond`` (from the
-    last step to the response's start) and the ``total``."""
+    :class:`~server.timing.Timeline` (kept in the request's state) and the ``total``."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -112,10 +111,8 @@ class RequestMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                now = time.perf_counter()
-                if timeline.steps():
-                    timeline.mark("respond", now)
-                MutableHeaders(scope=message).append("Server-Timing", timeline.server_timing(now))
+                header = timeline.finish(time.perf_counter())
+                MutableHeaders(scope=message).append("Server-Timing", header)
             await send(message)
 
         try:

@@ -43,8 +43,11 @@ class Timeline:
             previous = end
         return steps
 
-    def server_timing(self, end: float) -> str:
-        """The ``Server-Timing`` header value: the steps and the ``total`` up to ``end``."""
-        entries = [(step, seconds) for step, seconds in self.steps()]
-        entries.append(("total", end - self.start))
+    def finish(self, end: float) -> str:
+        """Close the timeline as the response starts, at ``end``: a last step ``respond`` when
+        any step was marked (validating and serialising the answer); returns the
+        ``Server-Timing`` header value, the steps and the ``total``."""
+        if self._ends:
+            self.mark("respond", end)
+        entries = [*self.steps(), ("total", end - self.start)]
         return ", ".join(f"{step};dur={seconds * 1000:.3f}" for step, seconds in entries)
