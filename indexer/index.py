@@ -15,8 +15,9 @@ Where FAISS limits a type, and what :class:`VectorIndex` does about it:
 - A filter on HNSW (FAISS's id selector in ``SearchParametersHNSW``) is checked on the nodes
   the graph search visits, so a filter admitting a small share of the gallery would leave few
   admitted nodes among them, and fewer hits than exist. The search visits ``1 / share`` times
-  as many nodes for a filter admitting that share; below :data:`EXACT_FILTER_BELOW` it scans
-  the admitted vectors exactly instead (HNSW keeps the full vectors).
+  as many nodes for a selector admitting that share of the graph's nodes (a filter's, or the
+  live ones among tombstones); below :data:`EXACT_FILTER_BELOW` it scans the admitted vectors
+  exactly instead (HNSW keeps the full vectors).
 - IVF indexes visit ``nprobe`` lists: a very selective filter can leave fewer hits than exist.
 - GPU indexes ignore id selectors: filtered searches run on the CPU index. FAISS has no GPU
   HNSW.
@@ -354,11 +355,13 @@ class VectorIndex:
         selected: int | None,
         ef_search: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """HNSW: the graph search, widened for a filter by the share it admits, or an exact
-        scan of the admitted vectors for a filter admitting less than EXACT_FILTER_BELOW."""
+        """HNSW: the graph search, widened by the share of its nodes the selector admits (a
+        filter's ``selected``, or the live vectors among tombstones), or an exact scan of the
+        admitted vectors when they are less than EXACT_FILTER_BELOW of the nodes."""
         ef = self.spec.params["ef_search"] if ef_search is None else ef_search
-        if selector is not None and selected is not None:
-            share = selected / max(self.ntotal, 1)
+        if selector is not None:
+            admitted = self.ntotal if selected is None else selected
+            share = admitted / max(int(self.index.ntotal), 1)
             if share < EXACT_FILTER_BELOW:
                 return self._scan_admitted(queries, k, selector)
             ef = math.ceil(ef / share)

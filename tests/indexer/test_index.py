@@ -200,6 +200,17 @@ def test_removed_persons_are_tombstones_until_a_snapshot_compacts_them(
         assert first == list(range(12 * few + 1, 12 * few + 21))
 
 
+def test_hnsw_searches_the_few_persons_left_among_many_tombstones_exactly(gallery, crowd):
+    """Before a snapshot compacts them, tombstones are nodes no search may return: with 96% of
+    the graph removed, the 40 persons left are scanned exactly."""
+    gallery.rebuild("hnsw", links=4, ef_construction=8, ef_search=8)
+    for image_id in range(11, 251):
+        gallery.remove_image(image_id)
+    left = set(range(1, 41))
+    queries = crowd[100:120]  # removed persons' vectors
+    assert top_person_ids(gallery, queries, 10) == exact_top(crowd, queries, left, 10)
+
+
 @pytest.fixture
 def cameras(gallery, random_embeddings):
     """1000 random persons in 250 images, the images' cameras c0..c39 in turn (each camera 2.5%
