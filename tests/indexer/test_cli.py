@@ -86,6 +86,13 @@ def test_rebuild_changes_the_index_type(stored, capsys):
     assert status == 0 and out.startswith("rebuilt 2 vectors as flat")
     status, _, err = run(capsys, "rebuild", gallery_path, "ivf_flat", "--nlist", "4")
     assert status == 2 and "needs at least 156 embeddings" in err  # 39 x 4 lists
+    status, out, _ = run(
+        capsys, "rebuild", gallery_path, "hnsw", "--links", "8", "--ef-search", "32"
+    )
+    assert status == 0 and out.startswith("rebuilt 2 vectors as hnsw")
+    assert "'links': 8" in out and "'ef_construction': 80" in out and "'ef_search': 32" in out
+    status, _, err = run(capsys, "rebuild", gallery_path, "hnsw", "--gpu")
+    assert status == 2 and "FAISS has no GPU HNSW index" in err
 
 
 @pytest.mark.parametrize(
