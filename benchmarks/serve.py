@@ -333,14 +333,16 @@ async def load_level(
 @dataclass
 class Overhead:
     """Seconds of the same searches end to end and on the engine alone, taken in turns; the
-    service's JSON timings and Server-Timing steps (milliseconds); CPU seconds of each search
-    in the service's process and in this one (the client), and of the engine alone."""
+    service's JSON timings and Server-Timing steps (milliseconds); CPU seconds of the service's
+    process over all the searches (it idles between them; the kernel counts in ticks of 10 ms,
+    too coarse for one search), and of each search in this process (the client) and on the
+    engine alone."""
 
     end_to_end: list[float] = field(default_factory=list)
     engine: list[float] = field(default_factory=list)
     server_ms: dict[str, list[float]] = field(default_factory=dict)
     steps_ms: dict[str, list[float]] = field(default_factory=dict)
-    service_cpu: list[float] = field(default_factory=list)
+    service_cpu: float = float("nan")  # CPU seconds of the service's process, all searches
     client_cpu: list[float] = field(default_factory=list)
     engine_cpu: list[float] = field(default_factory=list)
 
@@ -371,24 +373,24 @@ async def paired_overhead(
         async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
             await one_search(client, queries[0])  # warm-up, not counted
             await loop.run_in_executor(worker, timed_embed, engine, queries[0])
+            service_cpu = process_cpu_seconds(service.pid)
             for index in range(count):
                 query = queries[index % len(queries)]
                 seconds, cpu = await loop.run_in_executor(worker, timed_embed, engine, query)
                 overhead.engine.append(seconds)
                 overhead.engine_cpu.append(cpu)
                 await asyncio.sleep(SETTLE_S)
-                service_cpu, client_cpu = process_cpu_seconds(service.pid), time.process_time()
-                start = time.perf_counter()
+                start, client_cpu = time.perf_counter(), time.process_time()
                 response = await one_search(client, query)
                 overhead.end_to_end.append(time.perf_counter() - start)
                 overhead.client_cpu.append(time.process_time() - client_cpu)
-                overhead.service_cpu.append(process_cpu_seconds(service.pid) - service_cpu)
                 await asyncio.sleep(SETTLE_S)
                 response.raise_for_status()
                 for name, value in response.json()["timings"].items():
                     overhead.server_ms.setdefault(name, []).append(value)
                 for step, milliseconds in server_timing(response).items():
                     overhead.steps_ms.setdefault(step, []).append(milliseconds)
+            overhead.service_cpu = (process_cpu_seconds(service.pid) - service_cpu) / count
     return overhead
 
 
@@ -503,9 +505,11 @@ def overhead_report(overhead: Overhead) -> str:
             f"{service_only / engine_ms:.0%} of the engine alone's time (target <= "
             f"{OVERHEAD_TARGET:.0%})"
         )
-    cpu = {name: statistics.mean(values) * 1000 for name, values in
-           (("service", overhead.service_cpu), ("engine", overhead.engine_cpu),
-            ("client", overhead.client_cpu))}  # fmt: skip
+    cpu = {
+        "service": overhead.service_cpu * 1000,
+        "engine": statistics.mean(overhead.engine_cpu) * 1000,
+        "client": statistics.mean(overhead.client_cpu) * 1000,
+    }
     lines.append(
         f"  CPU per search (mean): the service's process {cpu['service']:.1f} ms, the engine "
         f"alone {cpu['engine']:.1f} ms, so the service's own work "
