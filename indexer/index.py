@@ -214,7 +214,7 @@ class VectorIndex:
             logger.warning("index spec asks for GPU search, but FAISS sees no GPU: using CPU")
         self._gpu_copy: faiss.Index | None = None
         self._graph = _graph_of(index) if spec.type == "hnsw" else None
-        self._tombstones = int((self._id_map() == _TOMBSTONE).sum()) if self._graph else 0
+        self._tombstones = 0 if self._graph is None else int((self._id_map() == _TOMBSTONE).sum())
 
     @classmethod
     def new(cls, spec: IndexSpec, dim: int, training: np.ndarray | None = None) -> "VectorIndex":
